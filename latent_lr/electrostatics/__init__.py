@@ -1,0 +1,6 @@
+"""Differentiable electrostatics: pure functions of positions, charges, cell,
+pbc and batch.  Knows nothing about learning."""
+
+from .coulomb import coulomb_energy
+
+__all__ = ["coulomb_energy"]
