@@ -1,7 +1,41 @@
 """latent-lr: learned long-range electrostatics for short-range ML potentials."""
 
+from .backbone import Backbone
+from .data import AtomsBatch
 from .electrostatics import coulomb_energy
+from .long_range import LongRangeModule
+from .model import LongRangeModel
+from .properties import born_effective_charges, dipole_moment, polarization
+from .radial_backbone import RadialPotential
+from .serialization import load, save
 from .units import COULOMB_CONSTANT
+from .wrap import wrap
 
 __version__ = "0.1.0"
-__all__ = ["coulomb_energy", "COULOMB_CONSTANT", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Calculator":
+        from .calculator import Calculator
+
+        return Calculator
+    raise AttributeError(name)
+
+
+__all__ = [
+    "AtomsBatch",
+    "Backbone",
+    "COULOMB_CONSTANT",
+    "Calculator",
+    "LongRangeModel",
+    "LongRangeModule",
+    "RadialPotential",
+    "born_effective_charges",
+    "coulomb_energy",
+    "dipole_moment",
+    "load",
+    "polarization",
+    "save",
+    "wrap",
+    "__version__",
+]

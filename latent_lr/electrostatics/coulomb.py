@@ -157,11 +157,12 @@ def _ewald_energy(
     rows = torch.nonzero(structures.periodic).flatten()
     counts = structures.counts
     volumes = torch.linalg.det(cell[rows]).abs()
+    volumes_float = volumes.detach().tolist()
 
     parameters: dict[int, EwaldParameters] = {}
     for row, index in enumerate(rows.tolist()):
         parameters[index] = ewald_parameters(
-            int(counts[index]), float(volumes[row]), accuracy, smearing
+            int(counts[index]), volumes_float[row], accuracy, smearing
         )
         logger.debug("structure %d: Ewald %s", index, parameters[index])
 

@@ -1,0 +1,66 @@
+"""ASE calculator for wrapped models."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator as AseCalculator
+from ase.calculators.calculator import all_changes
+
+from .data import AtomsBatch
+from .model import LongRangeModel
+
+
+class Calculator(AseCalculator):
+    """Energies (eV), forces (eV/Å), stress (eV/Å³, periodic), latent charges (e),
+    dipole (e·Å) and Born effective charges (e, shape (N, 3, 3)) from a wrapped model.
+
+    The net charge is read from ``atoms.info['charge']`` and a uniform external
+    field (V/Å) from ``atoms.info['external_field']`` when present.
+
+    Args:
+        model: a model from :func:`latent_lr.wrap` or :func:`latent_lr.load`.
+        device: torch device to run on.
+        dtype: torch dtype (default: the model's).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "bec"]
+
+    def __init__(
+        self,
+        model: LongRangeModel,
+        device: Union[str, torch.device] = "cpu",
+        dtype: Optional[torch.dtype] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(model, LongRangeModel):
+            raise ValueError("Calculator takes a model from latent_lr.wrap() or latent_lr.load().")
+        self.model = model.to(device=device, dtype=dtype or model.dtype).eval()
+
+    def calculate(self, atoms: Optional[Atoms] = None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        data = AtomsBatch.from_atoms(self.atoms, dtype=self.model.dtype, device=self.model.device)
+        periodic = bool(self.atoms.pbc.all())
+        want_bec = "bec" in properties and self.model.long_range is not None
+        out = self.model(data, compute_forces=True, compute_stress=periodic, compute_bec=want_bec)
+        energy = float(out["energy"][0])
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["forces"] = out["forces"].cpu().numpy().astype(float)
+        if periodic:
+            self.results["stress"] = _voigt(out["stress"][0].cpu().numpy())
+        if self.model.long_range is not None:
+            self.results["charges"] = out["charges"].cpu().numpy().astype(float)
+            moment = out["polarization"][0] * abs(float(np.linalg.det(self.atoms.cell.array))) if periodic else out["dipole"][0]
+            self.results["dipole"] = moment.cpu().numpy().astype(float)
+        if want_bec:
+            self.results["bec"] = out["bec"].cpu().numpy().astype(float)
+
+
+def _voigt(stress: np.ndarray) -> np.ndarray:
+    """3x3 -> ASE Voigt order (xx, yy, zz, yz, xz, xy)."""
+    return np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]])

@@ -1,0 +1,69 @@
+"""Latent charges from per-atom invariant features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MAX_ATOMIC_NUMBER = 118
+
+
+class TotalChargeConstraint(nn.Module):
+    """Make each structure's charges sum to its total charge by a uniform shift.
+
+    This is the seam for other redistribution schemes: a replacement takes the
+    same arguments and returns charges with the same guarantee.
+    """
+
+    def forward(
+        self,
+        raw_charges: torch.Tensor,
+        features: torch.Tensor,
+        batch: torch.Tensor,
+        total_charge: torch.Tensor,
+    ) -> torch.Tensor:
+        """Args: raw_charges (N,), features (N, F), batch (N,), total_charge (B,). Returns (N,) e."""
+        n_structures = total_charge.shape[0]
+        sums = raw_charges.new_zeros(n_structures).index_add(0, batch, raw_charges)
+        counts = torch.bincount(batch, minlength=n_structures).to(raw_charges.dtype)
+        shift = (total_charge - sums) / counts
+        return raw_charges + shift[batch]
+
+
+class ChargeHead(nn.Module):
+    """Per-atom latent charges q_i (e) from invariant features.
+
+    q_i = MLP(h_i) [+ b(Z_i)], then shifted so that each structure carries its
+    total charge.
+
+    Args:
+        feature_dim: F, width of the host's invariant features.
+        hidden_dim: width of the hidden layer (0 for a linear head).
+        element_baseline: add a learned per-element offset b(Z).
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True):
+        super().__init__()
+        if hidden_dim > 0:
+            self.mlp = nn.Sequential(
+                nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1)
+            )
+        else:
+            self.mlp = nn.Linear(feature_dim, 1)
+        self.element_baseline = nn.Embedding(MAX_ATOMIC_NUMBER + 1, 1) if element_baseline else None
+        if self.element_baseline is not None:
+            nn.init.zeros_(self.element_baseline.weight)
+        self.constraint = TotalChargeConstraint()
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        numbers: torch.Tensor,
+        batch: torch.Tensor,
+        total_charge: torch.Tensor,
+    ) -> torch.Tensor:
+        """Args: features (N, F), numbers (N,), batch (N,), total_charge (B,). Returns (N,) e."""
+        raw = self.mlp(features).squeeze(-1)
+        if self.element_baseline is not None:
+            raw = raw + self.element_baseline(numbers).squeeze(-1)
+        return self.constraint(raw, features, batch, total_charge)

@@ -1,0 +1,103 @@
+"""The long-range module: invariant features -> latent charges -> Coulomb energy."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .charges import ChargeHead
+from .data import AtomsBatch
+from .electrostatics import coulomb_energy
+from .properties import dipole_moment, polarization
+
+
+class LongRangeModule(nn.Module):
+    """Latent Ewald summation on top of any host's per-atom invariant features.
+
+    Given features h_i (N, F) it predicts latent charges q_i (e) with a small MLP,
+    constrains each structure's charges to its total charge and returns the
+    smeared Coulomb energy of those charges (eV) from
+    :func:`latent_lr.coulomb_energy`, plus dipoles and polarisations.
+
+    Args:
+        feature_dim: F.
+        hidden_dim: hidden width of the charge MLP (0: linear).
+        smearing: Gaussian charge width σ, Å (LES default 1 Å).
+        learnable_smearing: make σ a trained parameter (kept positive).
+        element_baseline: add a learned per-element charge offset.
+        accuracy: relative accuracy requested from the Ewald engine.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        hidden_dim: int = 32,
+        smearing: float = 1.0,
+        learnable_smearing: bool = False,
+        element_baseline: bool = True,
+        accuracy: float = 1e-6,
+    ):
+        super().__init__()
+        if smearing <= 0:
+            raise ValueError(f"smearing must be > 0 Å for latent charges, got {smearing}.")
+        self.config = dict(
+            feature_dim=feature_dim,
+            hidden_dim=hidden_dim,
+            smearing=smearing,
+            learnable_smearing=learnable_smearing,
+            element_baseline=element_baseline,
+            accuracy=accuracy,
+        )
+        self.charge_head = ChargeHead(feature_dim, hidden_dim, element_baseline)
+        log_sigma = torch.tensor(math.log(smearing))
+        if learnable_smearing:
+            self.log_smearing = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_smearing", log_sigma)
+        self.accuracy = accuracy
+        #: Seam for latent polarisabilities (charged-systems issue); None = off.
+        self.polarizability_head: Optional[nn.Module] = None
+
+    @property
+    def smearing(self) -> torch.Tensor:
+        """σ in Å (scalar tensor)."""
+        return self.log_smearing.exp()
+
+    def forward(self, features: torch.Tensor, data: AtomsBatch) -> dict[str, torch.Tensor]:
+        """Long-range energy and by-products.
+
+        Args:
+            features: (N, F) invariant per-atom features (same dtype as positions).
+            data: the batch; ``data.positions``/``data.cell`` may carry gradients.
+
+        Returns:
+            dict with ``energy`` (B,) eV, ``charges`` (N,) e, ``dipole`` (B, 3) e·Å
+            (open structures; zeros for periodic), ``polarization`` (B, 3) e/Å²
+            (periodic structures; zeros for open).
+        """
+        if features.ndim != 2 or features.shape[0] != data.positions.shape[0]:
+            raise ValueError(
+                f"features have shape {tuple(features.shape)}; expected (n_atoms, F) with "
+                f"n_atoms = {data.positions.shape[0]}."
+            )
+        features = features.to(data.positions.dtype)
+        charges = self.charge_head(features, data.numbers, data.batch, data.total_charge)
+        sigma = self.smearing.to(data.positions.dtype)
+        energy = coulomb_energy(
+            data.positions,
+            charges,
+            cell=data.cell,
+            pbc=data.pbc,
+            batch=data.batch,
+            smearing=sigma,
+            accuracy=self.accuracy,
+        )
+        periodic = data.periodic
+        dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
+        dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)
+        polar = polarization(charges, data.positions, data.cell, data.batch)
+        polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
+        return {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}

@@ -1,0 +1,150 @@
+"""A host backbone plus the long-range module: energies, forces, stress, BECs."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .backbone import Backbone
+from .data import AtomsBatch
+from .long_range import LongRangeModule
+from .properties import born_effective_charges
+
+
+class LongRangeModel(nn.Module):
+    """Energy = host energy + long-range energy; forces and stress from the total.
+
+    Forces and stress are derivatives of the *total* energy with respect to
+    positions and a homogeneous strain ε applied to positions and cell alike,
+    so the long-range term reaches the virial too.  Stress follows ASE's
+    convention, σ = (1/V) ∂E/∂ε, in eV/Å³.
+
+    Args:
+        backbone: adapter around the host model.
+        long_range: the long-range module, or None for the short-range twin.
+    """
+
+    def __init__(self, backbone: Backbone, long_range: Optional[LongRangeModule]):
+        super().__init__()
+        self.backbone = backbone
+        self.long_range = long_range
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for parameter in self.parameters():
+            if parameter.dtype.is_floating_point:
+                return parameter.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        for parameter in self.parameters():
+            return parameter.device
+        return torch.device("cpu")
+
+    def freeze_host(self, frozen: bool = True) -> "LongRangeModel":
+        """Stop (or restart) training the host; only the long-range head learns."""
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(not frozen)
+        return self
+
+    def forward(
+        self,
+        data: AtomsBatch,
+        compute_forces: bool = True,
+        compute_stress: Optional[bool] = None,
+        compute_bec: bool = False,
+        create_graph: Optional[bool] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Predict a batch.
+
+        Args:
+            data: structures (cast to the model's dtype and device here).
+            compute_forces: return ``forces`` (N, 3), eV/Å.
+            compute_stress: return ``stress`` (B, 3, 3), eV/Å³ (default: if any
+                structure is periodic; zeros for open structures).
+            compute_bec: return ``bec`` (N, 3, 3), e.
+            create_graph: keep the graph of derivatives for training on forces
+                (default: ``self.training``).
+
+        Returns:
+            dict with ``energy`` (B,), ``host_energy`` (B,), ``long_range_energy``
+            (B,) in eV, and when the long-range module is on ``charges`` (N,),
+            ``dipole`` (B, 3), ``polarization`` (B, 3), plus requested derivatives.
+        """
+        data = self._prepare(data)
+        create_graph = self.training if create_graph is None else create_graph
+        if compute_stress is None:
+            compute_stress = bool(data.periodic.any())
+        positions = data.positions.detach().requires_grad_(compute_forces or compute_bec)
+        strain = torch.zeros(
+            data.n_structures, 3, 3, dtype=positions.dtype, device=positions.device,
+            requires_grad=compute_stress,
+        )
+        strained_positions = positions + torch.einsum("ni,nij->nj", positions, strain[data.batch])
+        strained_cell = data.cell + torch.bmm(data.cell, strain)
+        geometry = data.with_geometry(strained_positions, strained_cell)
+
+        host_energy, features = self.backbone(geometry)
+        out: dict[str, torch.Tensor] = {"host_energy": host_energy}
+        if self.long_range is not None:
+            long_range = self.long_range(features, geometry)
+            out.update(long_range)
+            out["long_range_energy"] = out.pop("energy")
+        else:
+            out["long_range_energy"] = torch.zeros_like(host_energy)
+        energy = host_energy + out["long_range_energy"]
+        out["energy"] = energy
+
+        inputs = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
+        if inputs:
+            grads = torch.autograd.grad(
+                energy.sum(), inputs, create_graph=create_graph,
+                retain_graph=create_graph or compute_bec, allow_unused=True,
+            )
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+            if compute_forces:
+                out["forces"] = -grads[0]
+            if compute_stress:
+                volume = torch.linalg.det(data.cell).abs()
+                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+                stress = grads[-1] / safe[:, None, None]
+                stress = 0.5 * (stress + stress.transpose(1, 2))
+                out["stress"] = torch.where(data.periodic[:, None, None], stress, torch.zeros_like(stress))
+        if compute_bec:
+            if self.long_range is None:
+                raise ValueError("Born effective charges need the long-range module (latent charges).")
+            out["bec"] = born_effective_charges(
+                out["charges"], positions, data.cell, data.pbc, data.batch, create_graph=create_graph
+            )
+        if not create_graph:
+            out = {key: value.detach() for key, value in out.items()}
+        return out
+
+    def _prepare(self, data: AtomsBatch) -> AtomsBatch:
+        if not isinstance(data, AtomsBatch):
+            raise ValueError(
+                f"expected a latent_lr.AtomsBatch, got {type(data).__name__}; build one with "
+                "AtomsBatch.from_atoms(list_of_ase_atoms)."
+            )
+        data = data.to(device=self.device, dtype=self.dtype)
+        counts = data.n_atoms
+        if data.positions.shape[0] == 0 or bool((counts == 0).any()):
+            raise ValueError("a structure has no atoms; every structure needs at least one atom.")
+        if not torch.isfinite(data.positions).all():
+            raise ValueError("positions contain NaN or inf; every coordinate must be finite.")
+        self.backbone.check_elements(data.numbers)
+        if data.external_field is None:
+            data.external_field = data.positions.new_zeros(data.n_structures, 3)
+        return data
+
+    def config(self) -> dict[str, Any]:
+        """Everything :func:`latent_lr.load` needs besides the state_dict."""
+        return {
+            "backbone": self.backbone.name,
+            "host": self.backbone.host_config(),
+            "long_range": None if self.long_range is None else dict(self.long_range.config),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }

@@ -1,0 +1,40 @@
+"""Save and load wrapped models as config + state_dict (no pickled modules).
+
+Whole-module pickles break across versions of backbone dependencies (e.g.
+e3nn 0.4 -> 0.6); a config and a state_dict do not.  Files load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from .backbone import adapter_class
+from .long_range import LongRangeModule
+from .model import LongRangeModel
+
+FORMAT = "latent-lr/1"
+
+
+def save(model: LongRangeModel, path: Union[str, Path]) -> None:
+    """Write ``model``'s config and weights to ``path``."""
+    if not isinstance(model, LongRangeModel):
+        raise ValueError(f"save() takes a model made by latent_lr.wrap, got {type(model).__name__}.")
+    torch.save({"format": FORMAT, "config": model.config(), "state_dict": model.state_dict()}, path)
+
+
+def load(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> LongRangeModel:
+    """Rebuild a model written by :func:`save`."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a latent-lr model file (expected format {FORMAT}).")
+    config = payload["config"]
+    adapter_type = adapter_class(config["backbone"])
+    backbone = adapter_type(adapter_type.build_host(config["host"]))
+    long_range = None if config["long_range"] is None else LongRangeModule(**config["long_range"])
+    model = LongRangeModel(backbone, long_range).to(getattr(torch, config["dtype"]))
+    model.load_state_dict(payload["state_dict"])
+    return model

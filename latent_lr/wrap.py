@@ -1,0 +1,57 @@
+"""`latent_lr.wrap`: give any supported host model a learned long-range term."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from .backbone import Backbone, adapter_class, detect_backbone
+from .long_range import LongRangeModule
+from .model import LongRangeModel
+
+LONG_RANGE_OPTIONS = ("hidden_dim", "smearing", "learnable_smearing", "element_baseline", "accuracy")
+
+
+def wrap(
+    host_model: nn.Module,
+    backbone: Optional[str] = None,
+    *,
+    long_range: bool = True,
+    freeze_host: bool = False,
+    adapter_options: Optional[dict[str, Any]] = None,
+    **long_range_options: Any,
+) -> LongRangeModel:
+    """Wrap a host model (MACE, NequIP, CHGNet, CACE or built-in) with latent Ewald.
+
+    Example::
+
+        model = latent_lr.wrap(host_model)
+
+    Args:
+        host_model: the short-range model; its class decides the adapter unless
+            ``backbone`` is given.
+        backbone: ``"mace"``, ``"nequip"``, ``"chgnet"``, ``"cace"`` or ``"radial"``.
+        long_range: False builds the short-range twin (same host, no charges).
+        freeze_host: train only the long-range head (post-hoc dipoles/BECs).
+        adapter_options: backbone-specific settings passed to the adapter.
+        **long_range_options: :class:`~latent_lr.long_range.LongRangeModule`
+            settings: ``hidden_dim``, ``smearing`` (Å, default 1), ``learnable_smearing``,
+            ``element_baseline``, ``accuracy``.
+    """
+    unknown = set(long_range_options) - set(LONG_RANGE_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; long-range options are {LONG_RANGE_OPTIONS}.")
+    if isinstance(host_model, Backbone):
+        adapter = host_model
+    else:
+        name = backbone or detect_backbone(host_model)
+        adapter = adapter_class(name)(host_model, **(adapter_options or {}))
+    module = LongRangeModule(adapter.feature_dim, **long_range_options) if long_range else None
+    dtype = next((p.dtype for p in adapter.parameters() if p.dtype.is_floating_point), None)
+    model = LongRangeModel(adapter, module)
+    if dtype is not None and module is not None:
+        module.to(dtype)
+    if freeze_host:
+        model.freeze_host()
+    return model
