@@ -77,6 +77,16 @@ class Backbone(nn.Module):
         """A freshly initialised host from :meth:`host_config`'s output."""
         raise NotImplementedError
 
+    @classmethod
+    def default_host(cls, species: list[int], **options: Any) -> nn.Module:
+        """A small, randomly initialised host for training from scratch.
+
+        Args:
+            species: atomic numbers the model must handle.
+            **options: backbone hyper-parameters overriding the small defaults.
+        """
+        raise NotImplementedError(f"the {cls.name} adapter cannot build a host from scratch.")
+
 
 def adapter_class(name: str) -> type[Backbone]:
     """Import and return the adapter class for a backbone name."""

@@ -30,6 +30,8 @@ class LongRangeModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.long_range = long_range
+        #: Per-element reference energies E_ref(Z), eV, added to every atom (fitted by training).
+        self.register_buffer("reference_energy", torch.zeros(119, dtype=torch.float64))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,8 +72,8 @@ class LongRangeModel(nn.Module):
                 (default: ``self.training``).
 
         Returns:
-            dict with ``energy`` (B,), ``host_energy`` (B,), ``long_range_energy``
-            (B,) in eV, and when the long-range module is on ``charges`` (N,),
+            dict with ``energy`` (B,), ``host_energy`` (B,) (host plus per-element
+            reference energies), ``long_range_energy`` (B,) in eV, and when the long-range module is on ``charges`` (N,),
             ``dipole`` (B, 3), ``polarization`` (B, 3), plus requested derivatives.
         """
         data = self._prepare(data)
@@ -88,6 +90,8 @@ class LongRangeModel(nn.Module):
         geometry = data.with_geometry(strained_positions, strained_cell)
 
         host_energy, features = self.backbone(geometry)
+        reference = self.reference_energy.to(host_energy.dtype)[data.numbers]
+        host_energy = host_energy + host_energy.new_zeros(data.n_structures).index_add(0, data.batch, reference)
         out: dict[str, torch.Tensor] = {"host_energy": host_energy}
         if self.long_range is not None:
             long_range = self.long_range(features, geometry)

@@ -122,4 +122,8 @@ class RadialBackbone(Backbone):
 
     @classmethod
     def build_host(cls, config: dict[str, Any]) -> nn.Module:
-        return RadialPotential(**config)
+        return RadialPotential(**config).double()
+
+    @classmethod
+    def default_host(cls, species: list[int], **options: Any) -> nn.Module:
+        return RadialPotential(species, **options).double()

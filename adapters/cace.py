@@ -1,0 +1,685 @@
+"""Adapter for CACE (Cartesian Atomic Cluster Expansion, github.com/BingqingCheng/cace).
+
+``CaceBackbone(host)`` wraps a CACE ``NeuralNetworkPotential`` (a module with
+``representation``, ``input_modules`` and ``output_modules``).  Each call it
+
+1. builds CACE's input dict from the :class:`~latent_lr.data.AtomsBatch`:
+   ``atomic_numbers``, ``positions``, ``cell`` as (3B, 3), ``batch``, ``ptr``,
+   ``edge_index`` (row 0 sender, row 1 receiver), ``unit_shifts`` and
+   ``shifts = unit_shifts @ cell[batch[sender]]`` recomputed from the given
+   (possibly strained, grad-carrying) cell; ``displacement`` is None because
+   latent-lr applies the strain itself;
+2. calls ``host.representation`` and flattens its 5-D ``node_feats`` to (N, F)
+   exactly as CACE's own read-outs do (``reshape(N, -1)``);
+3. runs the host's output modules in order, except
+
+   * derivative modules (``Forces``, ``Grad`` or anything with a
+     ``forces_key``): latent-lr differentiates the *total* energy itself, and
+     CACE's ``Forces`` frees the graph when ``training`` is False;
+   * CACE's own long-range branch (``EwaldPotential``, ``LesWrapper`` and any
+     module named like ``*Ewald*``), and every later module that reads one of
+     their outputs (e.g. ``FeatureAdd(['SR_energy', 'ewald_potential'])``):
+     latent-lr's long-range head replaces it;
+
+4. returns the energy under ``energy_key`` (B,) plus, optionally, per-element
+   reference energies (CACE trains with E0 removed; its ASE calculator adds
+   them back, and so does ``atomic_energies`` here).
+
+The host runs with torch's default dtype set to its parameter dtype (CACE's
+``NodeEncoder`` builds its one-hot in the default dtype); the previous default
+is restored afterwards.  CACE's input modules (``Preprocess``) are not run:
+their only job, straining positions and cell for the virial, is done by
+latent-lr.
+
+Adapter options (``latent_lr.wrap(host, backbone="cace", adapter_options={...})``):
+
+* ``energy_key``: which output key is the short-range energy.  Default: the
+  ``energy_key`` of the host's ``Forces`` module if a kept module produces it,
+  else the single kept ``Atomwise`` with one output whose result feeds no
+  long-range module (``SR_energy`` in CACE's LES examples).
+* ``output_index``: head index for multi-head energies, passed to the modules
+  as CACE does.
+* ``atomic_energies``: ``{Z: E0}`` in eV for every element of the model.
+
+Saving (:func:`latent_lr.save`) stores :meth:`CaceBackbone.host_config`:
+
+* for a host from the ``cace`` package, the constructor arguments of
+  ``Cace`` (newest interface: ``zs``, ``n_atom_basis``, ``cutoff``,
+  ``radial_basis``, ``cutoff_fn``, ``max_l``, ``max_nu``,
+  ``num_message_passing``, ``type_message_passing``, ``args_message_passing``
+  (``Bchi`` MLP settings), ``embed_receiver_nodes``, ``n_radial_basis``,
+  ``avg_num_neighbors``), of the radial basis (``BesselRBF``, ``GaussianRBF``,
+  ``GaussianRBFCentered``, ``ExponentialDecayRBF``), of the cut-off function
+  (``CosineCutoff``, ``PolynomialCutoff``, ``MollifierCutoff``,
+  ``SwitchFunction``) and of the output modules ``Atomwise``, ``Forces`` and
+  ``FeatureAdd``.  Other modules (CACE's Ewald, LES, polarisation, custom
+  encoders, post-processing callables) make ``host_config`` raise: keep such
+  hosts with CACE's own ``torch.save``.  Untested against the package itself,
+  which cannot be installed here;
+* for any other host class exposing a JSON-able ``config`` dict of its
+  constructor arguments (the test stand-in ``CaceContractModel`` does), the
+  class's import path ``"module:QualName"`` and that dict.  Loading imports
+  that module, so load only files you trust; the named object must be an
+  ``nn.Module`` subclass.
+
+Both forms also carry the adapter options above, handed back to the adapter
+through the rebuilt host's ``latent_lr_adapter_options`` attribute (the core's
+loader passes only the host to the adapter).  Lazily built layers (CACE's
+``Atomwise(n_in=None)``, ``MessageBchi(n_in=None)``) are materialised by a dry
+run on a two-atom molecule when the adapter is constructed, with the global
+RNG state saved and restored, so ``load_state_dict`` finds every weight.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from latent_lr.backbone import Backbone, isolated_global_state
+from latent_lr.data import AtomsBatch
+from latent_lr.neighbors import radius_graph
+
+#: Class names of output modules that differentiate an energy (never run).
+DERIVATIVE_MODULES = ("Forces", "Grad")
+#: Class names of CACE's own long-range modules (never run; latent-lr replaces them).
+LONG_RANGE_MODULES = ("EwaldPotential", "LesWrapper")
+#: Attribute on a host set by :meth:`CaceBackbone.build_host` to pass saved adapter options.
+OPTIONS_ATTRIBUTE = "latent_lr_adapter_options"
+
+_INPUT_ATTRIBUTES = ("feature_key", "feature_keys", "feature1_key", "feature2_key", "y_key", "x_key")
+_OUTPUT_ATTRIBUTES = (
+    "output_key",
+    "per_atom_output_key",
+    "descriptor_output_key",
+    "charge_key",
+    "bec_key",
+    "forces_key",
+    "stress_key",
+    "virial_key",
+    "virials_key",
+)
+
+
+# ----------------------------------------------------------------------------
+# Which output modules run, and which key is the energy
+# ----------------------------------------------------------------------------
+
+
+def _keys(module: nn.Module, attributes) -> set[str]:
+    keys: set[str] = set()
+    for attribute in attributes:
+        value = getattr(module, attribute, None)
+        if isinstance(value, str):
+            keys.add(value)
+        elif isinstance(value, (list, tuple)):
+            keys.update(v for v in value if isinstance(v, str))
+    return keys
+
+
+def _is_derivative(module: nn.Module) -> bool:
+    return type(module).__name__ in DERIVATIVE_MODULES or hasattr(module, "forces_key")
+
+
+def _is_long_range(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name in LONG_RANGE_MODULES or "Ewald" in name
+
+
+def _outputs(module: nn.Module) -> set[str]:
+    keys = _keys(module, _OUTPUT_ATTRIBUTES)
+    keys.update(getattr(module, "model_outputs", None) or [])
+    if not _is_derivative(module):  # LesWrapper writes its energy under energy_key
+        keys |= _keys(module, ("energy_key",))
+    return keys
+
+
+def _plan(output_modules, energy_key: Optional[str]) -> tuple[list[int], str, list[str]]:
+    """Indices of the output modules to run, the energy key, and what was skipped (for messages)."""
+    kept: list[int] = []
+    skipped: list[str] = []
+    tainted: set[str] = set()
+    long_range_inputs: set[str] = set()
+    forces_energy_keys: list[str] = []
+    for index, module in enumerate(output_modules):
+        name = type(module).__name__
+        if _is_derivative(module):
+            forces_energy_keys += sorted(_keys(module, ("energy_key", "y_key")))
+            tainted |= _outputs(module)
+            skipped.append(f"{index}:{name} (derivatives are taken by latent-lr)")
+        elif _is_long_range(module):
+            long_range_inputs |= _keys(module, _INPUT_ATTRIBUTES)
+            tainted |= _outputs(module)
+            skipped.append(f"{index}:{name} (CACE's long-range branch, replaced by latent-lr's)")
+        elif _keys(module, _INPUT_ATTRIBUTES) & tainted:
+            tainted |= _outputs(module)
+            skipped.append(f"{index}:{name} (reads the output of a skipped module)")
+        else:
+            kept.append(index)
+    produced: dict[str, int] = {}
+    for index in kept:
+        for key in _outputs(output_modules[index]):
+            produced[key] = index
+    if energy_key is not None:
+        if energy_key not in produced:
+            raise ValueError(
+                f"energy_key {energy_key!r} is not produced by the CACE output modules that "
+                f"the adapter runs (they produce {sorted(produced)}; skipped: {skipped})."
+            )
+        return kept, energy_key, skipped
+    for key in forces_energy_keys:
+        if key in produced:
+            return kept, key, skipped
+    candidates = []
+    for index in kept:
+        module = output_modules[index]
+        key = getattr(module, "output_key", None)
+        if not isinstance(key, str) or not type(module).__name__.endswith("Atomwise"):
+            continue
+        if int(getattr(module, "n_out", 1)) != 1:
+            continue
+        if _outputs(module) & long_range_inputs:  # e.g. latent charges for CACE's Ewald
+            continue
+        candidates.append(key)
+    if len(candidates) == 1:
+        return kept, candidates[0], skipped
+    raise ValueError(
+        f"cannot tell which output of this CACE model is the short-range energy (candidates: "
+        f"{candidates or sorted(produced)}; skipped modules: {skipped}); pass "
+        "adapter_options={'energy_key': ...} to latent_lr.wrap."
+    )
+
+
+# ----------------------------------------------------------------------------
+# Host helpers
+# ----------------------------------------------------------------------------
+
+
+def _is_cace_package_model(host: nn.Module) -> bool:
+    return type(host).__module__.split(".")[0] == "cace"
+
+
+def _first_tensor(host: nn.Module) -> Optional[torch.Tensor]:
+    for tensor in host.parameters():
+        if tensor.dtype.is_floating_point:
+            return tensor
+    for tensor in host.buffers():
+        if tensor.dtype.is_floating_point:
+            return tensor
+    return None
+
+
+def _has_lazy_layers(host: nn.Module) -> bool:
+    for module in host.modules():
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
+            return True
+        for attribute in ("outnet", "hnet"):  # CACE's Atomwise / MessageBchi with n_in=None
+            if hasattr(module, attribute) and getattr(module, attribute) is None:
+                return True
+    return False
+
+
+def _feature_dim_from_settings(rep: nn.Module) -> int:
+    """F from the representation's attributes (raises AttributeError if some are missing)."""
+    max_nu = int(rep.max_nu)
+    symmetrizer = getattr(rep, "symmetrizer", None)
+    if hasattr(symmetrizer, "n_angular_sym"):
+        n_angular = int(symmetrizer.n_angular_sym)
+    elif isinstance(getattr(symmetrizer, "vec_dict_allnu", None), dict):
+        groups = symmetrizer.vec_dict_allnu
+        n_angular = 1 + sum(len(groups[nu]) for nu in groups if 2 <= nu <= max_nu)
+    else:
+        max_l = int(rep.max_l)
+        n_angular = 1
+        if max_nu >= 2:
+            n_angular += max_l
+        if max_nu >= 3:
+            n_angular += sum(1 for l1 in range(1, max_l + 1) for l2 in range(l1, max_l + 1) if l1 + l2 <= max_l)
+        if max_nu >= 4:
+            n_angular += sum(
+                1
+                for l1 in range(1, max_l + 1)
+                for l2 in range(l1 + 1, max_l + 1)
+                for dl in range(1, max_l + 1)
+                if l2 + dl <= max_l
+            )
+    channels = int(rep.n_atom_basis) ** 2
+    return int(rep.n_radial_basis) * n_angular * channels * (int(rep.num_message_passing) + 1)
+
+
+def cace_inputs(data: AtomsBatch, cutoff: float, dtype: torch.dtype) -> dict[str, Optional[torch.Tensor]]:
+    """CACE's input dict for ``data`` (what ``Batch.to_dict()`` gives CACE), geometry in ``dtype``.
+
+    ``shifts`` are rebuilt from integer ``unit_shifts`` and the current cell, so
+    a strained cell carrying gradients reaches the representation.
+    """
+    edge_index, unit_shifts = radius_graph(data, cutoff)
+    positions = data.positions.to(dtype)
+    cell = data.cell.to(dtype)
+    unit_shifts = unit_shifts.to(dtype)
+    sender = edge_index[0]
+    shifts = torch.einsum("ea,eab->eb", unit_shifts, cell[data.batch[sender]])
+    counts = torch.bincount(data.batch, minlength=data.n_structures)
+    ptr = torch.zeros(data.n_structures + 1, dtype=torch.long, device=counts.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return {
+        "atomic_numbers": data.numbers.long(),
+        "positions": positions,
+        "cell": cell.reshape(-1, 3),
+        "batch": data.batch.long(),
+        "ptr": ptr,
+        "edge_index": edge_index,
+        "shifts": shifts,
+        "unit_shifts": unit_shifts,
+        "displacement": None,
+    }
+
+
+# ----------------------------------------------------------------------------
+# The adapter
+# ----------------------------------------------------------------------------
+
+
+class CaceBackbone(Backbone):
+    """latent-lr backbone around a CACE ``NeuralNetworkPotential`` (see the module docstring).
+
+    Args:
+        host: the CACE model (``representation`` + ``output_modules``).  For a
+            ``CombinePotential`` wrap its short-range member ``host.models[i]``.
+        atomic_energies: ``{Z: E0}`` (eV) added back per atom, for models
+            trained with reference energies removed; must cover every element
+            of ``host.representation.zs``.
+        energy_key: output key of the short-range energy (default: detected).
+        output_index: head index of a multi-head energy.
+    """
+
+    name = "cace"
+
+    def __init__(
+        self,
+        host: nn.Module,
+        atomic_energies: Optional[Mapping[Any, float]] = None,
+        energy_key: Optional[str] = None,
+        output_index: Optional[int] = None,
+    ):
+        super().__init__(host)
+        saved = dict(getattr(host, OPTIONS_ATTRIBUTE, None) or {})
+        if atomic_energies is None:
+            atomic_energies = saved.get("atomic_energies")
+        if energy_key is None:
+            energy_key = saved.get("energy_key")
+        if output_index is None:
+            output_index = saved.get("output_index")
+
+        rep = getattr(host, "representation", None)
+        if rep is None or not hasattr(host, "output_modules"):
+            hint = (
+                " It looks like a CombinePotential: wrap its short-range member host.models[i]."
+                if hasattr(host, "models")
+                else ""
+            )
+            raise ValueError(
+                f"{type(host).__name__} is not a CACE NeuralNetworkPotential (needs .representation "
+                f"and .output_modules).{hint}"
+            )
+        for module in getattr(host, "input_modules", None) or []:
+            if type(module).__name__ != "Preprocess":
+                raise ValueError(
+                    f"CACE input module {type(module).__name__} is not supported: the adapter runs "
+                    "no input modules (latent-lr strains positions and cell itself, which is all "
+                    "Preprocess does)."
+                )
+        self.zs = [int(z) for z in rep.zs]
+        self.output_index = None if output_index is None else int(output_index)
+        self._run, self.energy_key, self.skipped_modules = _plan(host.output_modules, energy_key)
+
+        self.atomic_energies: Optional[dict[int, float]] = None
+        if atomic_energies is not None:
+            table = {int(z): float(e) for z, e in dict(atomic_energies).items()}
+            missing = sorted(set(self.zs) - set(table))
+            if missing:
+                raise ValueError(
+                    f"atomic_energies has no reference energy for atomic numbers {missing}; give "
+                    f"one (eV) for every element of the model {self.zs}."
+                )
+            self.atomic_energies = table
+
+        if _has_lazy_layers(host):
+            self._dry_run()
+        try:
+            self._feature_dim = _feature_dim_from_settings(rep)
+        except (AttributeError, TypeError):
+            self._feature_dim = None
+        if self._feature_dim is None:
+            self._feature_dim = self._dry_run()
+
+    # -- Backbone interface ---------------------------------------------------
+
+    @property
+    def feature_dim(self) -> int:
+        return self._feature_dim
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.host.representation.cutoff)
+
+    def check_elements(self, numbers: torch.Tensor) -> None:
+        unknown = sorted(set(numbers.unique().tolist()) - set(self.zs))
+        if unknown:
+            raise ValueError(
+                f"elements with atomic numbers {unknown} are unknown to this CACE model, which was "
+                f"built for zs={self.zs} (CACE itself would silently treat them as element "
+                f"{self.zs[0]}); retrain with those elements."
+            )
+
+    def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        reference = _first_tensor(self.host)
+        dtype = reference.dtype if reference is not None else data.positions.dtype
+        inputs = cace_inputs(data, self.cutoff, dtype)
+        with isolated_global_state():
+            torch.set_default_dtype(dtype)
+            out = self.host.representation(inputs)
+            node_feats = out["node_feats"]
+            features = node_feats.reshape(node_feats.shape[0], -1)
+            for index in self._run:
+                out = self.host.output_modules[index](
+                    out, training=self.training, output_index=self.output_index
+                )
+        if features.shape[1] != self._feature_dim and self._feature_dim is not None:
+            raise ValueError(
+                f"CACE returned {features.shape[1]} features per atom, expected {self._feature_dim}; "
+                "the representation's settings do not match its output."
+            )
+        energy = out[self.energy_key]
+        if energy.dim() == 2 and energy.shape[1] == 1:
+            energy = energy[:, 0]
+        if energy.dim() != 1:
+            raise ValueError(
+                f"CACE energy {self.energy_key!r} has shape {tuple(energy.shape)}; for a multi-head "
+                "model pass adapter_options={'output_index': ...}."
+            )
+        energy = energy.to(data.positions.dtype)
+        if self.atomic_energies is not None:
+            table = torch.zeros(max(self.atomic_energies) + 1, dtype=energy.dtype, device=energy.device)
+            for z, e0 in self.atomic_energies.items():
+                table[z] = e0
+            energy = energy.index_add(0, data.batch, table[data.numbers])
+        return energy, features.to(data.positions.dtype)
+
+    # -- save / load ------------------------------------------------------------
+
+    def host_config(self) -> dict[str, Any]:
+        config = {
+            "host": _describe_host(self.host),
+            "adapter": {
+                "energy_key": self.energy_key,
+                "output_index": self.output_index,
+                "atomic_energies": None
+                if self.atomic_energies is None
+                else {str(z): e for z, e in sorted(self.atomic_energies.items())},
+            },
+        }
+        try:
+            json.dumps(config)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the CACE host's settings are not JSON-serialisable: {error}") from error
+        return config
+
+    @classmethod
+    def build_host(cls, config: dict[str, Any]) -> nn.Module:
+        spec = config["host"]
+        with isolated_global_state(), torch.random.fork_rng(devices=[]):
+            if spec.get("kind") == "cace":
+                host = _build_cace_host(spec)
+            elif spec.get("kind") == "class":
+                host = _build_class_host(spec)
+            else:
+                raise ValueError(f"unknown CACE host description kind {spec.get('kind')!r}.")
+        setattr(host, OPTIONS_ATTRIBUTE, dict(config.get("adapter") or {}))
+        return host
+
+    # -- internals ------------------------------------------------------------
+
+    def _dry_run(self) -> int:
+        """Run the host once on a two-atom molecule (builds lazy layers); returns F."""
+        reference = _first_tensor(self.host)
+        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+        device = reference.device if reference is not None else torch.device("cpu")
+        distance = 0.5 * self.cutoff
+        data = AtomsBatch(
+            positions=torch.tensor([[0.0, 0.0, 0.0], [distance, 0.0, 0.0]], dtype=dtype, device=device),
+            numbers=torch.tensor([self.zs[0], self.zs[0]], device=device),
+            cell=torch.zeros(1, 3, 3, dtype=dtype, device=device),
+            pbc=torch.zeros(1, 3, dtype=torch.bool, device=device),
+            batch=torch.zeros(2, dtype=torch.long, device=device),
+            total_charge=torch.zeros(1, dtype=dtype, device=device),
+        )
+        saved_feature_dim = getattr(self, "_feature_dim", None)
+        self._feature_dim = None
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                _, features = self.forward(data)
+        finally:
+            self._feature_dim = saved_feature_dim
+        return int(features.shape[1])
+
+
+# ----------------------------------------------------------------------------
+# Describing and rebuilding hosts
+# ----------------------------------------------------------------------------
+
+
+def _describe_host(host: nn.Module) -> dict[str, Any]:
+    if _is_cace_package_model(host):
+        return _describe_cace_host(host)
+    settings = getattr(host, "config", None)
+    if isinstance(settings, dict):
+        cls = type(host)
+        return {"kind": "class", "class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": dict(settings)}
+    raise ValueError(
+        f"cannot save a CACE host of class {type(host).__module__}.{type(host).__qualname__}: it is "
+        "neither from the cace package nor exposes a `config` dict of its constructor arguments."
+    )
+
+
+def _build_class_host(spec: dict[str, Any]) -> nn.Module:
+    module_name, _, qualname = spec["class"].partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"{spec['class']} is not a torch.nn.Module class; refusing to build it.")
+    return obj(**spec["kwargs"])
+
+
+def _callable_name(function: Any) -> str:
+    """Import path of an activation function/module of torch (for JSON)."""
+    if isinstance(function, nn.Module):
+        if type(function).__module__.startswith("torch.nn") and not list(function.parameters()):
+            return f"torch.nn.{type(function).__name__}()"  # e.g. nn.SiLU(), rebuilt with defaults
+    name = getattr(function, "__name__", None)
+    for namespace, prefix in ((torch.nn.functional, "torch.nn.functional"), (torch, "torch")):
+        if name and getattr(namespace, name, None) is function:
+            return f"{prefix}.{name}"
+    raise ValueError(f"cannot save activation {function!r}: only torch functions and torch.nn modules are supported.")
+
+
+def _resolve_callable(name: str) -> Any:
+    if name.endswith("()"):
+        return getattr(torch.nn, name[len("torch.nn.") : -2])()
+    module_name, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _describe_radial(radial: nn.Module) -> dict[str, Any]:
+    name = type(radial).__name__
+    cutoff = float(radial.cutoff)
+    n_rbf = int(radial.n_rbf)
+    if name == "BesselRBF":
+        kwargs = dict(cutoff=cutoff, n_rbf=n_rbf, trainable=isinstance(radial.bessel_weights, nn.Parameter))
+    elif name == "GaussianRBF":
+        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, start=float(radial.offsets[0]),
+                      trainable=isinstance(radial.widths, nn.Parameter))
+    elif name == "GaussianRBFCentered":
+        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, start=float(radial.widths[0]),
+                      trainable=isinstance(radial.widths, nn.Parameter))
+    elif name == "ExponentialDecayRBF":
+        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, prefactor=float(radial.prefactor.detach().reshape(-1)[0]),
+                      trainable=isinstance(radial.r0, nn.Parameter))
+    else:
+        raise ValueError(f"cannot save CACE radial basis {name}; supported: BesselRBF, GaussianRBF, "
+                         "GaussianRBFCentered, ExponentialDecayRBF.")
+    return {"class": name, "kwargs": kwargs}
+
+
+def _describe_cutoff_fn(cutoff_fn: nn.Module) -> dict[str, Any]:
+    name = type(cutoff_fn).__name__
+    if name == "CosineCutoff":
+        kwargs = dict(cutoff=float(cutoff_fn.cutoff))
+    elif name == "PolynomialCutoff":
+        kwargs = dict(cutoff=float(cutoff_fn.cutoff), p=float(cutoff_fn.p))
+    elif name == "MollifierCutoff":
+        kwargs = dict(cutoff=float(cutoff_fn.cutoff), eps=float(cutoff_fn.eps))
+    elif name == "SwitchFunction":
+        kwargs = dict(switch_on=float(cutoff_fn.switch_on), switch_off=float(cutoff_fn.switch_off))
+    else:
+        raise ValueError(f"cannot save CACE cut-off function {name}; supported: CosineCutoff, "
+                         "PolynomialCutoff, MollifierCutoff, SwitchFunction.")
+    return {"class": name, "kwargs": kwargs}
+
+
+def _describe_output_module(module: nn.Module) -> dict[str, Any]:
+    name = type(module).__name__
+    if name == "Atomwise":
+        if getattr(module, "post_process", None) is not None:
+            raise ValueError("cannot save a CACE Atomwise with a post_process callable.")
+        kwargs = dict(
+            n_in=module.n_in,
+            n_out=module.n_out,
+            n_hidden=module.n_hidden,
+            n_layers=module.n_layers,
+            bias=getattr(module, "bias", True),
+            activation=_callable_name(module.activation),
+            aggregation_mode=module.aggregation_mode,
+            feature_key=getattr(module, "feature_key", "node_feats"),
+            output_key=module.output_key,
+            per_atom_output_key=module.per_atom_output_key,
+            descriptor_output_key=getattr(module, "descriptor_output_key", None),
+            residual=module.residual,
+            use_batchnorm=module.use_batchnorm,
+            add_linear_nn=module.add_linear_nn,
+        )
+    elif name == "Forces":
+        kwargs = dict(
+            calc_forces=module.calc_forces,
+            calc_stress=module.calc_stress,
+            energy_key=module.energy_key,
+            forces_key=module.forces_key,
+            stress_key=module.stress_key,
+            virials_key=module.virial_key,
+        )
+    elif name == "FeatureAdd":
+        kwargs = dict(feature_keys=list(module.feature_keys), output_key=module.output_key)
+    else:
+        raise ValueError(f"cannot save CACE output module {name}; supported: Atomwise, Forces, FeatureAdd "
+                         "(save such hosts with torch.save and wrap them after loading).")
+    return {"class": name, "kwargs": kwargs}
+
+
+def _describe_cace_host(host: nn.Module) -> dict[str, Any]:
+    if type(host).__name__ != "NeuralNetworkPotential":
+        raise ValueError(f"cannot save CACE model class {type(host).__name__}; only NeuralNetworkPotential.")
+    rep = host.representation
+    if type(rep).__name__ != "Cace":
+        raise ValueError(f"cannot save CACE representation {type(rep).__name__}; only Cace.")
+    if getattr(host, "do_postprocessing", False) or len(getattr(host, "postprocessors", None) or []):
+        raise ValueError("cannot save a CACE model with postprocessors.")
+    types, bchi = [], {}
+    layers = list(rep.message_passing_list)
+    if layers:
+        for label, module in zip(("M", "Ar", "Bchi"), list(layers[0])):
+            if module is not None:
+                types.append(label)
+            if label == "Bchi" and module is not None:
+                bchi = dict(
+                    n_in=module.n_in,
+                    n_hidden=module.n_hidden,
+                    n_layers=module.n_layers,
+                    activation=_callable_name(module.activation),
+                    residual=module.residual,
+                    use_batchnorm=module.use_batchnorm,
+                )
+    mp_norm_factor = float(rep.mp_norm_factor)
+    representation = dict(
+        zs=[int(z) for z in rep.zs],
+        n_atom_basis=int(rep.n_atom_basis),
+        cutoff=float(rep.cutoff),
+        max_l=int(rep.max_l),
+        max_nu=int(rep.max_nu),
+        num_message_passing=int(rep.num_message_passing),
+        type_message_passing=types,
+        args_message_passing={"Bchi": bchi} if bchi else {},
+        embed_receiver_nodes=rep.node_embedding_receiver is not rep.node_embedding_sender,
+        n_radial_basis=int(rep.n_radial_basis),
+        avg_num_neighbors=1.0 / mp_norm_factor**2,
+    )
+    return {
+        "kind": "cace",
+        "representation": representation,
+        "mp_norm_factor": mp_norm_factor,  # restored exactly (avg_num_neighbors round-trips inexactly)
+        "radial_basis": _describe_radial(rep.radial_basis),
+        "cutoff_fn": _describe_cutoff_fn(rep.cutoff_fn),
+        "n_input_modules": len(getattr(host, "input_modules", None) or []),
+        "output_modules": [_describe_output_module(m) for m in host.output_modules],
+    }
+
+
+def _call_with_known_arguments(cls: type, kwargs: dict[str, Any]) -> Any:
+    """cls(**kwargs), dropping arguments this cace version does not take if they are unset."""
+    parameters = inspect.signature(cls.__init__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        unknown = {k: v for k, v in kwargs.items() if k not in parameters}
+        if any(v not in (None, False, {}, []) for v in unknown.values()):
+            raise ValueError(
+                f"the installed cace's {cls.__name__} does not take {sorted(unknown)}, which this "
+                "model file needs; install the cace version the model was saved with."
+            )
+        kwargs = {k: v for k, v in kwargs.items() if k in parameters}
+    return cls(**kwargs)
+
+
+def _build_cace_host(spec: dict[str, Any]) -> nn.Module:
+    import cace.modules as cace_modules
+    from cace.models.atomistic import NeuralNetworkPotential
+    from cace.representations.cace_representation import Cace
+
+    def module(description: dict[str, Any], **overrides: Any) -> nn.Module:
+        kwargs = dict(description["kwargs"], **overrides)
+        return _call_with_known_arguments(getattr(cace_modules, description["class"]), kwargs)
+
+    representation = dict(spec["representation"])
+    bchi = representation["args_message_passing"].get("Bchi")
+    if bchi:
+        bchi = dict(bchi, activation=_resolve_callable(bchi["activation"]))
+        representation["args_message_passing"] = {"Bchi": bchi}
+    rep = _call_with_known_arguments(
+        Cace,
+        dict(
+            representation,
+            radial_basis=module(spec["radial_basis"]),
+            cutoff_fn=module(spec["cutoff_fn"]),
+        ),
+    )
+    rep.mp_norm_factor = spec["mp_norm_factor"]
+    outputs = []
+    for description in spec["output_modules"]:
+        overrides = {}
+        if "activation" in description["kwargs"]:
+            overrides["activation"] = _resolve_callable(description["kwargs"]["activation"])
+        outputs.append(module(description, **overrides))
+    inputs = [cace_modules.Preprocess() for _ in range(spec["n_input_modules"])]
+    return NeuralNetworkPotential(representation=rep, input_modules=inputs, output_modules=outputs)

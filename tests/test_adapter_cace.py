@@ -1,0 +1,291 @@
+"""The CACE adapter, tested against ``tests/cace_contract.py``.
+
+CACE cannot be installed here, so the host is ``CaceContractModel``: a module
+that reproduces CACE's documented input dict, representation output
+(5-D ``node_feats``), output-module chain and ``NodeEncoder`` quirks, not its
+physics.  These tests check the adapter's side of that contract: geometry
+rebuilt from the (strained) cell, derivatives of the total energy, symmetry,
+locality, save/load and element checks.
+
+References: CACE's own forward (energy, forces, stress of the stand-in),
+finite differences (ASE), rotations, the acoustic sum rule.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from cace_contract import Atomwise, CaceContractModel, Forces, cace_feature_dim, make_cace_batch
+from scipy.spatial.transform import Rotation
+from torch import nn
+
+import latent_lr
+from latent_lr import AtomsBatch
+from latent_lr.backbone import isolated_global_state
+
+ZS = [1, 6, 7, 8, 11, 17]
+CUTOFF = 3.5
+SETTINGS = dict(
+    zs=ZS, cutoff=CUTOFF, n_atom_basis=2, n_radial_basis=4, max_l=2, max_nu=3,
+    num_message_passing=1, n_hidden=8, calc_stress=True,
+)
+
+
+def make_host(**overrides):
+    return CaceContractModel(**{**SETTINGS, **overrides}).double()
+
+
+@pytest.fixture(scope="module")
+def host():
+    return make_host()
+
+
+@pytest.fixture(scope="module")
+def model(host):
+    return latent_lr.wrap(host, backbone="cace").eval()
+
+
+def rattled_salt():
+    crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    crystal.cell[0, 1] = 0.5  # triclinic
+    crystal.rattle(0.1, seed=3)
+    return crystal
+
+
+def cace_forward(host, structures):
+    """The stand-in's own CACE-style forward, in float64 as CACE expects."""
+    with isolated_global_state():
+        torch.set_default_dtype(torch.float64)
+        return host(make_cace_batch(structures, host.representation.cutoff, dtype=torch.float64))
+
+
+def test_wrap_is_one_line_and_host_energy_is_caces_own(model, host):
+    structures = [molecule("CH3CH2OH"), rattled_salt()]
+    default_dtype = torch.get_default_dtype()
+    out = model(AtomsBatch.from_atoms(structures))
+    assert torch.get_default_dtype() == default_dtype
+    assert model.backbone.energy_key == "CACE_energy"
+    assert model.backbone.feature_dim == cace_feature_dim(host.representation)
+    assert model.backbone.cutoff == CUTOFF
+    assert torch.allclose(out["energy"], out["host_energy"] + out["long_range_energy"])
+    assert (out["long_range_energy"].abs() > 0).all()
+    reference = cace_forward(host, structures)
+    assert torch.allclose(out["host_energy"], reference["CACE_energy"], rtol=0, atol=1e-12)
+    short = latent_lr.wrap(host, backbone="cace", long_range=False).eval()
+    twin = short(AtomsBatch.from_atoms(structures), compute_stress=True)
+    assert torch.allclose(twin["forces"], reference["CACE_forces"], rtol=0, atol=1e-12)
+    assert torch.allclose(twin["stress"][1], reference["CACE_stress"][1], rtol=0, atol=1e-12)
+
+
+def test_host_dtype_is_the_default_dtype_inside_the_call(host):
+    # CACE builds its element one-hot in the default dtype: calling the float64
+    # host directly under a float32 default fails; through the adapter it works.
+    with isolated_global_state():
+        torch.set_default_dtype(torch.float32)
+        with pytest.raises(RuntimeError):
+            host(make_cace_batch(molecule("H2O"), CUTOFF, dtype=torch.float64))
+        model = latent_lr.wrap(host, backbone="cace").eval()
+        model(AtomsBatch.from_atoms(molecule("H2O")))
+        assert torch.get_default_dtype() == torch.float32
+    single = latent_lr.wrap(make_host().float(), backbone="cace").eval()
+    a = single(AtomsBatch.from_atoms(molecule("CH3CH2OH")))["host_energy"]
+    b = cace_forward(host, [molecule("CH3CH2OH")])["CACE_energy"]
+    assert a.dtype == torch.float32 and abs(a.item() - b.item()) < 1e-4
+
+
+@pytest.mark.parametrize("atoms", [molecule("CH3CH2OH"), rattled_salt()], ids=["molecule", "triclinic"])
+def test_forces_match_finite_differences(model, atoms):
+    atoms.calc = latent_lr.Calculator(model)
+    np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, 1e-4), atol=1e-7)
+
+
+def test_stress_matches_finite_strain_on_a_triclinic_cell(model):
+    atoms = rattled_salt()
+    atoms.calc = latent_lr.Calculator(model)
+    np.testing.assert_allclose(atoms.get_stress(), calculate_numerical_stress(atoms, 1e-5), atol=1e-8)
+    short = latent_lr.wrap(model.backbone, long_range=False).eval()
+    host_stress = latent_lr.Calculator(short).get_stress(atoms)
+    assert np.abs(atoms.get_stress() - host_stress).max() > 1e-7  # long range reaches the virial
+
+
+def rotated(atoms, rotation):
+    atoms = atoms.copy()
+    atoms.positions = atoms.positions @ rotation.T
+    if atoms.pbc.any():
+        atoms.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
+    return atoms
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_rotation_invariance_and_equivariance(model, periodic):
+    atoms = rattled_salt() if periodic else molecule("CH3CH2OH")
+    rotation = Rotation.random(random_state=7).as_matrix()
+    calc = latent_lr.Calculator(model)
+    props = ["energy", "forces", "dipole", "bec", "charges"]
+    calc.calculate(atoms, props)
+    a = dict(calc.results)
+    calc.reset()
+    calc.calculate(rotated(atoms, rotation), props)
+    b = dict(calc.results)
+    assert b["energy"] == pytest.approx(a["energy"], abs=1e-9)
+    np.testing.assert_allclose(b["charges"], a["charges"], atol=1e-10)
+    np.testing.assert_allclose(b["forces"], a["forces"] @ rotation.T, atol=1e-9)
+    np.testing.assert_allclose(b["dipole"], rotation @ a["dipole"], atol=1e-9)
+    np.testing.assert_allclose(b["bec"], rotation @ a["bec"] @ rotation.T, atol=1e-9)
+
+
+@pytest.mark.parametrize("charge", [0.0, 1.0])
+def test_bec_acoustic_sum_rule_for_a_molecule(model, charge):
+    atoms = molecule("CH3CH2OH")
+    atoms.info["charge"] = charge
+    out = model(AtomsBatch.from_atoms(atoms), compute_bec=True)
+    assert out["charges"].sum().item() == pytest.approx(charge, abs=1e-10)
+    np.testing.assert_allclose(out["bec"].sum(0).numpy(), charge * np.eye(3), atol=1e-10)
+
+
+def test_long_range_reaches_beyond_the_host_cutoff(model):
+    def pair(distance):
+        atoms = molecule("H2O") + molecule("NH3")
+        atoms.positions[3:] += [distance, 0.0, 0.0]
+        return model(AtomsBatch.from_atoms(atoms), compute_forces=False)
+
+    near, far = pair(3 * CUTOFF), pair(6 * CUTOFF)
+    assert near["host_energy"].item() == pytest.approx(far["host_energy"].item(), abs=1e-10)
+    assert abs(near["energy"].item() - far["energy"].item()) > 1e-6
+
+
+def test_save_load_round_trip_is_exact(host, tmp_path):
+    model = latent_lr.wrap(host, backbone="cace", adapter_options={"atomic_energies": {z: -z / 3 for z in ZS}})
+    model.eval()
+    path = tmp_path / "model.pt"
+    latent_lr.save(model, path)
+    config = model.config()["host"]
+    assert json.loads(json.dumps(config)) == config
+    assert config["host"]["kind"] == "class" and config["host"]["class"].endswith(":CaceContractModel")
+    loaded = latent_lr.load(path).eval()
+    assert isinstance(loaded.backbone.host, CaceContractModel)
+    assert loaded.backbone.atomic_energies == model.backbone.atomic_energies
+    data = AtomsBatch.from_atoms([molecule("CH3CH2OH"), rattled_salt()])
+    a, b = model(data), loaded(data)
+    assert torch.equal(a["energy"], b["energy"])
+    assert torch.equal(a["forces"], b["forces"])
+    assert torch.equal(a["stress"], b["stress"])
+
+
+def test_unknown_element_is_a_clear_error(model, host):
+    fluorine = molecule("CH3CH2OH")
+    fluorine.numbers[0] = 9  # below max(zs): CACE itself would silently read it as H
+    cace_forward(host, [fluorine])  # no error from the host ...
+    for atoms in (fluorine, Atoms("Au2", positions=[[0, 0, 0], [2.5, 0, 0]])):
+        with pytest.raises(ValueError, match="unknown to this CACE model"):  # ... but from the adapter
+            model(AtomsBatch.from_atoms(atoms))
+
+
+def test_batched_prediction_equals_single(model):
+    structures = [molecule("CH3CH2OH"), rattled_salt(), molecule("H2O")]
+    batched = model(AtomsBatch.from_atoms(structures))
+    singles = [model(AtomsBatch.from_atoms(s)) for s in structures]
+    assert torch.allclose(batched["energy"], torch.cat([s["energy"] for s in singles]), atol=1e-10)
+    assert torch.allclose(batched["forces"], torch.cat([s["forces"] for s in singles]), atol=1e-10)
+
+
+def test_atomic_energies_are_added_per_atom(host):
+    atoms = molecule("CH3CH2OH")
+    e0 = {1: -0.5, 6: -10.0, 7: -14.0, 8: -20.0, 11: -1.0, 17: -3.0}
+    plain = latent_lr.wrap(host, backbone="cace").eval()
+    shifted = latent_lr.wrap(host, backbone="cace", adapter_options={"atomic_energies": e0}).eval()
+    data = AtomsBatch.from_atoms(atoms)
+    difference = shifted(data)["host_energy"] - plain(data)["host_energy"]
+    assert difference.item() == pytest.approx(sum(e0[z] for z in atoms.numbers), abs=1e-10)
+    with pytest.raises(ValueError, match="no reference energy"):
+        latent_lr.wrap(host, backbone="cace", adapter_options={"atomic_energies": {1: 0.0}})
+
+
+class EwaldPotential(nn.Module):
+    """Stands for CACE's own Ewald module; the adapter must never call it."""
+
+    def __init__(self, feature_key="q", output_key="ewald_potential"):
+        super().__init__()
+        self.feature_key, self.output_key, self.model_outputs = feature_key, output_key, [output_key]
+
+    def forward(self, data, **kwargs):
+        raise AssertionError("CACE's Ewald branch must be skipped")
+
+
+class FeatureAdd(nn.Module):
+    """Stands for CACE's FeatureAdd (sums energies); here it reads the skipped Ewald output."""
+
+    def __init__(self, feature_keys, output_key):
+        super().__init__()
+        self.feature_keys, self.output_key, self.model_outputs = feature_keys, output_key, [output_key]
+
+    def forward(self, data, **kwargs):
+        raise AssertionError("a module reading the Ewald output must be skipped")
+
+
+def test_cace_long_range_branch_is_skipped_and_short_range_energy_found():
+    host = make_host()
+    width = host.representation.feature_dim
+    short_range = Atomwise(width, n_hidden=8, output_key="SR_energy", seed=3).double()
+    charges = Atomwise(width, n_hidden=8, output_key="tot_q", per_atom_output_key="q", seed=4).double()
+    host.output_modules = nn.ModuleList([
+        short_range,
+        charges,
+        EwaldPotential(),
+        FeatureAdd(["SR_energy", "ewald_potential"], "CACE_energy"),
+        Forces(energy_key="CACE_energy"),
+    ])
+    model = latent_lr.wrap(host, backbone="cace").eval()
+    assert model.backbone.energy_key == "SR_energy"
+    assert len(model.backbone.skipped_modules) == 3
+    atoms = molecule("CH3CH2OH")
+    out = model(AtomsBatch.from_atoms(atoms))
+    with isolated_global_state():
+        torch.set_default_dtype(torch.float64)
+        features = host.representation(make_cace_batch(atoms, CUTOFF, dtype=torch.float64))
+        expected = short_range(features)["SR_energy"]
+    assert torch.allclose(out["host_energy"], expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="not produced"):
+        latent_lr.wrap(host, backbone="cace", adapter_options={"energy_key": "CACE_energy"})
+
+
+class LazyAtomwise(Atomwise):
+    """Atomwise whose MLP is built on the first call, like CACE's Atomwise(n_in=None)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.output_key, self.n_out, self.feature_key, self.outnet = "CACE_energy", 1, "node_feats", None
+
+    def forward(self, data, training=False, output_index=None):
+        features = data["node_feats"].reshape(data["node_feats"].shape[0], -1)
+        if self.outnet is None:
+            self.outnet = nn.Linear(features.shape[1], 1)  # default dtype and global RNG, as CACE
+        per_atom = self.outnet(features).squeeze(-1)
+        data[self.output_key] = per_atom.new_zeros(int(data["batch"].max()) + 1).index_add(0, data["batch"], per_atom)
+        return data
+
+
+def test_lazy_layers_are_built_by_a_dry_run_without_touching_the_rng():
+    host = make_host()
+    host.output_modules = nn.ModuleList([LazyAtomwise()])
+    state = torch.random.get_rng_state()
+    model = latent_lr.wrap(host, backbone="cace", long_range=False)  # the head would draw from the RNG
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert host.output_modules[0].outnet.weight.dtype == torch.float64
+    assert any(name.endswith("outnet.weight") for name, _ in model.named_parameters())
+
+
+def test_combine_potential_and_unknown_hosts_get_clear_errors(host):
+    class CombinePotential(nn.Module):
+        def __init__(self, models):
+            super().__init__()
+            self.models = nn.ModuleList(models)
+
+    with pytest.raises(ValueError, match="models\\[i\\]"):
+        latent_lr.wrap(CombinePotential([host]), backbone="cace")
+    with pytest.raises(ValueError, match="cannot tell which backbone"):
+        latent_lr.wrap(host)  # the stand-in is not in a `cace` package: backbone= is needed
