@@ -46,6 +46,7 @@ def host():
 
 @pytest.fixture(scope="module")
 def model(host):
+    torch.manual_seed(0)  # the long-range head's initial weights
     return latent_lr.wrap(host, backbone="cace").eval()
 
 
@@ -60,7 +61,8 @@ def cace_forward(host, structures):
     """The stand-in's own CACE-style forward, in float64 as CACE expects."""
     with isolated_global_state():
         torch.set_default_dtype(torch.float64)
-        return host(make_cace_batch(structures, host.representation.cutoff, dtype=torch.float64))
+        batch = make_cace_batch(structures, host.representation.cutoff, dtype=torch.float64, backend="vesin")
+        return host(batch)
 
 
 def test_wrap_is_one_line_and_host_energy_is_caces_own(model, host):
@@ -87,7 +89,7 @@ def test_host_dtype_is_the_default_dtype_inside_the_call(host):
     with isolated_global_state():
         torch.set_default_dtype(torch.float32)
         with pytest.raises(RuntimeError):
-            host(make_cace_batch(molecule("H2O"), CUTOFF, dtype=torch.float64))
+            host(make_cace_batch(molecule("H2O"), CUTOFF, dtype=torch.float64, backend="vesin"))
         model = latent_lr.wrap(host, backbone="cace").eval()
         model(AtomsBatch.from_atoms(molecule("H2O")))
         assert torch.get_default_dtype() == torch.float32
@@ -246,7 +248,7 @@ def test_cace_long_range_branch_is_skipped_and_short_range_energy_found():
     out = model(AtomsBatch.from_atoms(atoms))
     with isolated_global_state():
         torch.set_default_dtype(torch.float64)
-        features = host.representation(make_cace_batch(atoms, CUTOFF, dtype=torch.float64))
+        features = host.representation(make_cace_batch(atoms, CUTOFF, dtype=torch.float64, backend="vesin"))
         expected = short_range(features)["SR_energy"]
     assert torch.allclose(out["host_energy"], expected, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="not produced"):
