@@ -120,7 +120,7 @@ def test_predict_writes_charges_dipoles_and_becs(dataset, tmp_path):
         assert atoms.arrays["latent_charges"].shape == (len(atoms),)
         assert atoms.arrays["bec"].shape == (len(atoms), 9)
         assert atoms.get_dipole_moment().shape == (3,)  # ASE reads the dipole key into the calculator
-        assert abs(atoms.arrays["latent_charges"].sum()) < 1e-8
+        assert abs(atoms.arrays["latent_charges"].sum()) < 1e-6
         np.testing.assert_allclose(atoms.arrays["bec"].reshape(-1, 3, 3).sum(0), 0.0, atol=1e-6)  # extxyz writes 8 decimals
 
 
