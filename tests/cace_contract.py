@@ -572,8 +572,8 @@ class CaceContractRepresentation(nn.Module):
             edge_terms = weight.unsqueeze(2) * power.unsqueeze(1).unsqueeze(-1)  # (E, R, 3**l, C)
             shape = (n_nodes,) + tuple(edge_terms.shape[1:])
             moments.append(
-                torch.zeros(shape, dtype=edge_terms.dtype, device=edge_terms.device).index_add(
-                    0, receiver, edge_terms
+                torch.zeros(shape, dtype=edge_terms.dtype, device=edge_terms.device).index_put(
+                    (receiver,), edge_terms, accumulate=True
                 )
             )
 
@@ -581,7 +581,7 @@ class CaceContractRepresentation(nn.Module):
         hop = (envelope / self.avg_num_neighbors).reshape(-1, 1, 1, 1)
         for _ in range(self.num_message_passing):
             previous = stages[-1]
-            gathered = torch.zeros_like(previous).index_add(0, receiver, hop * previous[sender])
+            gathered = torch.zeros_like(previous).index_put((receiver,), hop * previous[sender], accumulate=True)
             stages.append(previous + gathered)
         node_feats = torch.stack(stages, dim=-1)
 
