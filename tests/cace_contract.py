@@ -567,6 +567,9 @@ class CaceContractRepresentation(nn.Module):
         powers = [torch.ones_like(lengths).unsqueeze(-1)]  # u^(x)0, (E, 1)
         for _ in range(self.max_l):
             powers.append((powers[-1].unsqueeze(-1) * directions.unsqueeze(1)).reshape(lengths.shape[0], -1))
+        # Sums over edges use index_put(accumulate=True): on the pinned torch CPU build,
+        # float64 index_add/scatter_add on these 4-D blocks can take ~50 ms with two
+        # OpenMP threads (about 10 µs with one), which made the adapter tests crawl.
         moments = []
         for power in powers:
             edge_terms = weight.unsqueeze(2) * power.unsqueeze(1).unsqueeze(-1)  # (E, R, 3**l, C)

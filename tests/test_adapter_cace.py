@@ -195,6 +195,18 @@ def test_batched_prediction_equals_single(model):
     assert torch.allclose(batched["forces"], torch.cat([s["forces"] for s in singles]), atol=1e-10)
 
 
+def test_training_on_forces_reaches_the_cace_host():
+    torch.manual_seed(1)
+    model = latent_lr.wrap(make_host(), backbone="cace").train()
+    data = AtomsBatch.from_atoms([molecule("CH3CH2OH"), rattled_salt()])
+    model(data)["forces"].pow(2).mean().backward()  # double backward through the host
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name in ("representation.sender_embedding", "representation.receiver_embedding",
+                 "output_modules.0.hidden_weight", "output_modules.0.out_weight"):
+        assert grads[f"backbone.host.{name}"].abs().sum() > 0, name  # (the energy bias has no force)
+    assert grads["long_range.charge_head.mlp.0.weight"].abs().sum() > 0
+
+
 def test_atomic_energies_are_added_per_atom(host):
     atoms = molecule("CH3CH2OH")
     e0 = {1: -0.5, 6: -10.0, 7: -14.0, 8: -20.0, 11: -1.0, 17: -3.0}
@@ -291,3 +303,169 @@ def test_combine_potential_and_unknown_hosts_get_clear_errors(host):
         latent_lr.wrap(CombinePotential([host]), backbone="cace")
     with pytest.raises(ValueError, match="cannot tell which backbone"):
         latent_lr.wrap(host)  # the stand-in is not in a `cace` package: backbone= is needed
+
+
+# ----------------------------------------------------------------------------
+# Code path for hosts from the `cace` package, exercised with a throwaway stub
+# ----------------------------------------------------------------------------
+
+
+def install_stub_cace_package(monkeypatch):
+    """Put a tiny fake ``cace`` package into ``sys.modules`` for one test.
+
+    It has CACE's module paths, class names, constructor signatures and the
+    attributes the adapter reads (``mp_norm_factor``, ``message_passing_list``,
+    lazy ``Atomwise``/``MessageBchi``), with the stand-in's numerics underneath.
+    It only exercises the adapter's branch for package hosts (recognition,
+    ``host_config``/``build_host``, dry run); it says nothing about real CACE.
+    """
+    import math
+    import sys
+    import types
+
+    import cace_contract
+
+    names = ["cace", "cace.modules", "cace.models", "cace.models.atomistic",
+             "cace.representations", "cace.representations.cace_representation"]
+    stub = {name: types.ModuleType(name) for name in names}
+    for name, module in stub.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+    def place(module_name, cls):
+        cls.__module__ = module_name
+        setattr(stub[module_name], cls.__name__, cls)
+        return cls
+
+    @lambda cls: place("cace.modules", cls)
+    class BesselRBF(nn.Module):
+        def __init__(self, cutoff, n_rbf=8, trainable=False):
+            super().__init__()
+            self.n_rbf = n_rbf
+            weights = math.pi / cutoff * torch.linspace(1.0, n_rbf, n_rbf)
+            if trainable:
+                self.bessel_weights = nn.Parameter(weights)
+            else:
+                self.register_buffer("bessel_weights", weights)
+            self.register_buffer("cutoff", torch.tensor(cutoff))
+
+    @lambda cls: place("cace.modules", cls)
+    class PolynomialCutoff(nn.Module):
+        def __init__(self, cutoff, p=6):
+            super().__init__()
+            self.register_buffer("p", torch.tensor(float(p)))
+            self.register_buffer("cutoff", torch.tensor(cutoff))
+
+    @lambda cls: place("cace.modules", cls)
+    class MessageBchi(nn.Module):
+        def __init__(self, n_in=None, n_hidden=None, n_layers=1, activation=torch.nn.functional.silu,
+                     residual=False, use_batchnorm=False, lxlylz_index=None):
+            super().__init__()
+            self.n_in, self.n_hidden, self.n_layers, self.activation = n_in, n_hidden, n_layers, activation
+            self.residual, self.use_batchnorm = residual, use_batchnorm
+            self.hnet = None if n_in is None else nn.Linear(n_in, 1)
+
+    @lambda cls: place("cace.modules", cls)
+    class Atomwise(nn.Module):
+        def __init__(self, n_in=None, n_out=1, n_hidden=None, n_layers=2, bias=True,
+                     activation=torch.nn.functional.silu, aggregation_mode="sum", feature_key="node_feats",
+                     output_key="energy", per_atom_output_key=None, descriptor_output_key=None,
+                     residual=False, use_batchnorm=False, add_linear_nn=False, post_process=None):
+            super().__init__()
+            self.n_in, self.n_out, self.n_hidden, self.n_layers, self.bias = n_in, n_out, n_hidden, n_layers, bias
+            self.activation, self.aggregation_mode, self.feature_key = activation, aggregation_mode, feature_key
+            self.output_key, self.per_atom_output_key = output_key, per_atom_output_key
+            self.descriptor_output_key, self.residual = descriptor_output_key, residual
+            self.use_batchnorm = use_batchnorm
+            self.add_linear_nn, self.post_process = add_linear_nn, post_process
+            self.model_outputs = [output_key]
+            self.outnet = None if n_in is None else self._mlp()
+
+        def _mlp(self):
+            return nn.Sequential(nn.Linear(self.n_in, self.n_hidden), nn.Linear(self.n_hidden, self.n_out))
+
+        def forward(self, data, training=None, output_index=None):
+            features = data[self.feature_key].reshape(data[self.feature_key].shape[0], -1)
+            if self.outnet is None:
+                self.n_in = features.shape[1]
+                self.outnet = self._mlp()  # default dtype and global RNG, as CACE
+            hidden = self.activation(self.outnet[0](features))
+            per_atom = self.outnet[1](hidden).squeeze(-1)
+            data[self.output_key] = per_atom.new_zeros(int(data["batch"].max()) + 1).index_add(
+                0, data["batch"], per_atom
+            )
+            return data
+
+    place("cace.modules", type("Forces", (cace_contract.Forces,), {}))
+    place("cace.modules", type("Preprocess", (cace_contract.Preprocess,), {}))
+
+    @lambda cls: place("cace.representations.cace_representation", cls)
+    class Cace(cace_contract.CaceContractRepresentation):
+        def __init__(self, zs, n_atom_basis, cutoff, radial_basis, cutoff_fn, max_l, max_nu,
+                     num_message_passing, type_message_passing=("M", "Ar", "Bchi"), args_message_passing=None,
+                     embed_receiver_nodes=False, atom_embedding_random_seed=(42, 42), n_radial_basis=None,
+                     avg_num_neighbors=10.0, device=None, timeit=False):
+            super().__init__(zs, n_atom_basis=n_atom_basis, cutoff=cutoff,
+                             n_radial_basis=n_radial_basis or radial_basis.n_rbf, max_l=max_l, max_nu=max_nu,
+                             num_message_passing=num_message_passing, avg_num_neighbors=avg_num_neighbors)
+            torch.manual_seed(atom_embedding_random_seed[0])  # CACE reseeds the global RNG here
+            self.radial_basis, self.cutoff_fn = radial_basis, cutoff_fn
+            self.mp_norm_factor = 1.0 / avg_num_neighbors**0.5
+            self.node_embedding_sender = nn.Linear(len(zs), n_atom_basis, bias=False)
+            self.node_embedding_receiver = (
+                nn.Linear(len(zs), n_atom_basis, bias=False) if embed_receiver_nodes else self.node_embedding_sender
+            )
+            bchi = (args_message_passing or {}).get("Bchi", {})
+            self.message_passing_list = nn.ModuleList(
+                nn.ModuleList([None, None, MessageBchi(**bchi) if "Bchi" in type_message_passing else None])
+                for _ in range(num_message_passing)
+            )
+
+    @lambda cls: place("cace.models.atomistic", cls)
+    class NeuralNetworkPotential(nn.Module):
+        def __init__(self, representation=None, input_modules=None, output_modules=None,
+                     postprocessors=None, do_postprocessing=False):
+            super().__init__()
+            self.representation = representation
+            if input_modules is None:
+                input_modules = [stub["cace.modules"].Preprocess()]
+            self.input_modules = nn.ModuleList(input_modules)
+            self.output_modules = nn.ModuleList(output_modules)
+            self.postprocessors = nn.ModuleList(postprocessors or [])
+            self.do_postprocessing = do_postprocessing
+
+    return stub
+
+
+def test_package_host_code_path_with_a_stub_cace_package(monkeypatch, tmp_path):
+    stub = install_stub_cace_package(monkeypatch)
+    modules = stub["cace.modules"]
+    rep = stub["cace.representations.cace_representation"].Cace(
+        zs=ZS, n_atom_basis=2, cutoff=CUTOFF, radial_basis=modules.BesselRBF(CUTOFF, n_rbf=4, trainable=True),
+        cutoff_fn=modules.PolynomialCutoff(CUTOFF), max_l=2, max_nu=3, num_message_passing=1,
+        type_message_passing=["Bchi"], args_message_passing={"Bchi": {"n_hidden": 4}},
+        embed_receiver_nodes=True, avg_num_neighbors=7.3,
+    )
+    host = stub["cace.models.atomistic"].NeuralNetworkPotential(
+        representation=rep,
+        output_modules=[modules.Atomwise(n_hidden=8, output_key="CACE_energy"),
+                        modules.Forces(energy_key="CACE_energy", forces_key="CACE_forces")],
+    ).double()
+    torch.manual_seed(0)
+    model = latent_lr.wrap(host).eval()  # recognised from the package name
+    assert model.backbone.name == "cace" and host.output_modules[0].outnet is not None  # dry run built it
+    config = model.config()["host"]["host"]
+    assert config["kind"] == "cace"
+    assert config["representation"]["type_message_passing"] == ["Bchi"]
+    assert config["representation"]["embed_receiver_nodes"] is True
+    assert config["output_modules"][0]["kwargs"]["activation"] == "torch.nn.functional.silu"
+    adapter = type(model.backbone)
+    state = torch.random.get_rng_state()
+    adapter(adapter.build_host(model.backbone.host_config()))  # builds, then dry-runs the lazy layers
+    assert torch.equal(torch.random.get_rng_state(), state)  # CACE's reseeding does not leak
+    path = tmp_path / "cace.pt"
+    latent_lr.save(model, path)
+    loaded = latent_lr.load(path).eval()
+    assert type(loaded.backbone.host).__module__ == "cace.models.atomistic"
+    assert loaded.backbone.host.representation.mp_norm_factor == rep.mp_norm_factor
+    data = AtomsBatch.from_atoms([molecule("CH3CH2OH"), rattled_salt()])
+    assert torch.equal(model(data)["energy"], loaded(data)["energy"])
