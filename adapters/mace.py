@@ -1,0 +1,182 @@
+"""MACE (mace-torch) adapter.
+
+Features: the invariant (0e) channels of ``node_feats`` from every interaction
+layer, concatenated.  Host energy: MACE's total energy (including its E0s).
+MACE is run with ``compute_force=False``: latent-lr differentiates the total
+energy itself, with MACE's edge vectors built from the (strained) positions and
+cell it is given, so the long-range term reaches forces and stress.
+
+Tested with mace-torch 0.3.16 under e3nn 0.6 (see the README for the install
+route).  ``import mace`` sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``; the import
+happens inside :func:`latent_lr.backbone.isolated_global_state`, which undoes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from latent_lr.backbone import Backbone, isolated_global_state
+from latent_lr.data import AtomsBatch
+from latent_lr.neighbors import radius_graph
+
+with isolated_global_state():
+    import mace.modules
+    from e3nn import o3
+    from mace.tools.scripts_utils import extract_config_mace_model
+
+DEFAULT_OPTIONS = dict(
+    r_max=5.0,
+    num_bessel=8,
+    num_polynomial_cutoff=5,
+    max_ell=2,
+    num_interactions=2,
+    hidden_irreps="16x0e + 16x1o",
+    MLP_irreps="16x0e",
+    correlation=2,
+    avg_num_neighbors=10.0,
+    interaction="RealAgnosticResidualInteractionBlock",
+)
+
+
+def _scalar_slices(irreps: "o3.Irreps") -> list[slice]:
+    slices, offset = [], 0
+    for multiplicity, irrep in irreps:
+        width = multiplicity * irrep.dim
+        if irrep.l == 0 and irrep.p == 1:
+            slices.append(slice(offset, offset + width))
+        offset += width
+    return slices
+
+
+class MaceBackbone(Backbone):
+    """Adapter for ``mace.modules.MACE`` / ``ScaleShiftMACE`` models."""
+
+    name = "mace"
+
+    def __init__(self, host: nn.Module):
+        super().__init__(host)
+        layer_irreps = [o3.Irreps(str(product.linear.irreps_out)) for product in host.products]
+        index, offset = [], 0
+        for irreps in layer_irreps:
+            for part in _scalar_slices(irreps):
+                index.extend(range(offset + part.start, offset + part.stop))
+            offset += irreps.dim
+        self.register_buffer("scalar_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        self.atomic_numbers = [int(z) for z in host.atomic_numbers]
+        lookup = torch.full((119,), -1, dtype=torch.long)
+        lookup[torch.tensor(self.atomic_numbers)] = torch.arange(len(self.atomic_numbers))
+        self.register_buffer("element_index", lookup, persistent=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.scalar_index.numel())
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.host.r_max)
+
+    def check_elements(self, numbers: torch.Tensor) -> None:
+        unknown = sorted(set(numbers.tolist()) - set(self.atomic_numbers))
+        if unknown:
+            raise ValueError(
+                f"elements with atomic numbers {unknown} are unknown to this MACE model "
+                f"(it knows {self.atomic_numbers}); retrain or fine-tune with them."
+            )
+
+    def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        edge_index, unit_shifts = radius_graph(data, self.cutoff)
+        sender = edge_index[0]
+        shifts = torch.einsum("ea,eab->eb", unit_shifts, data.cell[data.batch[sender]])
+        dtype = data.positions.dtype
+        node_attrs = torch.nn.functional.one_hot(
+            self.element_index[data.numbers], len(self.atomic_numbers)
+        ).to(dtype)
+        counts = data.n_atoms
+        ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        inputs = {
+            "positions": data.positions,
+            "node_attrs": node_attrs,
+            "edge_index": edge_index,
+            "shifts": shifts,
+            "unit_shifts": unit_shifts,
+            "cell": data.cell.reshape(-1, 3),
+            "batch": data.batch,
+            "ptr": ptr,
+        }
+        with isolated_global_state():
+            out = self.host(inputs, training=self.training, compute_force=False)
+        features = out["node_feats"][:, self.scalar_index]
+        return out["energy"], features
+
+    def host_config(self) -> dict[str, Any]:
+        config = extract_config_mace_model(self.host)
+        if "error" in config:
+            raise ValueError(
+                f"cannot save a {type(self.host).__name__}: {config['error']}. Build the host "
+                "as mace.modules.ScaleShiftMACE (scale 1, shift 0 is a plain MACE)."
+            )
+        return {key: _to_json(value) for key, value in config.items()}
+
+    @classmethod
+    def build_host(cls, config: dict[str, Any]) -> nn.Module:
+        kwargs = dict(config)
+        for key in ("interaction_cls", "interaction_cls_first"):
+            kwargs[key] = mace.modules.interaction_classes[kwargs[key]]
+        kwargs["readout_cls"] = getattr(mace.modules.blocks, kwargs["readout_cls"])
+        for key in ("hidden_irreps", "MLP_irreps", "edge_irreps"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = o3.Irreps(kwargs[key])
+        kwargs["gate"] = None if kwargs["gate"] is None else getattr(torch.nn.functional, kwargs["gate"])
+        kwargs["atomic_energies"] = np.asarray(kwargs["atomic_energies"])
+        for key in ("atomic_inter_scale", "atomic_inter_shift"):
+            kwargs[key] = np.asarray(kwargs[key])
+        with isolated_global_state():
+            return mace.modules.ScaleShiftMACE(**kwargs).double()
+
+    @classmethod
+    def default_host(cls, species: Sequence[int], **options: Any) -> nn.Module:
+        settings = dict(DEFAULT_OPTIONS, **options)
+        interaction = mace.modules.interaction_classes[settings.pop("interaction")]
+        species = sorted(int(z) for z in species)
+        with isolated_global_state():
+            torch.set_default_dtype(torch.float64)
+            host = mace.modules.ScaleShiftMACE(
+                r_max=settings["r_max"],
+                num_bessel=settings["num_bessel"],
+                num_polynomial_cutoff=settings["num_polynomial_cutoff"],
+                max_ell=settings["max_ell"],
+                interaction_cls=interaction,
+                interaction_cls_first=interaction,
+                num_interactions=settings["num_interactions"],
+                num_elements=len(species),
+                hidden_irreps=o3.Irreps(settings["hidden_irreps"]),
+                MLP_irreps=o3.Irreps(settings["MLP_irreps"]),
+                atomic_energies=np.zeros(len(species)),
+                avg_num_neighbors=settings["avg_num_neighbors"],
+                atomic_numbers=species,
+                correlation=settings["correlation"],
+                gate=torch.nn.functional.silu,
+                atomic_inter_scale=1.0,
+                atomic_inter_shift=0.0,
+            )
+        return host.double()
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, type):
+        return value.__name__
+    if callable(value) and hasattr(value, "__name__"):
+        return value.__name__
+    if isinstance(value, o3.Irreps):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
