@@ -72,7 +72,7 @@ def frame_from_atoms(atoms: Atoms, keys: LabelKeys) -> Frame:
         atoms=clean,
         energy=None if energy is None else float(energy),
         forces=forces,
-        dipole=dipole,
+        dipole=None if dipole is None else dipole.reshape(3),
         charges=charges,
         bec=None if bec is None else bec.reshape(len(atoms), 3, 3),
         total_charge=clean.info["charge"],
