@@ -1,7 +1,7 @@
 """Short-range vs long-range ablations on the public DFT sets in ../shared/data.
 
     python benchmarks/real_data.py prepare --data ../shared/data --out runs/real
-    python benchmarks/real_data.py run --out runs/real --backbones mace nequip --sets dimers dipeptides carbon_chain alaumgo
+    python benchmarks/real_data.py run --out runs/real --backbones mace nequip --sets dimers dipeptides carbon_chain alaumgo [latent-lr ablate flags]
 
 ``prepare`` writes train/test splits (seeded, no data committed):
 
@@ -133,8 +133,8 @@ def main() -> None:
     go.add_argument("--backbones", nargs="+", default=["mace", "nequip"])
     go.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     go.add_argument("--epochs", type=int, default=60)
-    go.add_argument("extra", nargs=argparse.REMAINDER, help="further latent-lr ablate flags")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    args.extra = extra  # further latent-lr ablate flags, passed through
     if args.command == "prepare":
         prepare(args.data, args.out)
     else:

@@ -79,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ablate_parser = commands.add_parser("ablate", help="train short- and long-range twins and compare them")
     _add_training_arguments(ablate_parser, with_long_range=False)
+    ablate_parser.add_argument("--resume", action="store_true", help="continue both twins from their checkpoints")
     predict_parser = commands.add_parser("predict", help="write latent charges, dipoles and BECs to extended XYZ")
     predict_parser.add_argument("model")
     predict_parser.add_argument("input")
@@ -103,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "ablate":
         from .training import run_ablation
 
-        run_ablation(_config_from(args))
+        run_ablation(_config_from(args), resume=args.resume)
     elif args.command == "predict":
         from .training import predict_file
 

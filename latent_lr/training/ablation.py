@@ -32,8 +32,11 @@ TABLE_ROWS = [
 ]
 
 
-def run_ablation(config: TrainConfig, plots: bool = True) -> dict[str, dict[str, float]]:
-    """Train both twins, evaluate on the test set (or validation set), write results.json."""
+def run_ablation(config: TrainConfig, plots: bool = True, resume: bool = False) -> dict[str, dict[str, float]]:
+    """Train both twins, evaluate on the test set (or validation set), write results.json.
+
+    With ``resume`` an interrupted ablation continues from each twin's checkpoint.
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
@@ -41,7 +44,8 @@ def run_ablation(config: TrainConfig, plots: bool = True) -> dict[str, dict[str,
     for name, long_range in TWINS.items():
         twin = replace(config, long_range=long_range, out=str(out / name))
         trainer = Trainer(twin)
-        trainer.resume()
+        if resume:
+            trainer.resume()
         model = trainer.fit()
         frames = trainer.test_frames or trainer.valid_frames
         metrics, predictions = trainer.evaluate(model, frames)
