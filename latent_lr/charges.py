@@ -30,6 +30,34 @@ class TotalChargeConstraint(nn.Module):
         return raw_charges + shift[batch]
 
 
+class LearnedChargeRedistribution(nn.Module):
+    """Match each structure's total charge with learned positive per-atom weights.
+
+    q_i = q̃_i + w_i (Q - Σ_j q̃_j) / Σ_j w_j,  w_i = softplus(MLP(h_i)) > 0,
+
+    a Fukui-function-like share: atoms whose environment takes up charge easily
+    receive more of the excess, instead of every atom getting the same shift.
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int = 16):
+        super().__init__()
+        self.weight_net = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(
+        self,
+        raw_charges: torch.Tensor,
+        features: torch.Tensor,
+        batch: torch.Tensor,
+        total_charge: torch.Tensor,
+    ) -> torch.Tensor:
+        """Args: raw_charges (N,), features (N, F), batch (N,), total_charge (B,). Returns (N,) e."""
+        n_structures = total_charge.shape[0]
+        weights = torch.nn.functional.softplus(self.weight_net(features).squeeze(-1)) + 1e-6
+        sums = raw_charges.new_zeros(n_structures).index_add(0, batch, raw_charges)
+        weight_sums = weights.new_zeros(n_structures).index_add(0, batch, weights)
+        return raw_charges + weights * ((total_charge - sums) / weight_sums)[batch]
+
+
 class ChargeHead(nn.Module):
     """Per-atom latent charges q_i (e) from invariant features.
 
@@ -40,9 +68,11 @@ class ChargeHead(nn.Module):
         feature_dim: F, width of the host's invariant features.
         hidden_dim: width of the hidden layer (0 for a linear head).
         element_baseline: add a learned per-element offset b(Z).
+        redistribution: ``"uniform"`` (equal shift per atom) or ``"learned"``
+            (:class:`LearnedChargeRedistribution`) to impose the total charge.
     """
 
-    def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True):
+    def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, redistribution: str = "learned"):
         super().__init__()
         if hidden_dim > 0:
             self.mlp = nn.Sequential(
@@ -53,7 +83,12 @@ class ChargeHead(nn.Module):
         self.element_baseline = nn.Embedding(MAX_ATOMIC_NUMBER + 1, 1) if element_baseline else None
         if self.element_baseline is not None:
             nn.init.zeros_(self.element_baseline.weight)
-        self.constraint = TotalChargeConstraint()
+        if redistribution == "uniform":
+            self.constraint: nn.Module = TotalChargeConstraint()
+        elif redistribution == "learned":
+            self.constraint = LearnedChargeRedistribution(feature_dim)
+        else:
+            raise ValueError(f"redistribution must be 'uniform' or 'learned', got {redistribution!r}.")
 
     def forward(
         self,

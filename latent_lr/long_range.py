@@ -29,6 +29,8 @@ class LongRangeModule(nn.Module):
         learnable_smearing: make σ a trained parameter (kept positive).
         element_baseline: add a learned per-element charge offset.
         accuracy: relative accuracy requested from the Ewald engine.
+        charge_redistribution: how charges are made to sum to the total charge:
+            ``"learned"`` (positive learned per-atom weights, default) or ``"uniform"``.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class LongRangeModule(nn.Module):
         learnable_smearing: bool = False,
         element_baseline: bool = True,
         accuracy: float = 1e-6,
+        charge_redistribution: str = "learned",
     ):
         super().__init__()
         if smearing <= 0:
@@ -50,8 +53,9 @@ class LongRangeModule(nn.Module):
             learnable_smearing=learnable_smearing,
             element_baseline=element_baseline,
             accuracy=accuracy,
+            charge_redistribution=charge_redistribution,
         )
-        self.charge_head = ChargeHead(feature_dim, hidden_dim, element_baseline)
+        self.charge_head = ChargeHead(feature_dim, hidden_dim, element_baseline, charge_redistribution)
         log_sigma = torch.tensor(math.log(smearing))
         if learnable_smearing:
             self.log_smearing = nn.Parameter(log_sigma)

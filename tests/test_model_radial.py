@@ -204,3 +204,25 @@ def test_nan_positions_are_a_clear_error(model):
     atoms.positions[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         model(AtomsBatch.from_atoms(atoms))
+
+
+@pytest.mark.parametrize("redistribution", ["uniform", "learned"])
+def test_total_charge_is_reproduced_for_any_structure_and_charge(redistribution):
+    model = make_model(seed=4, charge_redistribution=redistribution).eval()
+    structures = [molecule("CH3CH2OH"), rattled_salt(), molecule("H2O")]
+    for atoms, charge in zip(structures, [1.0, -2.5, 0.3]):
+        atoms.info["charge"] = charge
+    out = model(AtomsBatch.from_atoms(structures), compute_forces=False)
+    batch = AtomsBatch.from_atoms(structures).batch
+    totals = torch.zeros(3, dtype=torch.float64).index_add(0, batch, out["charges"])
+    torch.testing.assert_close(totals, torch.tensor([1.0, -2.5, 0.3], dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_learned_redistribution_is_not_a_uniform_shift():
+    model = make_model(seed=5).eval()
+    atoms = molecule("CH3CH2OH")
+    neutral = model(AtomsBatch.from_atoms(atoms), compute_forces=False)["charges"]
+    atoms.info["charge"] = 1.0
+    charged = model(AtomsBatch.from_atoms(atoms), compute_forces=False)["charges"]
+    shift = charged - neutral
+    assert shift.min() > 0 and shift.std() > 1e-3
