@@ -35,7 +35,7 @@ class PairList:
         """Pair distance vectors (P, 3) in Å, differentiable in positions and cell."""
         vectors = positions[self.second] - positions[self.first]
         if self.shifts.numel():
-            vectors = vectors + torch.einsum("pa,pab->pb", self.shifts, cell[self.structure])
+            vectors = vectors + (self.shifts.unsqueeze(2) * cell[self.structure]).sum(1)
         return vectors
 
 

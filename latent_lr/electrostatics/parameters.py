@@ -28,8 +28,9 @@ from dataclasses import dataclass
 REAL_TO_RECIPROCAL_COST = 4.0
 
 #: Extra margin on ``s`` so that the *measured* relative force error stays below
-#: the request (verified in tests/test_electrostatics_accuracy.py).
-S_MARGIN = 0.5
+#: the request (verified in tests/test_electrostatics_accuracy.py; 0.3 keeps
+#: the worst case there, a rattled NaCl crystal with small forces, at 0.8x).
+S_MARGIN = 0.3
 
 
 @dataclass(frozen=True)
