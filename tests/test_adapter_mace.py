@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import bulk, molecule
-from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.build import molecule
 from scipy.spatial.transform import Rotation
 
 import latent_lr
+from adapter_checks import (
+    assert_forces_match_finite_differences,
+    assert_long_range_stress_matches_finite_strain,
+    triclinic_salt,
+)
 from latent_lr import AtomsBatch
 from latent_lr.backbone import adapter_class, isolated_global_state
 
@@ -29,11 +33,7 @@ def model(host):
     return latent_lr.wrap(host).eval()
 
 
-def salt():
-    crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
-    crystal.cell[0, 1] = 0.5
-    crystal.rattle(0.1, seed=1)
-    return crystal
+salt = triclinic_salt
 
 
 def test_wrap_detects_mace_and_leaks_no_global_state(host):
@@ -64,17 +64,11 @@ def test_host_part_equals_mace_own_energy_forces_stress(host):
 
 @pytest.mark.parametrize("atoms", [molecule("CH3CH2OH"), salt()], ids=["molecule", "triclinic"])
 def test_forces_match_finite_differences(model, atoms):
-    atoms.calc = latent_lr.Calculator(model)
-    np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, 1e-4), atol=1e-7)
+    assert_forces_match_finite_differences(model, atoms)
 
 
 def test_stress_with_long_range_matches_finite_strain(model, host):
-    atoms = salt()
-    atoms.calc = latent_lr.Calculator(model)
-    stress = atoms.get_stress()
-    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, 1e-5), atol=1e-8)
-    short = latent_lr.Calculator(latent_lr.wrap(host, long_range=False))
-    assert np.abs(stress - short.get_stress(atoms)).max() > 1e-6
+    assert_long_range_stress_matches_finite_strain(model, host)
 
 
 def test_rotation_and_bec(model):

@@ -1,0 +1,362 @@
+"""CHGNet (``chgnet``) adapter.
+
+Features: CHGNet's atom features after its last atom convolution
+(``atom_conv_layers[-1]``'s output, before the read-out norm and MLP; width
+``atom_fea_dim``, 64 for the pretrained model), taken with a forward hook that
+lives only for the duration of one call.  ``return_atom_feas=True`` in CHGNet
+gives the features *before* that layer, which is why it is not used.
+
+Host energy: CHGNet's total energy in eV per structure, i.e. its (per-atom,
+for the usual ``is_intensive`` models) energy plus its composition model
+(``AtomRef``) energy, multiplied by the number of atoms.
+
+How the geometry reaches CHGNet.  CHGNet's own ``forward`` builds Cartesian
+positions as ``fractional @ lattice`` from float32 tensors made from a pymatgen
+``Structure``.  The adapter does not use that path.  For each structure it
+
+1. finds the neighbours within ``atom_graph_cutoff`` with latent-lr's vesin
+   neighbour list (index data and integer image offsets only, from detached
+   float64 coordinates) and hands them to CHGNet's own graph builder
+   (``graph_converter.create_graph``, ``adjacency_list`` and
+   ``line_graph_adjacency_list(bond_graph_cutoff)``), which numbers the
+   directed/undirected bonds and the angles exactly as CHGNet's converter does;
+2. assembles CHGNet's ``BatchedGraph`` for the whole batch itself, with bond
+   vectors ``r_neighbour + image @ cell - r_centre`` computed in torch from
+   ``data.positions`` and ``data.cell`` (so strain and displacement gradients
+   flow), and runs CHGNet's ``bond_basis_expansion``, ``angle_basis_expansion``
+   and ``_compute`` on it without CHGNet's own force/stress autograd.
+
+Open boundaries: CHGNet is trained on crystals, but its graph needs no lattice
+once the neighbours are known, so open structures (``pbc`` False, zero cell)
+run as they are, with no vacuum box; mixed periodicity works the same way.
+Atoms with no neighbour within the cut-off are allowed (CHGNet's converter
+refuses them by default); they keep only their element embedding.  Whether
+CHGNet is any good for molecules is a different question.
+
+dtype: CHGNet's weights are float32.  The adapter casts the input geometry to
+the host's dtype and returns energy and features in the dtype of
+``data.positions``.  ``host.double()`` runs CHGNet in float64 (used by the
+tests for finite differences; the trainer's default ``--dtype float64`` does it
+too).
+
+Hosts: :meth:`ChgnetBackbone.pretrained_host` loads a pretrained model from the
+weights shipped with the ``chgnet`` package (offline; names ``"chgnet"``,
+``"pretrained"``, ``"0.3.0"``, ``"0.2.0"``, ``"r2scan"``; this is what
+``latent-lr train --backbone chgnet --init-model chgnet`` uses).
+:meth:`ChgnetBackbone.default_host` is the from-scratch host of the
+:class:`~latent_lr.backbone.Backbone` contract: a randomly initialised CHGNet
+(CHGNet's default architecture, options override it) *without* CHGNet's
+``AtomRef`` composition model, because the trainer fits per-element reference
+energies itself; fine-tune the pretrained model with ``--init-model`` instead.
+
+Saving stores ``host.model_args`` (CHGNet's own constructor arguments, as in
+``CHGNet.todict``); an ``AtomRef`` composition model object is stored by its
+settings.  CHGNet's constructor prints a line; the adapter silences it and runs
+imports and constructions inside :func:`latent_lr.backbone.isolated_global_state`.
+Tested with chgnet 0.4.2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from latent_lr.backbone import Backbone, isolated_global_state
+from latent_lr.data import AtomsBatch
+from latent_lr.neighbors import radius_graph
+
+with isolated_global_state():
+    from chgnet.model.composition_model import AtomRef
+    from chgnet.model.model import CHGNet, BatchedGraph
+
+#: ``pretrained_host`` names -> ``CHGNet.load(model_name=...)``.
+PRETRAINED_ALIASES = {"chgnet": "0.3.0", "pretrained": "0.3.0", "default": "0.3.0"}
+PRETRAINED_NAMES = ("0.3.0", "0.2.0", "r2scan")
+
+
+@contextlib.contextmanager
+def _quiet_construction():
+    """CHGNet prints on construction/load; keep the library quiet and torch's state intact."""
+    with isolated_global_state(), contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+class _Topology:
+    """Index data of CHGNet's batched atom and bond graphs (no geometry, no gradients)."""
+
+    def __init__(self, atom_graph, image, directed2undirected, undirected2directed, bond_graph):
+        self.atom_graph = atom_graph  # (D, 2) centre, neighbour: batch-global atom indices
+        self.image = image  # (D, 3) integer lattice offsets of the neighbour
+        self.directed2undirected = directed2undirected  # (D,) batch-global undirected index
+        self.undirected2directed = undirected2directed  # (U,) batch-global directed index
+        self.bond_graph = bond_graph  # (A, 5) atom, undirected 1, directed 1, undirected 2, directed 2
+
+
+class ChgnetBackbone(Backbone):
+    """Adapter for ``chgnet.model.CHGNet``."""
+
+    name = "chgnet"
+
+    def __init__(self, host: nn.Module):
+        super().__init__(host)
+        if not isinstance(host, CHGNet):
+            raise ValueError(f"the chgnet adapter wraps chgnet.model.CHGNet, got {type(host).__name__}.")
+        self.max_atomic_number = int(host.atom_embedding.embedding.num_embeddings)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.host.atom_fea_dim)
+
+    @property
+    def cutoff(self) -> float:
+        return float(self._graph_cutoffs()[0])
+
+    def _graph_cutoffs(self) -> tuple[float, float]:
+        args = getattr(self.host, "model_args", {})
+        converter = getattr(self.host, "graph_converter", None)
+        atom_cutoff = args.get("atom_graph_cutoff", getattr(converter, "atom_graph_cutoff", None))
+        bond_cutoff = args.get("bond_graph_cutoff", getattr(converter, "bond_graph_cutoff", None))
+        if atom_cutoff is None:
+            raise ValueError("this CHGNet has neither model_args nor a graph_converter giving its cut-offs.")
+        return float(atom_cutoff), float(atom_cutoff if bond_cutoff is None else bond_cutoff)
+
+    def check_elements(self, numbers: torch.Tensor) -> None:
+        unknown = sorted({int(z) for z in numbers.tolist()} - set(range(1, self.max_atomic_number + 1)))
+        if unknown:
+            raise ValueError(
+                f"elements with atomic numbers {unknown} are outside CHGNet's range "
+                f"1..{self.max_atomic_number}; CHGNet has no embedding for them."
+            )
+
+    # ------------------------------------------------------------------
+    # Graph topology (CHGNet's own graph builder on vesin neighbours)
+    # ------------------------------------------------------------------
+
+    def _topology(self, data: AtomsBatch) -> _Topology:
+        atom_cutoff, bond_cutoff = self._graph_cutoffs()
+        edge_index, unit_shifts = radius_graph(data, atom_cutoff)
+        edge_index = edge_index.cpu().numpy()
+        unit_shifts = np.rint(unit_shifts.detach().cpu().double().numpy()).astype(np.int64)
+        positions = data.positions.detach().cpu().double().numpy()
+        cells = data.cell.detach().cpu().double().numpy()
+        batch = data.batch.cpu().numpy()
+        counts = data.n_atoms.tolist()
+        create_graph = self._graph_builder()
+
+        atom_graphs, images, d2u, u2d, bond_graphs = [], [], [], [], []
+        atom_offset = directed_offset = undirected_offset = 0
+        sender_structure = batch[edge_index[0]]
+        for index, count in enumerate(counts):
+            mask = sender_structure == index
+            centre = edge_index[0, mask] - atom_offset
+            neighbour = edge_index[1, mask] - atom_offset
+            image = np.ascontiguousarray(unit_shifts[mask])
+            if centre.size:
+                block = positions[atom_offset : atom_offset + count]
+                vectors = block[neighbour] - block[centre] + image @ cells[index]
+                distance = np.linalg.norm(vectors, axis=1)
+                graph = create_graph(count, centre, neighbour, image, distance)
+                adjacency, directed2undirected = graph.adjacency_list()
+                line_graph, undirected2directed = graph.line_graph_adjacency_list(cutoff=bond_cutoff)
+                # Directed edge k is input pair k (CHGNet's converter relies on this too,
+                # keeping the neighbour list's images as they are); checked, it is cheap.
+                adjacency = np.asarray(adjacency, dtype=np.int64).reshape(-1, 2)
+                if not (np.array_equal(adjacency[:, 0], centre) and np.array_equal(adjacency[:, 1], neighbour)):
+                    raise RuntimeError("CHGNet's graph builder reordered the bonds; this chgnet version is unsupported.")
+                directed2undirected = np.asarray(directed2undirected, dtype=np.int64)
+                undirected2directed = np.asarray(undirected2directed, dtype=np.int64)
+                line_graph = np.asarray(line_graph, dtype=np.int64).reshape(-1, 5)
+                atom_graphs.append(adjacency + atom_offset)
+                images.append(image)
+                d2u.append(directed2undirected + undirected_offset)
+                u2d.append(undirected2directed + directed_offset)
+                offsets = np.array([atom_offset, undirected_offset, directed_offset, undirected_offset, directed_offset])
+                bond_graphs.append(line_graph + offsets)
+                directed_offset += len(adjacency)
+                undirected_offset += len(undirected2directed)
+            atom_offset += count
+
+        def cat(parts, width):
+            return np.concatenate(parts) if parts else np.zeros((0,) if width == 0 else (0, width), dtype=np.int64)
+
+        device = data.positions.device
+
+        def tensor(array):
+            return torch.as_tensor(array, dtype=torch.int32, device=device)
+
+        return _Topology(
+            atom_graph=tensor(cat(atom_graphs, 2)),
+            image=torch.as_tensor(cat(images, 3), device=device),
+            directed2undirected=tensor(cat(d2u, 0)),
+            undirected2directed=tensor(cat(u2d, 0)),
+            bond_graph=tensor(cat(bond_graphs, 5)),
+        )
+
+    def _graph_builder(self):
+        converter = getattr(self.host, "graph_converter", None)
+        if converter is None:
+            from chgnet.graph import CrystalGraphConverter
+
+            atom_cutoff, bond_cutoff = self._graph_cutoffs()
+            converter = CrystalGraphConverter(atom_graph_cutoff=atom_cutoff, bond_graph_cutoff=bond_cutoff)
+        return converter.create_graph
+
+    # ------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------
+
+    def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        host = self.host
+        out_dtype = data.positions.dtype
+        dtype = next(host.parameters()).dtype
+        positions = data.positions.to(dtype)
+        cell = data.cell.to(dtype)
+        topology = self._topology(data)
+
+        centre_index = topology.atom_graph[:, 0].long()
+        neighbour_index = topology.atom_graph[:, 1].long()
+        shifts = torch.einsum("ea,eab->eb", topology.image.to(dtype), cell[data.batch[centre_index]])
+        centre = positions[centre_index]
+        neighbour = positions[neighbour_index] + shifts
+        # The lattice term is already in ``neighbour``: zero images against a zero lattice.
+        bond_bases_ag, bond_bases_bg, bond_vectors = host.bond_basis_expansion(
+            center=centre,
+            neighbor=neighbour,
+            undirected2directed=topology.undirected2directed,
+            image=positions.new_zeros(len(centre), 3),
+            lattice=positions.new_zeros(3, 3),
+        )
+        bond_graph = topology.bond_graph
+        if len(bond_graph):
+            angle_bases = host.angle_basis_expansion(
+                bond_vectors[bond_graph[:, 2].long()], bond_vectors[bond_graph[:, 4].long()]
+            )
+            batched_bond_graph = bond_graph[:, [0, 1, 3]]
+        else:
+            angle_bases = positions.new_zeros(0)
+            batched_bond_graph = bond_graph.new_zeros(0)
+        counts = data.n_atoms
+        graph = BatchedGraph(
+            atomic_numbers=data.numbers.to(torch.int32),
+            bond_bases_ag=bond_bases_ag,
+            bond_bases_bg=bond_bases_bg,
+            angle_bases=angle_bases,
+            batched_atom_graph=topology.atom_graph,
+            batched_bond_graph=batched_bond_graph,
+            atom_owners=data.batch.to(torch.int32),
+            directed2undirected=topology.directed2undirected,
+            atom_positions=list(torch.split(positions, counts.tolist())),
+            strains=[None] * data.n_structures,
+            volumes=torch.linalg.det(cell).abs().detach(),
+        )
+
+        captured: list[torch.Tensor] = []
+        hook = host.atom_conv_layers[-1].register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            prediction = host._compute(graph, compute_force=False, compute_stress=False)
+        finally:
+            hook.remove()
+        energy = prediction["e"] + self._composition_energy(data, dtype)
+        if host.is_intensive:
+            energy = energy * counts.to(dtype)
+        return energy.to(out_dtype), captured[-1].to(out_dtype)
+
+    def _composition_energy(self, data: AtomsBatch, dtype: torch.dtype) -> torch.Tensor | float:
+        """CHGNet's composition-model energy (per atom for intensive models), in ``dtype``."""
+        model = self.host.composition_model
+        if model is None:
+            return 0.0
+        width = int(model.max_num_elements)
+        counts = torch.zeros(data.n_structures, width, dtype=dtype, device=data.positions.device)
+        counts.index_put_((data.batch, data.numbers - 1), torch.ones_like(data.batch, dtype=dtype), accumulate=True)
+        if model.is_intensive:
+            counts = counts / data.n_atoms.to(dtype)[:, None]
+        return model._get_energy(counts)
+
+    # ------------------------------------------------------------------
+    # Hosts and serialisation
+    # ------------------------------------------------------------------
+
+    def host_config(self) -> dict[str, Any]:
+        args = dict(getattr(self.host, "model_args", None) or {})
+        if not args:
+            raise ValueError("this CHGNet has no model_args; build it with CHGNet(...) or CHGNet.load().")
+        composition = args.get("composition_model")
+        if isinstance(composition, nn.Module):
+            if type(composition) is not AtomRef:
+                raise ValueError(
+                    f"cannot save a CHGNet whose composition model is a {type(composition).__name__}; "
+                    "only AtomRef, a dataset name or None can be rebuilt."
+                )
+            args["composition_model"] = {
+                "AtomRef": {"is_intensive": bool(composition.is_intensive), "max_num_elements": int(composition.max_num_elements)}
+            }
+        return {key: _to_json(value) for key, value in args.items()}
+
+    @classmethod
+    def build_host(cls, config: dict[str, Any]) -> nn.Module:
+        kwargs = dict(config)
+        composition = kwargs.get("composition_model")
+        if isinstance(composition, dict):
+            settings = composition["AtomRef"]
+            atom_ref = AtomRef(**settings)
+            atom_ref.fitted = True  # its weights come with the state_dict
+            kwargs["composition_model"] = atom_ref
+        with _quiet_construction():
+            return CHGNet(**kwargs)
+
+    @classmethod
+    def pretrained_host(cls, name: str = "chgnet") -> nn.Module:
+        """A pretrained CHGNet from the weights shipped with the package (no download).
+
+        Args:
+            name: ``"chgnet"``/``"pretrained"`` (the newest, 0.3.0) or a CHGNet
+                version: ``"0.3.0"``, ``"0.2.0"``, ``"r2scan"``.
+        """
+        key = str(name).strip().lower()
+        key = PRETRAINED_ALIASES.get(key, key)
+        for prefix in ("chgnet-", "chgnet_", "chgnet", "v"):
+            if key.startswith(prefix) and key[len(prefix) :] in PRETRAINED_NAMES:
+                key = key[len(prefix) :]
+        if key not in PRETRAINED_NAMES:
+            raise ValueError(
+                f"unknown pretrained CHGNet {name!r}; use 'chgnet' or one of {list(PRETRAINED_NAMES)}, "
+                "or a latent-lr model file."
+            )
+        with _quiet_construction():
+            return CHGNet.load(model_name=key, use_device="cpu", verbose=False)
+
+    @classmethod
+    def default_host(cls, species: Sequence[int], **options: Any) -> nn.Module:
+        """A randomly initialised CHGNet for training from scratch.
+
+        CHGNet's own architecture defaults (``CHGNet()``), overridden by
+        ``options`` (any ``CHGNet`` keyword), except that the composition model
+        defaults to None: latent-lr fits per-element reference energies itself.
+        For the pretrained model use :meth:`pretrained_host` (``--init-model chgnet``).
+        """
+        bad = sorted(int(z) for z in species if not 1 <= int(z) <= 94)
+        if bad:
+            raise ValueError(f"elements with atomic numbers {bad} are outside CHGNet's range 1..94.")
+        settings = dict({"composition_model": None}, **options)
+        with _quiet_construction():
+            return CHGNet(**settings)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
