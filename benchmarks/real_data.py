@@ -106,7 +106,7 @@ def run(out: Path, backbones: list[str], sets: list[str], epochs: int, extra: li
                         results[twin][f"{label} F RMSE meV/Å"] = metrics["forces_rmse_meV_per_A"]
                 (target / "results_by_dimer.json").write_text(json.dumps(results, indent=2))
             summary[f"{name}/{backbone}"] = results
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / f"summary-{'-'.join(sets)}-{'-'.join(backbones)}.json").write_text(json.dumps(summary, indent=2))
     print(markdown(summary))
 
 
