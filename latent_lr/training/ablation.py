@@ -100,15 +100,33 @@ def plot_ablation(evaluations: dict[str, tuple[Sequence[Frame], dict]], out: Pat
 
     frames = next(iter(evaluations.values()))[0]
     if all("distance" in f.info for f in frames):
-        figure, axis = plt.subplots(figsize=(5, 4))
-        distance = np.array([f.info["distance"] for f in frames])
-        order = np.argsort(distance)
-        axis.plot(distance[order], np.array([f.energy for f in frames])[order], "k.", label="reference")
+        _plot_against_distance(plt, evaluations, frames, out)
+
+
+def _plot_against_distance(plt, evaluations: dict, frames: Sequence[Frame], out: Path) -> None:
+    """Energy error vs ``distance`` (any data); also energy vs distance when all
+    frames share one composition (otherwise their total energies are not comparable)."""
+    distance = np.array([f.info["distance"] for f in frames])
+    order = np.argsort(distance)
+    reference = np.array([f.energy for f in frames])
+    one_system = len({f.atoms.get_chemical_formula() for f in frames}) == 1
+    figure, axes = plt.subplots(1, 2 if one_system else 1, figsize=(9 if one_system else 5, 4), squeeze=False)
+    error_axis = axes[0, -1]
+    for name, (_, predictions) in evaluations.items():
+        error = 1e3 * (np.array(predictions["energy"]) - reference)
+        error_axis.plot(distance[order], error[order], "o", ms=4, label=name.replace("_", "-"))
+    error_axis.axhline(0.0, color="k", lw=0.8)
+    error_axis.set_xlabel("distance (Å)")
+    error_axis.set_ylabel("predicted − reference energy (meV)")
+    error_axis.legend()
+    if one_system:
+        axis = axes[0, 0]
+        axis.plot(distance[order], reference[order], "k.", label="reference")
         for name, (_, predictions) in evaluations.items():
             axis.plot(distance[order], np.array(predictions["energy"])[order], ".", label=name.replace("_", "-"))
         axis.set_xlabel("distance (Å)")
         axis.set_ylabel("energy (eV)")
         axis.legend()
-        figure.tight_layout()
-        figure.savefig(out / "energy_vs_distance.png", dpi=120)
-        plt.close(figure)
+    figure.tight_layout()
+    figure.savefig(out / "energy_vs_distance.png", dpi=120)
+    plt.close(figure)
