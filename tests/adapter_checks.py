@@ -29,3 +29,41 @@ def assert_long_range_stress_matches_finite_strain(model, host):
     np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, 1e-5), atol=1e-8)
     short = latent_lr.Calculator(latent_lr.wrap(host, long_range=False))
     assert np.abs(stress - short.get_stress(atoms)).max() > 1e-6
+
+
+def assert_rotation_equivariance_and_bec_sum_rule(model, atol=1e-9):
+    """Energy invariant; dipole and BECs rotate as vector and tensor; Σ_i Z*_i = 0."""
+    import torch  # noqa: F401  (the model's outputs are tensors)
+    from ase.build import molecule
+    from scipy.spatial.transform import Rotation
+
+    from latent_lr import AtomsBatch
+
+    atoms = molecule("CH3CH2OH")
+    rotation = Rotation.random(random_state=3).as_matrix()
+    turned = atoms.copy()
+    turned.positions = atoms.positions @ rotation.T
+    a = model(AtomsBatch.from_atoms(atoms), compute_bec=True)
+    b = model(AtomsBatch.from_atoms(turned), compute_bec=True)
+    np.testing.assert_allclose(b["energy"].item(), a["energy"].item(), atol=atol)
+    np.testing.assert_allclose(b["dipole"][0].detach().numpy(), rotation @ a["dipole"][0].detach().numpy(), atol=atol)
+    bec_a, bec_b = a["bec"].detach().numpy(), b["bec"].detach().numpy()
+    assert np.abs(bec_a).max() > 1e-4  # not trivially zero
+    np.testing.assert_allclose(bec_b, rotation @ bec_a @ rotation.T, atol=atol)
+    np.testing.assert_allclose(bec_a.sum(0), np.zeros((3, 3)), atol=atol)
+
+
+def assert_long_range_sees_beyond_the_cutoff(model, atol=1e-10):
+    """Moving one molecule from 15 to 25 Å changes the wrapped energy, not the host's."""
+    from ase.build import molecule
+
+    from latent_lr import AtomsBatch
+
+    def energies(distance):
+        atoms = molecule("H2O") + molecule("CH3OH")
+        atoms.positions[3:] += [distance, 0, 0]
+        return model(AtomsBatch.from_atoms(atoms), compute_forces=False)
+
+    near, far = energies(15.0), energies(25.0)
+    np.testing.assert_allclose(near["host_energy"].item(), far["host_energy"].item(), atol=atol)
+    assert abs(near["energy"].item() - far["energy"].item()) > 1e-7

@@ -18,7 +18,11 @@ from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_s
 from ase.calculators.singlepoint import SinglePointCalculator
 
 import latent_lr
-from adapter_checks import triclinic_salt
+from adapter_checks import (
+    assert_long_range_sees_beyond_the_cutoff,
+    assert_rotation_equivariance_and_bec_sum_rule,
+    triclinic_salt,
+)
 from latent_lr import AtomsBatch
 from latent_lr.backbone import adapter_class
 
@@ -147,6 +151,14 @@ def test_molecule_forces_match_finite_differences(model):
     atoms = molecule("CH3CH2OH")
     atoms.calc = latent_lr.Calculator(model)
     np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, 3e-6), atol=1e-7)
+
+
+def test_bec_rotation_and_sum_rule(model):
+    assert_rotation_equivariance_and_bec_sum_rule(model, atol=1e-8)
+
+
+def test_long_range_sees_beyond_the_cutoff(model):
+    assert_long_range_sees_beyond_the_cutoff(model, atol=1e-4)
 
 
 def test_save_load_is_exact_and_freeze_host(model, tmp_path):

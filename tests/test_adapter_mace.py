@@ -12,7 +12,9 @@ from scipy.spatial.transform import Rotation
 import latent_lr
 from adapter_checks import (
     assert_forces_match_finite_differences,
+    assert_long_range_sees_beyond_the_cutoff,
     assert_long_range_stress_matches_finite_strain,
+    assert_rotation_equivariance_and_bec_sum_rule,
     triclinic_salt,
 )
 from latent_lr import AtomsBatch
@@ -72,27 +74,11 @@ def test_stress_with_long_range_matches_finite_strain(model, host):
 
 
 def test_rotation_and_bec(model):
-    atoms = molecule("CH3CH2OH")
-    rotation = Rotation.random(random_state=3).as_matrix()
-    turned = atoms.copy()
-    turned.positions = atoms.positions @ rotation.T
-    a = model(AtomsBatch.from_atoms(atoms), compute_bec=True)
-    b = model(AtomsBatch.from_atoms(turned), compute_bec=True)
-    assert b["energy"].item() == pytest.approx(a["energy"].item(), abs=1e-9)
-    np.testing.assert_allclose(b["dipole"][0].numpy(), rotation @ a["dipole"][0].numpy(), atol=1e-9)
-    np.testing.assert_allclose(b["bec"].numpy(), rotation @ a["bec"].numpy() @ rotation.T, atol=1e-9)
-    np.testing.assert_allclose(a["bec"].sum(0).numpy(), np.zeros((3, 3)), atol=1e-10)
+    assert_rotation_equivariance_and_bec_sum_rule(model)
 
 
 def test_long_range_sees_beyond_the_cutoff(model):
-    def energies(distance):
-        atoms = molecule("H2O") + molecule("CH3OH")
-        atoms.positions[3:] += [distance, 0, 0]
-        return model(AtomsBatch.from_atoms(atoms), compute_forces=False)
-
-    near, far = energies(15.0), energies(25.0)
-    assert near["host_energy"].item() == pytest.approx(far["host_energy"].item(), abs=1e-10)
-    assert abs(near["energy"].item() - far["energy"].item()) > 1e-7
+    assert_long_range_sees_beyond_the_cutoff(model)
 
 
 def test_save_load_is_exact(model, tmp_path):

@@ -13,7 +13,9 @@ from scipy.spatial.transform import Rotation
 import latent_lr
 from adapter_checks import (
     assert_forces_match_finite_differences,
+    assert_long_range_sees_beyond_the_cutoff,
     assert_long_range_stress_matches_finite_strain,
+    assert_rotation_equivariance_and_bec_sum_rule,
     triclinic_salt,
 )
 from latent_lr import AtomsBatch
@@ -130,6 +132,14 @@ def test_rotation_invariance_and_equivariance(model):
     np.testing.assert_allclose(b["forces"].numpy(), a["forces"].numpy() @ rotation.T, atol=1e-9)
     np.testing.assert_allclose(b["stress"][1].numpy(), rotation @ a["stress"][1].numpy() @ rotation.T, atol=1e-10)
     np.testing.assert_allclose(b["dipole"][0].numpy(), rotation @ a["dipole"][0].numpy(), atol=1e-9)
+
+
+def test_bec_rotation_and_sum_rule(model):
+    assert_rotation_equivariance_and_bec_sum_rule(model)
+
+
+def test_long_range_sees_beyond_the_cutoff(model):
+    assert_long_range_sees_beyond_the_cutoff(model)
 
 
 def test_save_load_is_exact(model, tmp_path):
