@@ -59,9 +59,11 @@ def main() -> None:
     parser.add_argument("--molecules", nargs="+", type=int, default=[17, 100, 333, 1000])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
     print(f"{'backbone':<9}{'atoms':>7}{'host ms':>10}{'wrapped ms':>12}{'+BEC ms':>10}{'LR/host':>9}{'(LR+BEC)/host':>15}")
     for name in args.backbones:
         try:
