@@ -41,6 +41,16 @@ class Calculator(AseCalculator):
             raise ValueError("Calculator takes a model from latent_lr.wrap() or latent_lr.load().")
         self.model = model.to(device=device, dtype=dtype or model.dtype).eval()
 
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's checks plus the net charge and external field held in ``atoms.info``."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None:
+            for key in ("charge", "external_field"):
+                old, new = self.atoms.info.get(key, 0.0), atoms.info.get(key, 0.0)
+                if not np.array_equal(np.asarray(old, dtype=float), np.asarray(new, dtype=float)):
+                    changes.append(f"info[{key!r}]")
+        return changes
+
     def calculate(self, atoms: Optional[Atoms] = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         data = AtomsBatch.from_atoms(self.atoms, dtype=self.model.dtype, device=self.model.device)

@@ -73,7 +73,8 @@ class LongRangeModel(nn.Module):
 
         Returns:
             dict with ``energy`` (B,), ``host_energy`` (B,) (host plus per-element
-            reference energies), ``long_range_energy`` (B,) in eV, and when the long-range module is on ``charges`` (N,),
+            reference energies), ``long_range_energy`` (B,), ``field_energy`` (B,)
+            (-μ·E_ext, zero without a field) in eV, and when the long-range module is on ``charges`` (N,),
             ``dipole`` (B, 3), ``polarization`` (B, 3), plus requested derivatives.
         """
         data = self._prepare(data)
@@ -99,7 +100,8 @@ class LongRangeModel(nn.Module):
             out["long_range_energy"] = out.pop("energy")
         else:
             out["long_range_energy"] = torch.zeros_like(host_energy)
-        energy = host_energy + out["long_range_energy"]
+        out["field_energy"] = self._field_energy(data, out)
+        energy = host_energy + out["long_range_energy"] + out["field_energy"]
         out["energy"] = energy
 
         inputs = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
@@ -126,6 +128,33 @@ class LongRangeModel(nn.Module):
         if not create_graph:
             out = {key: value.detach() for key, value in out.items()}
         return out
+
+    def _field_energy(self, data: AtomsBatch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """-μ·E_ext (eV) for open structures in a uniform external field E_ext (V/Å).
+
+        Fixed-field ensemble: the field does work on the latent charges,
+        μ = Σ q_i r_i about the coordinate origin (for a charged structure the
+        origin only shifts the energy zero; the force on the net charge, Q E_ext,
+        is physical).  Latent charges do not depend on the field (no
+        polarisabilities yet), so the energy is linear in E_ext and
+        ∂F_iβ/∂E_α equals the Born effective charge Z*_i,αβ.
+        """
+        field = data.external_field
+        in_field = (field != 0).any(dim=1)
+        if not bool(in_field.any()):
+            return torch.zeros_like(out["host_energy"])
+        if self.long_range is None:
+            raise ValueError(
+                "an external field acts on charges, but this model has no long-range module; "
+                "wrap the host with long_range=True or remove atoms.info['external_field']."
+            )
+        if bool((in_field & data.periodic).any()):
+            raise NotImplementedError(
+                "uniform external fields are supported for open-boundary structures only; the "
+                "periodic (polarisation) coupling is not implemented yet. Remove "
+                "atoms.info['external_field'] for periodic structures."
+            )
+        return -(out["dipole"] * field.to(out["dipole"].dtype)).sum(dim=1)
 
     def _prepare(self, data: AtomsBatch) -> AtomsBatch:
         if not isinstance(data, AtomsBatch):
