@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,12 +19,15 @@ class Calculator(AseCalculator):
     dipole (e·Å) and Born effective charges (e, shape (N, 3, 3)) from a wrapped model.
 
     The net charge is read from ``atoms.info['charge']`` and a uniform external
-    field (V/Å) from ``atoms.info['external_field']`` when present.
+    field (V/Å) from ``atoms.info['external_field']`` when present; the
+    ``charge`` and ``external_field`` arguments, when given, take precedence.
 
     Args:
         model: a model from :func:`latent_lr.wrap` or :func:`latent_lr.load`.
         device: torch device to run on.
         dtype: torch dtype (default: the model's).
+        charge: net charge of every structure this calculator sees, e.
+        external_field: uniform field (3,), V/Å (open-boundary structures only).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "bec"]
@@ -34,11 +37,19 @@ class Calculator(AseCalculator):
         model: LongRangeModel,
         device: Union[str, torch.device] = "cpu",
         dtype: Optional[torch.dtype] = None,
+        charge: Optional[float] = None,
+        external_field: Optional[Sequence[float]] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if not isinstance(model, LongRangeModel):
             raise ValueError("Calculator takes a model from latent_lr.wrap() or latent_lr.load().")
+        if external_field is not None and np.shape(external_field) != (3,):
+            raise ValueError(
+                f"external_field must be 3 numbers (V/Å), got shape {np.shape(external_field)}."
+            )
+        self.charge = None if charge is None else float(charge)
+        self.external_field = None if external_field is None else np.asarray(external_field, dtype=float)
         self.model = model.to(device=device, dtype=dtype or model.dtype).eval()
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
@@ -54,6 +65,12 @@ class Calculator(AseCalculator):
     def calculate(self, atoms: Optional[Atoms] = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         data = AtomsBatch.from_atoms(self.atoms, dtype=self.model.dtype, device=self.model.device)
+        if self.charge is not None:
+            data.total_charge = torch.full_like(data.total_charge, self.charge)
+        if self.external_field is not None:
+            data.external_field = torch.tensor(
+                self.external_field, dtype=self.model.dtype, device=self.model.device
+            ).expand(data.n_structures, 3)
         periodic = bool(self.atoms.pbc.all())
         want_bec = "bec" in properties and self.model.long_range is not None
         out = self.model(data, compute_forces=True, compute_stress=periodic, compute_bec=want_bec)

@@ -98,3 +98,16 @@ def test_unsupported_field_cases_are_clear_errors(model):
     short = latent_lr.wrap(host, long_range=False)
     with pytest.raises(ValueError, match="no long-range module"):
         short(in_field(molecule("CH3CH2OH"), FIELD))
+
+
+def test_calculator_arguments_override_atoms_info(model):
+    atoms = molecule("CH3CH2OH")
+    atoms.info["charge"], atoms.info["external_field"] = 1.0, FIELD
+    from_info = latent_lr.Calculator(model).get_potential_energy(atoms)
+    plain = molecule("CH3CH2OH")
+    from_arguments = latent_lr.Calculator(model, charge=1.0, external_field=FIELD).get_potential_energy(plain)
+    assert from_arguments == pytest.approx(from_info, abs=1e-12)
+    charges = latent_lr.Calculator(model, charge=-1.0).get_charges(plain)
+    assert charges.sum() == pytest.approx(-1.0, abs=1e-10)
+    with pytest.raises(ValueError, match="3 numbers"):
+        latent_lr.Calculator(model, external_field=[1.0, 2.0])
