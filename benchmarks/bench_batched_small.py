@@ -51,8 +51,9 @@ def main():
     parser.add_argument("--accuracy", type=float, default=1e-4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pme-cutoff", type=float, default=4.0, help="torch-pme real-space cut-off, Å")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     systems = [water_like_box(int(n), seed=i) for i, n in enumerate(rng.integers(7, 21, args.structures))]
     n_atoms = [len(s[1]) for s in systems]
