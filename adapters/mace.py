@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from latent_lr.backbone import Backbone, isolated_global_state
+from latent_lr.backbone import Backbone, isolated_global_state, reject_unknown_elements
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
 
@@ -80,12 +80,7 @@ class MaceBackbone(Backbone):
         return float(self.host.r_max)
 
     def check_elements(self, numbers: torch.Tensor) -> None:
-        unknown = sorted(set(numbers.tolist()) - set(self.atomic_numbers))
-        if unknown:
-            raise ValueError(
-                f"elements with atomic numbers {unknown} are unknown to this MACE model "
-                f"(it knows {self.atomic_numbers}); retrain or fine-tune with them."
-            )
+        reject_unknown_elements(numbers, self.atomic_numbers, "MACE")
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         edge_index, unit_shifts = radius_graph(data, self.cutoff)

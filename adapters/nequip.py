@@ -66,7 +66,7 @@ from ase.data import atomic_numbers as ATOMIC_NUMBERS
 from ase.data import chemical_symbols as CHEMICAL_SYMBOLS
 from torch import nn
 
-from latent_lr.backbone import Backbone, isolated_global_state
+from latent_lr.backbone import Backbone, isolated_global_state, reject_unknown_elements
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
 
@@ -239,12 +239,7 @@ class NequipBackbone(Backbone):
         return self._r_max
 
     def check_elements(self, numbers: torch.Tensor) -> None:
-        unknown = sorted(set(numbers.tolist()) - set(self.atomic_numbers))
-        if unknown:
-            raise ValueError(
-                f"elements with atomic numbers {unknown} are unknown to this NequIP model "
-                f"(it knows {self.atomic_numbers}); retrain or fine-tune with them."
-            )
+        reject_unknown_elements(numbers, self.atomic_numbers, "NequIP")
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         edge_index, unit_shifts = radius_graph(data, self.cutoff)

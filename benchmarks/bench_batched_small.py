@@ -20,25 +20,12 @@ Force errors of every variant are measured against latent-lr at accuracy 1e-8
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import numpy as np
 import torch
-from bench_engine_scaling import les_style, ours, torchpme_setup
+from bench_engine_scaling import les_style, ours, timed, torchpme_setup
 
 import latent_lr
 from latent_lr.demo import water_like_box
-
-
-def median_time(function, repeats):
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def relative_error(forces, reference):
@@ -95,9 +82,9 @@ def main():
     print(f"{'variant':<18}{'ms':>10}{'structures/s':>14}{'F err':>10}{'batched speed-up':>18}")
     batched_time = None
     for name, function, ref in rows:
-        seconds = median_time(function, args.repeats)
+        seconds, forces = timed(function, args.repeats)
         batched_time = batched_time or seconds
-        error = relative_error(function(), ref)
+        error = relative_error(forces, ref)
         print(f"{name:<18}{1e3 * seconds:>10.1f}{len(systems) / seconds:>14.0f}{error:>10.1e}"
               f"{seconds / batched_time:>17.1f}x", flush=True)
 

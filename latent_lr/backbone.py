@@ -88,6 +88,16 @@ class Backbone(nn.Module):
         raise NotImplementedError(f"the {cls.name} adapter cannot build a host from scratch.")
 
 
+def reject_unknown_elements(numbers: torch.Tensor, known: list[int], model_name: str) -> None:
+    """Raise ValueError naming the atomic numbers in ``numbers`` that are not in ``known``."""
+    unknown = sorted(set(numbers.tolist()) - set(known))
+    if unknown:
+        raise ValueError(
+            f"elements with atomic numbers {unknown} are unknown to this {model_name} model "
+            f"(it knows {known}); retrain or fine-tune with them."
+        )
+
+
 def adapter_class(name: str) -> type[Backbone]:
     """Import and return the adapter class for a backbone name."""
     if name not in ADAPTERS:
