@@ -15,6 +15,16 @@
 
 ``run`` calls ``latent-lr ablate`` with the same budget for both twins and prints
 a Markdown table of the test errors (per dimer type for dimers).
+
+``charge-models`` trains three long-range models with the same seed and budget,
+differing only in how the total charge enters (carbon_chain, alaumgo):
+
+* ``none``: latent charges with no total-charge input (LES);
+* ``fukui``: learned positive per-atom weights redistribute to the total charge;
+* ``qeq``: charge equilibration with learned electronegativities and hardnesses.
+
+It reports energy and force RMSE (overall and per total charge) and the Pearson
+r of the latent charges against Hirshfeld charges, which are never trained on.
 """
 
 from __future__ import annotations
@@ -110,6 +120,62 @@ def run(out: Path, backbones: list[str], sets: list[str], epochs: int, extra: li
     print(markdown(summary))
 
 
+#: ``--long-range-options`` of each charge model of ``charge-models``.
+CHARGE_MODELS = {
+    "none": {"charge_redistribution": "none"},
+    "fukui": {"charge_redistribution": "learned"},
+    "qeq": {"charge_model": "qeq"},
+}
+
+
+def charge_models(out: Path, backbones: list[str], sets: list[str], epochs: int, models: list[str], extra: list[str]) -> None:
+    from latent_lr import load
+    from latent_lr.training.dataset import LabelKeys, read_frames
+    from latent_lr.training.metrics import error_metrics, predict_frames
+
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for backbone in backbones:
+        for name in sets:
+            spec = SETS[name]
+            keys = LabelKeys(total_charge="total_charge", charges="hirshfeld_charges")
+            frames = read_frames(out / spec["test"], keys)
+            groups: dict[str, list] = {}
+            for frame in frames:
+                label = f"Q={frame.total_charge:+g} {frame.atoms.get_chemical_formula()}"
+                groups.setdefault(label, []).append(frame)
+            rows = summary.setdefault(f"{name}/{backbone}", {})
+            for model_name in models:
+                target = out / f"charge-models/{name}-{backbone}-{model_name}"
+                command = [
+                    sys.executable, "-m", "latent_lr.cli", "train", "--backbone", backbone,
+                    "--train", str(out / spec["train"]), "--epochs", str(epochs), "--out", str(target),
+                    "--no-progress", "--long-range-options", json.dumps(CHARGE_MODELS[model_name]),
+                    *spec["keys"], *extra,
+                ]
+                print("$", " ".join(command[1:]), flush=True)
+                subprocess.run(command, check=True)
+                model = load(target / "best_model.pt")
+                metrics = error_metrics(frames, predict_frames(model, frames))
+                row = {
+                    "E RMSE": metrics["energy_rmse_meV_per_atom"],
+                    "F RMSE": metrics["forces_rmse_meV_per_A"],
+                    "Hirshfeld r": metrics.get("charges_pearson_r", float("nan")),
+                }
+                for label, subset in sorted(groups.items()):
+                    sub = error_metrics(subset, predict_frames(model, subset))
+                    row[f"E RMSE {label} ({len(subset)})"] = sub["energy_rmse_meV_per_atom"]
+                    row[f"F RMSE {label} ({len(subset)})"] = sub["forces_rmse_meV_per_A"]
+                rows[model_name] = row
+                print(json.dumps({model_name: row}, indent=1), flush=True)
+    (out / f"charge-models-{'-'.join(sets)}-{'-'.join(backbones)}.json").write_text(json.dumps(summary, indent=2))
+    for run_name, rows in summary.items():
+        names = list(rows)
+        print(f"\n#### {run_name} (E meV/atom, F meV/Å)\n\n| metric | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for key in rows[names[0]]:
+            print(f"| {key} | " + " | ".join(f"{rows[n].get(key, float('nan')):.4g}" for n in names) + " |")
+
+
 def markdown(summary: dict) -> str:
     lines = []
     for run_name, results in summary.items():
@@ -133,10 +199,18 @@ def main() -> None:
     go.add_argument("--backbones", nargs="+", default=["mace", "nequip"])
     go.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     go.add_argument("--epochs", type=int, default=60)
+    charge = commands.add_parser("charge-models")
+    charge.add_argument("--out", type=Path, default=Path("runs/real"))
+    charge.add_argument("--backbones", nargs="+", default=["mace"])
+    charge.add_argument("--sets", nargs="+", default=["carbon_chain", "alaumgo"], choices=["carbon_chain", "alaumgo"])
+    charge.add_argument("--models", nargs="+", default=list(CHARGE_MODELS), choices=list(CHARGE_MODELS))
+    charge.add_argument("--epochs", type=int, default=100)
     args, extra = parser.parse_known_args()
     args.extra = extra  # further latent-lr ablate flags, passed through
     if args.command == "prepare":
         prepare(args.data, args.out)
+    elif args.command == "charge-models":
+        charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.extra)
     else:
         run(args.out, args.backbones, args.sets, args.epochs, args.extra)
 
