@@ -7,6 +7,9 @@ from torch import nn
 
 MAX_ATOMIC_NUMBER = 118
 
+#: Accepted ``charge_redistribution`` values of :class:`ChargeHead`.
+REDISTRIBUTIONS = ("learned", "uniform", "none")
+
 
 class TotalChargeConstraint(nn.Module):
     """Make each structure's charges sum to its total charge by a uniform shift.
@@ -28,6 +31,18 @@ class TotalChargeConstraint(nn.Module):
         counts = torch.bincount(batch, minlength=n_structures).to(raw_charges.dtype)
         shift = (total_charge - sums) / counts
         return raw_charges + shift[batch]
+
+
+class NoChargeConstraint(nn.Module):
+    """Leave the raw charges as they are: no total-charge input (the LES behaviour).
+
+    The structure's net charge is then whatever the head predicts; use it as the
+    "no total-charge information" baseline.
+    """
+
+    def forward(self, raw_charges: torch.Tensor, *unused: torch.Tensor) -> torch.Tensor:
+        """Args: raw_charges (N,) e, then features, batch, total_charge (ignored). Returns (N,) e."""
+        return raw_charges
 
 
 class LearnedChargeRedistribution(nn.Module):
@@ -61,15 +76,16 @@ class LearnedChargeRedistribution(nn.Module):
 class ChargeHead(nn.Module):
     """Per-atom latent charges q_i (e) from invariant features.
 
-    q_i = MLP(h_i) [+ b(Z_i)], then shifted so that each structure carries its
-    total charge.
+    q_i = MLP(h_i) [+ b(Z_i)], then (unless ``redistribution="none"``) shifted so
+    that each structure carries its total charge.
 
     Args:
         feature_dim: F, width of the host's invariant features.
         hidden_dim: width of the hidden layer (0 for a linear head).
         element_baseline: add a learned per-element offset b(Z).
-        redistribution: ``"uniform"`` (equal shift per atom) or ``"learned"``
-            (:class:`LearnedChargeRedistribution`) to impose the total charge.
+        redistribution: ``"uniform"`` (equal shift per atom), ``"learned"``
+            (:class:`LearnedChargeRedistribution`) to impose the total charge, or
+            ``"none"`` (raw charges, total charge ignored; LES baseline).
     """
 
     def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, redistribution: str = "learned"):
@@ -87,8 +103,12 @@ class ChargeHead(nn.Module):
             self.constraint: nn.Module = TotalChargeConstraint()
         elif redistribution == "learned":
             self.constraint = LearnedChargeRedistribution(feature_dim)
+        elif redistribution == "none":
+            self.constraint = NoChargeConstraint()
         else:
-            raise ValueError(f"redistribution must be 'uniform' or 'learned', got {redistribution!r}.")
+            raise ValueError(
+                f"redistribution must be one of {REDISTRIBUTIONS}, got {redistribution!r}."
+            )
 
     def forward(
         self,

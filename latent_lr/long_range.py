@@ -30,7 +30,8 @@ class LongRangeModule(nn.Module):
         element_baseline: add a learned per-element charge offset.
         accuracy: relative accuracy requested from the Ewald engine.
         charge_redistribution: how charges are made to sum to the total charge:
-            ``"learned"`` (positive learned per-atom weights, default) or ``"uniform"``.
+            ``"learned"`` (positive learned per-atom weights, default), ``"uniform"``,
+            or ``"none"`` (raw charges; the total charge is not imposed, as in LES).
     """
 
     def __init__(

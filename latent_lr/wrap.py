@@ -37,7 +37,7 @@ def wrap(
         adapter_options: backbone-specific settings passed to the adapter.
         **long_range_options: :class:`~latent_lr.long_range.LongRangeModule`
             settings: ``hidden_dim``, ``smearing`` (Å, default 1), ``learnable_smearing``,
-            ``element_baseline``, ``accuracy``, ``charge_redistribution`` ("learned" or "uniform").
+            ``element_baseline``, ``accuracy``, ``charge_redistribution`` ("learned", "uniform" or "none").
     """
     unknown = set(long_range_options) - set(LONG_RANGE_OPTIONS)
     if unknown:
