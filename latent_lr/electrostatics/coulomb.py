@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 
 from ..units import COULOMB_CONSTANT
-from .kernels import screened_pair_kernel
+from .kernels import screened_pair_kernel, switched_real_space_kernel
 from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
 from .parameters import EwaldParameters, ewald_parameters, smearing_alpha
 from .reciprocal import half_space_k_indices, reciprocal_energy
@@ -120,8 +120,13 @@ def _pair_energy(
     pairs: PairList,
     alpha_split: Optional[torch.Tensor],
     alpha_smear: Optional[torch.Tensor],
+    switch: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Σ over pairs of q_i q_j kernel(r) per structure, in units of k_e."""
+    """Σ over pairs of q_i q_j kernel(r) per structure, in units of k_e.
+
+    ``switch`` = (r_switch, r_cut), each (B,) in Å, switches the kernel off
+    smoothly (periodic real-space sums); None keeps the full kernel.
+    """
     energy = structures.positions.new_zeros(structures.n_structures)
     if pairs.first.numel() == 0:
         return energy
@@ -130,7 +135,13 @@ def _pair_energy(
     split = (
         torch.zeros_like(distance) if alpha_split is None else alpha_split[pairs.structure]
     )
-    kernel = screened_pair_kernel(distance, split, alpha_smear)
+    if switch is None:
+        kernel = screened_pair_kernel(distance, split, alpha_smear)
+    else:
+        r_switch, r_cut = switch
+        kernel = switched_real_space_kernel(
+            distance, split, alpha_smear, r_switch[pairs.structure], r_cut[pairs.structure]
+        )
     pair = structures.charges[pairs.first] * structures.charges[pairs.second] * kernel
     return energy.index_add(0, pairs.structure, pair)
 
@@ -175,11 +186,20 @@ def _ewald_energy(
     if alpha_smear is not None:
         alpha_rows = torch.where(capped, alpha_smear.expand_as(alpha_rows), alpha_rows)
     alpha_all = positions.new_zeros(structures.n_structures).index_put((rows,), alpha_rows)
+    cutoffs = torch.tensor(
+        [[p.r_switch, p.r_cut, p.k_switch, p.k_cut] for p in map(parameters.get, rows.tolist())],
+        dtype=positions.dtype,
+        device=positions.device,
+    ).reshape(-1, 4)
+    r_switch_all, r_cut_all = (
+        positions.new_zeros(structures.n_structures).index_put((rows,), cutoffs[:, column])
+        for column in (0, 1)
+    )
 
     pairs = periodic_pairs_within_cutoff(
         positions, cell, structures.batch, counts, {i: p.r_cut for i, p in parameters.items()}
     )
-    energy = _pair_energy(structures, pairs, alpha_all, alpha_smear)
+    energy = _pair_energy(structures, pairs, alpha_all, alpha_smear, (r_switch_all, r_cut_all))
 
     row_of_structure = torch.full(
         (structures.n_structures,), -1, dtype=torch.long, device=positions.device
@@ -202,6 +222,8 @@ def _ewald_energy(
         len(rows),
         k_indices,
         alpha_rows,
+        cutoffs[:, 2],
+        cutoffs[:, 3],
     )
 
     q = charges[in_periodic]

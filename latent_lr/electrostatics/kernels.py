@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from .switching import switch_off
+
 
 def screened_pair_kernel(
     distance: torch.Tensor, alpha_split: torch.Tensor, alpha_smear: Optional[torch.Tensor]
@@ -26,3 +28,24 @@ def screened_pair_kernel(
     if alpha_smear is not None:
         kernel = kernel - torch.erfc(alpha_smear * distance)
     return kernel / distance
+
+
+def switched_real_space_kernel(
+    distance: torch.Tensor,
+    alpha_split: torch.Tensor,
+    alpha_smear: Optional[torch.Tensor],
+    r_switch: torch.Tensor,
+    r_cut: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`screened_pair_kernel` switched off smoothly between r_switch and r_cut, 1/Å.
+
+    Args:
+        distance: (P,) pair distances, Å; must be > 0.
+        alpha_split: (P,) Ewald splitting parameter per pair, 1/Å.
+        alpha_smear: scalar tensor 1/(√2 sigma), 1/Å, or None for point charges.
+        r_switch: (P,) where the switch-off begins, Å.
+        r_cut: (P,) where the kernel reaches zero, Å (> r_switch).
+    """
+    return screened_pair_kernel(distance, alpha_split, alpha_smear) * switch_off(
+        distance, r_switch, r_cut
+    )

@@ -16,6 +16,13 @@ their cost, ``alpha = sqrt(pi) (w N / V²)^(1/6)`` (Fincham, Mol. Simul. 13, 1
 With Gaussian smearing ``sigma`` the kernel is erf(r / (√2 sigma)) / r, whose
 Fourier transform is already damped by exp(-sigma² k² / 2); ``alpha`` is
 capped at ``1 / (√2 sigma)``, and at the cap the real-space part vanishes.
+
+Both sums are switched off smoothly (:mod:`.switching`) rather than truncated,
+so that energies, forces and stresses stay continuous when pairs or k-vectors
+cross a cut-off: terms keep full weight up to the accuracy cut-offs
+``r_switch`` and ``k_switch`` and fade to zero at ``r_cut`` and ``k_cut``,
+:data:`SWITCH_WIDTH` further out.  The switch only adds (partially weighted)
+terms beyond the accuracy cut-offs, so the accuracy guarantee is unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ REAL_TO_RECIPROCAL_COST = 4.0
 #: the worst case there, a rattled NaCl crystal with small forces, at 0.8x).
 S_MARGIN = 0.3
 
+#: Width of the switching region relative to the accuracy cut-off: r_cut =
+#: (1 + SWITCH_WIDTH) r_switch and k_cut = (1 + SWITCH_WIDTH) k_switch.  Costs
+#: (1 + SWITCH_WIDTH)³ ≈ 1.33x more pairs and k-vectors than a hard cut-off.
+SWITCH_WIDTH = 0.1
+
 
 @dataclass(frozen=True)
 class EwaldParameters:
@@ -39,12 +51,17 @@ class EwaldParameters:
 
     Attributes:
         alpha: splitting parameter, 1/Å.
-        r_cut: real-space cut-off, Å (0 when the real-space sum vanishes).
-        k_cut: reciprocal-space cut-off, 1/Å.
+        r_switch: real-space accuracy cut-off, Å, where the switch-off begins.
+        r_cut: real-space cut-off, Å, where pair weights reach zero (0 when the
+            real-space sum vanishes).
+        k_switch: reciprocal-space accuracy cut-off, 1/Å, where the switch-off begins.
+        k_cut: reciprocal-space cut-off, 1/Å, where k-vector weights reach zero.
     """
 
     alpha: float
+    r_switch: float
     r_cut: float
+    k_switch: float
     k_cut: float
 
 
@@ -74,6 +91,13 @@ def ewald_parameters(
     s = accuracy_to_s(accuracy)
     alpha = math.sqrt(math.pi) * (REAL_TO_RECIPROCAL_COST * n_atoms / volume**2) ** (1.0 / 6.0)
     alpha_smear = smearing_alpha(smearing)
-    if alpha >= alpha_smear:
-        return EwaldParameters(alpha=alpha_smear, r_cut=0.0, k_cut=2.0 * s * alpha_smear)
-    return EwaldParameters(alpha=alpha, r_cut=s / alpha, k_cut=2.0 * s * alpha)
+    alpha = min(alpha, alpha_smear)
+    r_switch = 0.0 if alpha == alpha_smear else s / alpha
+    k_switch = 2.0 * s * alpha
+    return EwaldParameters(
+        alpha=alpha,
+        r_switch=r_switch,
+        r_cut=(1.0 + SWITCH_WIDTH) * r_switch,
+        k_switch=k_switch,
+        k_cut=(1.0 + SWITCH_WIDTH) * k_switch,
+    )
