@@ -128,7 +128,9 @@ CHARGE_MODELS = {
 }
 
 
-def charge_models(out: Path, backbones: list[str], sets: list[str], epochs: int, models: list[str], extra: list[str]) -> None:
+def charge_models(
+    out: Path, backbones: list[str], sets: list[str], epochs: int, models: list[str], seeds: list[int], extra: list[str]
+) -> None:
     from latent_lr import load
     from latent_lr.training.dataset import LabelKeys, read_frames
     from latent_lr.training.metrics import error_metrics, predict_frames
@@ -141,39 +143,51 @@ def charge_models(out: Path, backbones: list[str], sets: list[str], epochs: int,
             frames = read_frames(out / spec["test"], keys)
             groups: dict[str, list] = {}
             for frame in frames:
-                label = f"Q={frame.total_charge:+g} {frame.atoms.get_chemical_formula()}"
+                label = f"Q={frame.total_charge + 0.0:+g} {frame.atoms.get_chemical_formula()}"
                 groups.setdefault(label, []).append(frame)
             rows = summary.setdefault(f"{name}/{backbone}", {})
             for model_name in models:
-                target = out / f"charge-models/{name}-{backbone}-{model_name}"
-                command = [
-                    sys.executable, "-m", "latent_lr.cli", "train", "--backbone", backbone,
-                    "--train", str(out / spec["train"]), "--epochs", str(epochs), "--out", str(target),
-                    "--no-progress", "--long-range-options", json.dumps(CHARGE_MODELS[model_name]),
-                    *spec["keys"], *extra,
-                ]
-                print("$", " ".join(command[1:]), flush=True)
-                subprocess.run(command, check=True)
-                model = load(target / "best_model.pt")
-                metrics = error_metrics(frames, predict_frames(model, frames))
-                row = {
-                    "E RMSE": metrics["energy_rmse_meV_per_atom"],
-                    "F RMSE": metrics["forces_rmse_meV_per_A"],
-                    "Hirshfeld r": metrics.get("charges_pearson_r", float("nan")),
+                per_seed = []
+                for seed in seeds:
+                    target = out / f"charge-models/{name}-{backbone}-{model_name}-seed{seed}"
+                    command = [
+                        sys.executable, "-m", "latent_lr.cli", "train", "--backbone", backbone,
+                        "--train", str(out / spec["train"]), "--epochs", str(epochs), "--out", str(target),
+                        "--seed", str(seed), "--no-progress",
+                        "--long-range-options", json.dumps(CHARGE_MODELS[model_name]), *spec["keys"], *extra,
+                    ]
+                    if (target / "finished").exists():
+                        print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
+                    else:
+                        print("$", " ".join(command[1:]), flush=True)
+                        subprocess.run(command, check=True)
+                        (target / "finished").write_text(" ".join(command[1:]))
+                    model = load(target / "best_model.pt")
+                    metrics = error_metrics(frames, predict_frames(model, frames))
+                    row = {
+                        "E RMSE": metrics["energy_rmse_meV_per_atom"],
+                        "F RMSE": metrics["forces_rmse_meV_per_A"],
+                        "Hirshfeld r": metrics.get("charges_pearson_r", float("nan")),
+                    }
+                    for label, subset in sorted(groups.items()):
+                        sub = error_metrics(subset, predict_frames(model, subset))
+                        row[f"E RMSE {label} ({len(subset)})"] = sub["energy_rmse_meV_per_atom"]
+                        row[f"F RMSE {label} ({len(subset)})"] = sub["forces_rmse_meV_per_A"]
+                    per_seed.append(row)
+                    print(json.dumps({f"{model_name} seed {seed}": row}, indent=1), flush=True)
+                rows[model_name] = {
+                    key: [float(np.mean([r[key] for r in per_seed])), float(np.std([r[key] for r in per_seed]))]
+                    for key in per_seed[0]
                 }
-                for label, subset in sorted(groups.items()):
-                    sub = error_metrics(subset, predict_frames(model, subset))
-                    row[f"E RMSE {label} ({len(subset)})"] = sub["energy_rmse_meV_per_atom"]
-                    row[f"F RMSE {label} ({len(subset)})"] = sub["forces_rmse_meV_per_A"]
-                rows[model_name] = row
-                print(json.dumps({model_name: row}, indent=1), flush=True)
     (out / f"charge-models-{'-'.join(sets)}-{'-'.join(backbones)}.json").write_text(json.dumps(summary, indent=2))
     for run_name, rows in summary.items():
         names = list(rows)
         print(f"\n#### {run_name} (E meV/atom, F meV/Å)\n\n| metric | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")
         for key in rows[names[0]]:
-            print(f"| {key} | " + " | ".join(f"{rows[n].get(key, float('nan')):.4g}" for n in names) + " |")
+            cells = [f"{rows[n][key][0]:.3g} ± {rows[n][key][1]:.2g}" if key in rows[n] else "" for n in names]
+            print(f"| {key} | " + " | ".join(cells) + " |")
+        print(f"(mean ± std over seeds {seeds})")
 
 
 def markdown(summary: dict) -> str:
@@ -205,12 +219,13 @@ def main() -> None:
     charge.add_argument("--sets", nargs="+", default=["carbon_chain", "alaumgo"], choices=["carbon_chain", "alaumgo"])
     charge.add_argument("--models", nargs="+", default=list(CHARGE_MODELS), choices=list(CHARGE_MODELS))
     charge.add_argument("--epochs", type=int, default=100)
+    charge.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args, extra = parser.parse_known_args()
     args.extra = extra  # further latent-lr ablate flags, passed through
     if args.command == "prepare":
         prepare(args.data, args.out)
     elif args.command == "charge-models":
-        charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.extra)
+        charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.seeds, args.extra)
     else:
         run(args.out, args.backbones, args.sets, args.epochs, args.extra)
 
