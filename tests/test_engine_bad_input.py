@@ -28,7 +28,7 @@ CASES = {
     "tiny cell": (lambda p, q: (p * 0.01, q, {"cell": torch.eye(3, dtype=F64) * 0.1, "pbc": True}), "too small"),
     "direct on periodic": (lambda p, q: (p, q, {"cell": torch.eye(3, dtype=F64) * 10, "pbc": True, "method": "direct"}), "open-boundary"),
     "ewald on open": (lambda p, q: (p, q, {"method": "ewald"}), "periodic"),
-    "unknown method": (lambda p, q: (p, q, {"method": "pme"}), "method"),
+    "unknown method": (lambda p, q: (p, q, {"method": "p3m"}), "method"),
     "overlapping atoms": (lambda p, q: (p.index_copy(0, torch.tensor([1]), p[:1]), q, {}), "overlap"),
     "overlapping periodic image": (lambda p, q: (p.index_copy(0, torch.tensor([1]), p[:1] + 10.0), q, {"cell": torch.eye(3, dtype=F64) * 10, "pbc": True}), "overlap"),
     "negative smearing": (lambda p, q: (p, q, {"smearing": -1.0}), "smearing"),
