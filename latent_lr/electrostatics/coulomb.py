@@ -7,6 +7,9 @@ Conventions
   has zero energy.  Periodic images of an atom do interact with it.
 * Periodic structures are summed over all images with tin-foil (conducting)
   boundary conditions: no surface-dipole term.
+* Slabs (pbc = (True, True, False)) are summed with images in the plane only,
+  via a vacuum-extended 3D sum and the Yeh–Berkowitz / Ballenegger–Arnold–Cerdà
+  correction (:mod:`.slab`), whichever periodic method is used.
 * A periodic cell with net charge Q is neutralised by a uniform background.
   The k = 0 term of the smeared kernel is omitted, which fixes the background
   energy at ``-k_e π Q² (1/(2α²) - σ²) / V`` in the Ewald split with parameter
@@ -29,6 +32,7 @@ from .parameters import EwaldParameters, ewald_parameters, smearing_alpha
 from .mesh import spme_reciprocal_energy
 from .mesh_parameters import MeshParameters, mesh_parameters
 from .reciprocal import half_space_k_indices, reciprocal_energy
+from .slab import extend_slabs, slab_correction
 from .validation import OVERLAP_DISTANCE, PbcLike, Structures, validate_structures
 
 logger = logging.getLogger(__name__)
@@ -66,7 +70,9 @@ def coulomb_energy(
         cell: (3, 3) or (B, 3, 3) lattice vectors as rows (ASE convention), Å.
             Ignored for open-boundary structures.
         pbc: bool, (3,) or (B, 3) periodicity flags; None means open boundary.
-            Only fully periodic or fully open structures are supported.
+            Fully periodic, fully open, or slabs (True, True, False): periodic
+            along the first two cell vectors, open along the third, which
+            must be perpendicular to them (see :mod:`.slab`).
         batch: (N,) sorted structure index 0..B-1 of every atom; None means
             one structure.
         smearing: Gaussian charge width σ ≥ 0, Å (float or scalar tensor).
@@ -83,7 +89,7 @@ def coulomb_energy(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    structures = validate_structures(positions, charges, cell, pbc, batch)
+    structures = extend_slabs(validate_structures(positions, charges, cell, pbc, batch), accuracy)
     alpha_smear = _smearing_to_alpha(smearing, structures.positions)
     periodic = structures.periodic
     if method == "direct" and bool(periodic.any()):
@@ -120,6 +126,8 @@ def coulomb_energy(
                 float(_as_float(smearing)),
                 accuracy,
             )
+    if bool(structures.slab.any()):
+        energy = energy + slab_correction(structures, alpha_smear)
     return COULOMB_CONSTANT * energy
 
 

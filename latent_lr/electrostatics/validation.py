@@ -36,6 +36,8 @@ class Structures:
         n_structures: B.
         counts: (B,) number of atoms per structure.
         periodic: (B,) True where a structure is periodic in all three directions.
+        slab: (B,) True where a structure is a slab, pbc = (True, True, False):
+            periodic along the first two cell vectors, open along the third.
     """
 
     positions: torch.Tensor
@@ -46,6 +48,7 @@ class Structures:
     n_structures: int
     counts: torch.Tensor
     periodic: torch.Tensor
+    slab: torch.Tensor
 
 
 def _fail(message: str) -> None:
@@ -181,19 +184,25 @@ def validate_structures(
         cell = torch.zeros(n_structures, 3, 3, dtype=positions.dtype, device=device)
 
     pbc = _normalise_pbc(pbc, n_structures, device)
-    partial = pbc.any(dim=1) & ~pbc.all(dim=1)
+    slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
+    partial = pbc.any(dim=1) & ~pbc.all(dim=1) & ~slab
+    if bool((partial & (pbc.sum(dim=1) == 2)).any()):
+        which = torch.nonzero(partial).flatten()[:5].tolist()
+        _fail(
+            f"structures {which} are slabs whose open axis is not the third cell vector; "
+            "order the cell vectors so that pbc = (True, True, False), the third vector "
+            "being the open axis perpendicular to the periodic plane."
+        )
     if bool(partial.any()):
         which = torch.nonzero(partial).flatten()[:5].tolist()
         raise NotImplementedError(
-            f"structures {which} are periodic in only some directions (e.g. slabs with "
-            "pbc=(True, True, False)); partial periodicity is not supported yet. Use "
-            "pbc=True with enough vacuum (results then include the slab's spurious "
-            "dipole interaction), or pbc=False."
+            f"structures {which} are periodic in one direction only (wires); this partial "
+            "periodicity is not supported. Use pbc=True with enough vacuum, or pbc=False."
         )
     periodic = pbc.all(dim=1)
     if bool(periodic.any()):
         _check_cells(cell[periodic], torch.nonzero(periodic).flatten())
-    return Structures(positions, charges, cell, pbc, batch, n_structures, counts, periodic)
+    return Structures(positions, charges, cell, pbc, batch, n_structures, counts, periodic, slab)
 
 
 def perpendicular_widths(cell: torch.Tensor) -> torch.Tensor:
