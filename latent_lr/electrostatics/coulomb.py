@@ -28,10 +28,11 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .kernels import screened_pair_kernel, switched_real_space_kernel
 from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
-from .parameters import EwaldParameters, ewald_parameters, smearing_alpha
+from .parameters import EwaldParameters, smearing_alpha
 from .mesh import spme_reciprocal_energy
 from .mesh_parameters import MeshParameters, mesh_parameters
-from .reciprocal import half_space_k_indices, reciprocal_energy
+from .reciprocal import reciprocal_energy
+from .setup_cache import ewald_setup
 from .slab import extend_slabs, slab_correction
 from .validation import OVERLAP_DISTANCE, PbcLike, Structures, validate_structures
 
@@ -202,14 +203,14 @@ def _ewald_energy(
     rows = torch.nonzero(structures.periodic).flatten()
     counts = structures.counts
     volumes = torch.linalg.det(cell[rows]).abs()
-    volumes_float = volumes.detach().tolist()
-
-    parameters: dict[int, EwaldParameters] = {}
-    for row, index in enumerate(rows.tolist()):
-        parameters[index] = ewald_parameters(
-            int(counts[index]), volumes_float[row], accuracy, smearing
-        )
-        logger.debug("structure %d: Ewald %s", index, parameters[index])
+    cells_float = cell.detach().cpu().double().numpy()
+    setups = {
+        index: ewald_setup(cells_float[index], int(counts[index]), accuracy, smearing)
+        for index in rows.tolist()
+    }
+    parameters: dict[int, EwaldParameters] = {i: setup.parameters for i, setup in setups.items()}
+    for index, chosen in parameters.items():
+        logger.debug("structure %d: Ewald %s", index, chosen)
 
     capped = torch.tensor(
         [parameters[i].r_cut == 0.0 for i in rows.tolist()], device=positions.device
@@ -243,10 +244,7 @@ def _ewald_energy(
     in_periodic = atom_row >= 0
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(positions.shape[0], device=positions.device) - starts[structures.batch]
-    k_indices = [
-        half_space_k_indices(cell[i].detach().cpu().double().numpy(), parameters[i].k_cut)
-        for i in rows.tolist()
-    ]
+    k_indices = [setups[i].k_indices for i in rows.tolist()]
     reciprocal = reciprocal_energy(
         positions[in_periodic],
         charges[in_periodic],
