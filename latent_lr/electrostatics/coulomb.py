@@ -41,11 +41,11 @@ logger = logging.getLogger(__name__)
 METHODS = ("auto", "direct", "ewald", "pme")
 
 #: ``method="auto"`` uses particle-mesh Ewald for periodic structures with at
-#: least this many atoms, Ewald below.  Measured with a quick timing of energy +
-#: forces (float64, 1 thread, accuracy 1e-4 and 1e-6) of water-like boxes of
-#: 192-3,072 atoms (benchmarks/bench_engine_scaling.py --pme): PME became faster
-#: than Ewald between 500 and 1,000 atoms.
-PME_MIN_ATOMS = 700
+#: least this many atoms, Ewald below.  Measured by timing energy + forces
+#: (float64, 1 thread, medians of 3) of water-like boxes (latent_lr.demo) of
+#: 48-1,536 atoms: PME overtook Ewald at ~100 atoms for accuracy 1e-4 and at
+#: ~250 atoms for 1e-6 (the default); at 384 atoms it was 2-3.5x faster.
+PME_MIN_ATOMS = 300
 
 
 def coulomb_energy(
