@@ -273,6 +273,8 @@ def _self_and_background(
 ) -> torch.Tensor:
     """Self-interaction and neutralising-background energy of R periodic structures, / k_e.
 
+    Keep it TorchScript-able: :class:`.deploy.EwaldEnergy` uses it too.
+
     Args:
         charges: (M,) charges of the atoms of the periodic structures, e.
         atom_row: (M,) which of the R structures each atom belongs to.
@@ -283,8 +285,10 @@ def _self_and_background(
     q_squared = charges.new_zeros(len(alpha)).index_add(0, atom_row, charges * charges)
     q_total = charges.new_zeros(len(alpha)).index_add(0, atom_row, charges)
     self_energy = -alpha / math.sqrt(math.pi) * q_squared
-    sigma_squared = 0.0 if alpha_smear is None else 1.0 / (2.0 * alpha_smear**2)
-    background = -math.pi * q_total**2 * (1.0 / (2.0 * alpha**2) - sigma_squared) / volumes
+    variance = 1.0 / (2.0 * alpha**2)
+    if alpha_smear is not None:
+        variance = variance - 1.0 / (2.0 * alpha_smear**2)
+    background = -math.pi * q_total**2 * variance / volumes
     return self_energy + background
 
 

@@ -32,11 +32,29 @@ class PairList:
     structure: torch.Tensor
 
     def vectors(self, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """Pair distance vectors (P, 3) in Å, differentiable in positions and cell."""
-        vectors = positions[self.second] - positions[self.first]
-        if self.shifts.numel():
-            vectors = vectors + (self.shifts.unsqueeze(2) * cell[self.structure]).sum(1)
-        return vectors
+        """Pair distance vectors (P, 3) in Å, differentiable in positions and cell (B, 3, 3)."""
+        return pair_vectors(positions, self.first, self.second, self.shifts, cell[self.structure])
+
+
+def pair_vectors(
+    positions: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    shifts: torch.Tensor,
+    cells: torch.Tensor,
+) -> torch.Tensor:
+    """r_second - r_first + shifts @ cell, (P, 3) in Å (TorchScript-able).
+
+    Args:
+        positions: (N, 3) positions, Å.
+        first, second: (P,) atom indices.
+        shifts: (P, 3) integer lattice translations, as floats.
+        cells: (P, 3, 3) cell of each pair's structure, or one (3, 3) cell, Å.
+    """
+    vectors = positions[second] - positions[first]
+    if shifts.numel():
+        vectors = vectors + (shifts.unsqueeze(2) * cells).sum(1)
+    return vectors
 
 
 def all_pairs_within(
