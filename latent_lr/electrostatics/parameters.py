@@ -35,8 +35,10 @@ from dataclasses import dataclass
 REAL_TO_RECIPROCAL_COST = 4.0
 
 #: Extra margin on ``s`` so that the *measured* relative force error stays below
-#: the request (verified in tests/test_electrostatics_accuracy.py; 0.3 keeps
-#: the worst case there, a rattled NaCl crystal with small forces, at 0.8x).
+#: the request (verified in tests/test_electrostatics_accuracy.py; 0.3 kept
+#: the worst case there, a rattled NaCl crystal with small forces, at 0.8x with
+#: hard cut-offs, and keeps it at 0.25x with the smooth switch-off below, which
+#: would allow 0.15 (0.8x) for Ewald alone; PME shares this margin).
 S_MARGIN = 0.3
 
 #: Width of the switching region relative to the accuracy cut-off: r_cut =
