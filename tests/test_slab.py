@@ -112,6 +112,16 @@ def test_energy_does_not_depend_on_the_given_height_or_translations():
         assert slab_energy(positions + shift, charges).item() == pytest.approx(energy, rel=1e-11)
 
 
+def test_forces_at_modest_vacuum_match_the_large_vacuum_limit():
+    positions, charges = random_slab(1.0)
+    forces = []
+    for height in (6.0, 300.0):
+        pos = torch.tensor(positions, requires_grad=True)
+        (gradient,) = torch.autograd.grad(slab_energy(pos, charges, height=height).sum(), pos)
+        forces.append(-gradient.numpy())
+    assert np.abs(forces[0] - forces[1]).max() < 1e-8 * np.abs(forces[1]).max()
+
+
 def test_rotated_slab_with_the_open_axis_along_the_third_vector():
     positions, charges = random_slab(0.5)
     rotation = np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))[0]
