@@ -75,6 +75,7 @@ def test_torch_compile_full_graph_matches_eager_engine_as_atoms_move():
         assert_same(energy_forces_virial(deployed(compiled, 0.7), positions, charges, cell), reference)
         # Moving atoms changes the number of pairs: the compiled graph must follow.
         positions = positions + rng.normal(scale=0.3, size=positions.shape)
+    torch._dynamo.reset()
 
 
 def test_negative_smearing_is_rejected():
