@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from test_electrostatics_accuracy import SYSTEMS, reference
+from test_smoothness import random_neutral_cell
 
 from latent_lr import coulomb_energy
 from latent_lr.demo import water_like_box
@@ -85,17 +86,9 @@ def test_measured_error_stays_below_requested_accuracy(references, name, sigma, 
 
 
 def charged_triclinic_cell(n_atoms=24, seed=5):
-    rng = np.random.default_rng(seed)
-    cell = np.array([[8.0, 0.0, 0.0], [1.5, 9.0, 0.0], [-1.0, 2.0, 10.0]])
-    while True:
-        frac = rng.uniform(size=(n_atoms, 3))
-        diff = frac[:, None] - frac[None]
-        diff -= np.round(diff)
-        distance = np.linalg.norm(diff @ cell, axis=-1) + 10 * np.eye(n_atoms)
-        if distance.min() > 1.3:
-            break
-    charges = rng.normal(size=n_atoms) + 0.1
-    return torch.tensor(frac @ cell), torch.tensor(charges), torch.tensor(cell)
+    """A random triclinic cell whose charges carry a net charge of n_atoms / 10 e."""
+    fractional, charges, cell = random_neutral_cell(seed, n_atoms)
+    return torch.tensor(fractional @ cell), torch.tensor(charges + 0.1), torch.tensor(cell)
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.8])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -212,29 +212,12 @@ def _ewald_energy(
     for index, chosen in parameters.items():
         logger.debug("structure %d: Ewald %s", index, chosen)
 
-    capped = torch.tensor(
-        [parameters[i].r_cut == 0.0 for i in rows.tolist()], device=positions.device
-    )
-    alpha_rows = torch.tensor(
-        [parameters[i].alpha for i in rows.tolist()], dtype=positions.dtype, device=positions.device
-    )
-    if alpha_smear is not None:
-        alpha_rows = torch.where(capped, alpha_smear.expand_as(alpha_rows), alpha_rows)
-    alpha_all = positions.new_zeros(structures.n_structures).index_put((rows,), alpha_rows)
-    cutoffs = torch.tensor(
-        [[p.r_switch, p.r_cut, p.k_switch, p.k_cut] for p in map(parameters.get, rows.tolist())],
+    energy, alpha_rows = _real_space_energy(structures, rows, parameters, alpha_smear)
+    k_cutoffs = torch.tensor(
+        [[p.k_switch, p.k_cut] for p in map(parameters.get, rows.tolist())],
         dtype=positions.dtype,
         device=positions.device,
-    ).reshape(-1, 4)
-    r_switch_all, r_cut_all = (
-        positions.new_zeros(structures.n_structures).index_put((rows,), cutoffs[:, column])
-        for column in (0, 1)
-    )
-
-    pairs = periodic_pairs_within_cutoff(
-        positions, cell, structures.batch, counts, {i: p.r_cut for i, p in parameters.items()}
-    )
-    energy = _pair_energy(structures, pairs, alpha_all, alpha_smear, (r_switch_all, r_cut_all))
+    ).reshape(-1, 2)
 
     row_of_structure = torch.full(
         (structures.n_structures,), -1, dtype=torch.long, device=positions.device
@@ -254,14 +237,47 @@ def _ewald_energy(
         len(rows),
         k_indices,
         alpha_rows,
-        cutoffs[:, 2],
-        cutoffs[:, 3],
+        k_cutoffs[:, 0],
+        k_cutoffs[:, 1],
     )
 
     constant = _self_and_background(
         charges[in_periodic], atom_row[in_periodic], alpha_rows, alpha_smear, volumes
     )
     return energy.index_add(0, rows, reciprocal + constant)
+
+
+def _real_space_energy(
+    structures: Structures,
+    rows: torch.Tensor,
+    parameters: Mapping[int, Union[EwaldParameters, MeshParameters]],
+    alpha_smear: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switched real-space pair energy (B,) / k_e of the periodic structures ``rows``.
+
+    Also returns their splitting parameters alpha (R,): where the smearing caps
+    alpha (r_cut = 0) it is the smearing's own tensor, so that gradients reach a
+    tensor ``smearing`` through the reciprocal and self terms.
+    """
+    positions = structures.positions
+    alpha_rows, r_switch, r_cut = (
+        positions.new_tensor([[parameters[i].alpha, parameters[i].r_switch, parameters[i].r_cut]
+                              for i in rows.tolist()])
+        .reshape(-1, 3)
+        .unbind(1)
+    )
+    if alpha_smear is not None:
+        alpha_rows = torch.where(r_cut == 0.0, alpha_smear.expand_as(alpha_rows), alpha_rows)
+    alpha_all, r_switch_all, r_cut_all = (
+        positions.new_zeros(structures.n_structures).index_put((rows,), values)
+        for values in (alpha_rows, r_switch, r_cut)
+    )
+    pairs = periodic_pairs_within_cutoff(
+        positions, structures.cell, structures.batch, structures.counts,
+        {i: parameters[i].r_cut for i in rows.tolist()},
+    )
+    energy = _pair_energy(structures, pairs, alpha_all, alpha_smear, (r_switch_all, r_cut_all))
+    return energy, alpha_rows
 
 
 def _self_and_background(
@@ -313,24 +329,7 @@ def _pme_energy(
             counts[index], tuple(lengths[row]), volumes_float[row], accuracy, smearing
         )
         logger.debug("structure %d: PME %s", index, parameters[index])
-    alpha_rows = positions.new_tensor([parameters[i].alpha for i in rows_list])
-    if alpha_smear is not None:
-        capped = torch.tensor([parameters[i].r_cut == 0.0 for i in rows_list], device=rows.device)
-        alpha_rows = torch.where(capped, alpha_smear.expand_as(alpha_rows), alpha_rows)
-    alpha_all, r_switch_all, r_cut_all = (
-        positions.new_zeros(structures.n_structures).index_put((rows,), values)
-        for values in (
-            alpha_rows,
-            positions.new_tensor([parameters[i].r_switch for i in rows_list]),
-            positions.new_tensor([parameters[i].r_cut for i in rows_list]),
-        )
-    )
-
-    pairs = periodic_pairs_within_cutoff(
-        positions, cell, structures.batch, structures.counts,
-        {i: p.r_cut for i, p in parameters.items()},
-    )
-    energy = _pair_energy(structures, pairs, alpha_all, alpha_smear, (r_switch_all, r_cut_all))
+    energy, alpha_rows = _real_space_energy(structures, rows, parameters, alpha_smear)
 
     in_periodic = structures.periodic[structures.batch]
     atom_row = (torch.cumsum(structures.periodic.long(), 0) - 1)[structures.batch][in_periodic]
