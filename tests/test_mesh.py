@@ -18,7 +18,7 @@ from test_smoothness import random_neutral_cell
 from latent_lr import coulomb_energy
 from latent_lr.demo import water_like_box
 from latent_lr.electrostatics import coulomb
-from latent_lr.electrostatics.mesh import bspline_weights
+from latent_lr.electrostatics.mesh import bspline_weights, spme_reciprocal_energy
 from latent_lr.electrostatics.mesh_parameters import fft_size, mesh_parameters
 
 F64 = torch.float64
@@ -179,6 +179,8 @@ def test_batch_of_different_cells_equals_separate_calls():
     charges = torch.cat([s[1] for s in structures])
     cell = torch.stack([s[2] for s in structures])
     batch = torch.repeat_interleave(torch.arange(4), torch.tensor([len(s[0]) for s in structures]))
+    meshes = {mesh_parameters(len(p), tuple(c.norm(dim=1).tolist()), float(c.det().abs()), 1e-6, 0.7).mesh for p, _, c in structures}
+    assert len(meshes) < len(structures), "some structures should share one mesh (one batched FFT)"
     energy = pme(positions, charges, cell, 1e-6, 0.7, batch)
     (gradient,) = torch.autograd.grad(energy.sum(), positions)
     start = 0
@@ -213,3 +215,11 @@ def test_pme_on_open_structure_says_it_needs_periodic_cells():
     positions, charges, _ = charged_triclinic_cell(4)
     with pytest.raises(ValueError, match="method='pme' needs periodic"):
         coulomb_energy(positions, charges, method="pme")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_mesh_sum_scripts_with_torchscript():
+    positions, charges, cell = charged_triclinic_cell(12)
+    arguments = (positions, charges, cell[None], torch.zeros(12, dtype=torch.long), [(16, 18, 16)], torch.tensor([0.5], dtype=F64), 6)
+    scripted = torch.jit.script(spme_reciprocal_energy)
+    assert torch.allclose(scripted(*arguments), spme_reciprocal_energy(*arguments), rtol=1e-12)

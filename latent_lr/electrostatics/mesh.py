@@ -136,18 +136,28 @@ def spme_reciprocal_energy(
     """
     device, dtype = positions.device, positions.dtype
     n_rows = len(mesh_shapes)
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for row, shape in enumerate(mesh_shapes):
-        groups.setdefault(tuple(shape), []).append(row)
+    shapes: list[tuple[int, int, int]] = []
+    groups: list[list[int]] = []
+    for row in range(n_rows):
+        group = -1
+        for index, shape in enumerate(shapes):
+            if shape == mesh_shapes[row]:
+                group = index
+        if group < 0:
+            shapes.append(mesh_shapes[row])
+            groups.append([row])
+        else:
+            groups[group].append(row)
 
     # Lay the structures out group by group in one flat buffer.
     offsets = [0] * n_rows
     cursor = 0
-    for shape, rows in groups.items():
+    for shape, rows in zip(shapes, groups):
         for row in rows:
             offsets[row] = cursor
             cursor += shape[0] * shape[1] * shape[2]
-    mesh = torch.tensor(mesh_shapes, dtype=torch.long, device=device).reshape(n_rows, 3)
+    mesh = torch.tensor([list(shape) for shape in mesh_shapes], dtype=torch.long, device=device)
+    mesh = mesh.reshape(n_rows, 3)
     offset = torch.tensor(offsets, dtype=torch.long, device=device)
 
     fractional = torch.bmm(positions.unsqueeze(1), torch.linalg.inv(cell)[atom_row]).squeeze(1)
@@ -177,7 +187,7 @@ def spme_reciprocal_energy(
 
     energy = positions.new_zeros(n_rows)
     start = 0
-    for shape, rows in groups.items():
+    for shape, rows in zip(shapes, groups):
         size = len(rows) * shape[0] * shape[1] * shape[2]
         block = grid[start : start + size].reshape(len(rows), shape[0], shape[1], shape[2])
         start += size
