@@ -89,10 +89,15 @@ def _influence(
     m1 = torch.fft.fftfreq(k1, 1.0 / k1, dtype=dtype, device=device)
     m2 = torch.fft.fftfreq(k2, 1.0 / k2, dtype=dtype, device=device)
     m3 = torch.arange(k3 // 2 + 1, dtype=dtype, device=device)
-    m = torch.stack(torch.meshgrid(m1, m2, m3, indexing="ij"), dim=-1)
     reciprocal = 2.0 * math.pi * torch.linalg.inv(cell).transpose(1, 2)
-    k = torch.einsum("xyzc,gcd->gxyzd", m, reciprocal)
-    k_squared = (k * k).sum(-1)
+    metric = torch.bmm(reciprocal, reciprocal.transpose(1, 2))[:, :, :, None, None, None]
+    x, y, z = m1[:, None, None], m2[None, :, None], m3[None, None, :]
+    k_squared = (
+        metric[:, 0, 0] * x * x
+        + metric[:, 1, 1] * y * y
+        + metric[:, 2, 2] * z * z
+        + 2.0 * (metric[:, 0, 1] * x * y + metric[:, 0, 2] * x * z + metric[:, 1, 2] * y * z)
+    )
     nonzero = k_squared > 0
     safe = torch.where(nonzero, k_squared, torch.ones_like(k_squared))
     volume = torch.linalg.det(cell).abs()
@@ -108,7 +113,7 @@ def _influence(
     half[0] = 1.0
     if k3 % 2 == 0:
         half[-1] = 1.0
-    return (2.0 * math.pi / volume)[:, None, None, None] * gaussian * modulus * half
+    return (2.0 * math.pi / volume)[:, None, None, None] * (gaussian * (modulus * half))
 
 
 def spme_reciprocal_energy(
@@ -177,12 +182,9 @@ def spme_reciprocal_energy(
         + index[:, 1, None, :, None]
         + index[:, 2, None, None, :]
     )
-    spread = (
-        charges[:, None, None, None]
-        * weights[:, 0, :, None, None]
-        * weights[:, 1, None, :, None]
-        * weights[:, 2, None, None, :]
-    )
+    # Outer products by bmm: their backward is bmm too, cheaper than broadcast reductions.
+    spread = torch.bmm((charges[:, None] * weights[:, 0]).unsqueeze(2), weights[:, 1].unsqueeze(1))
+    spread = torch.bmm(spread.reshape(-1, order * order, 1), weights[:, 2].unsqueeze(1))
     grid = positions.new_zeros(cursor).index_add(0, flat.reshape(-1), spread.reshape(-1))
 
     energy = positions.new_zeros(n_rows)
