@@ -223,3 +223,15 @@ def test_mesh_sum_scripts_with_torchscript():
     arguments = (positions, charges, cell[None], torch.zeros(12, dtype=torch.long), [(16, 18, 16)], torch.tensor([0.5], dtype=F64), 6)
     scripted = torch.jit.script(spme_reciprocal_energy)
     assert torch.allclose(scripted(*arguments), spme_reciprocal_energy(*arguments), rtol=1e-12)
+
+
+def test_slab_with_pme_matches_ewald():
+    from test_slab import A_VEC, B_VEC, random_slab
+
+    positions, charges = (torch.tensor(a) for a in random_slab(net_charge=0.5)[:2])
+    cell = torch.tensor(np.array([A_VEC, B_VEC, [0.0, 0.0, 0.0]]))
+    energies = [
+        coulomb_energy(positions, charges, cell=cell, pbc=torch.tensor([True, True, False]), accuracy=1e-8, method=method)
+        for method in ("ewald", "pme")
+    ]
+    assert energies[1].item() == pytest.approx(energies[0].item(), rel=1e-9)
