@@ -15,7 +15,7 @@ from .model import LongRangeModel
 
 
 class Calculator(AseCalculator):
-    """Energies (eV), forces (eV/Å), stress (eV/Å³, periodic), latent charges (e),
+    """Energies (eV), forces (eV/Å), stress (eV/Å³; periodic, and in-plane for slabs), latent charges (e),
     dipole (e·Å) and Born effective charges (e, shape (N, 3, 3)) from a wrapped model.
 
     The net charge is read from ``atoms.info['charge']`` and a uniform external
@@ -72,13 +72,15 @@ class Calculator(AseCalculator):
                 self.external_field, dtype=self.model.dtype, device=self.model.device
             ).expand(data.n_structures, 3)
         periodic = bool(self.atoms.pbc.all())
+        # Slabs, pbc = (True, True, False): in-plane stress per cell volume (see LongRangeModel).
+        with_stress = periodic or (self.atoms.pbc.tolist() == [True, True, False] and bool(self.atoms.cell.volume > 0))
         want_bec = "bec" in properties and self.model.long_range is not None
-        out = self.model(data, compute_forces=True, compute_stress=periodic, compute_bec=want_bec)
+        out = self.model(data, compute_forces=True, compute_stress=with_stress, compute_bec=want_bec)
         energy = float(out["energy"][0])
         self.results["energy"] = energy
         self.results["free_energy"] = energy
         self.results["forces"] = out["forces"].cpu().numpy().astype(float)
-        if periodic:
+        if with_stress:
             self.results["stress"] = _voigt(out["stress"][0].cpu().numpy())
         if self.model.long_range is not None:
             self.results["charges"] = out["charges"].cpu().numpy().astype(float)

@@ -46,6 +46,17 @@ class AtomsBatch:
         """(B,) True for fully periodic structures."""
         return self.pbc.all(dim=1)
 
+    @property
+    def slab(self) -> torch.Tensor:
+        """(B,) True for slabs, pbc = (True, True, False).
+
+        A slab is periodic along the first two cell vectors and open along the
+        third, which must be perpendicular to them (its length is the cell
+        height, vacuum included; see :mod:`latent_lr.electrostatics.slab`).
+        """
+        flags = self.pbc.new_tensor([True, True, False])
+        return (self.pbc == flags).all(dim=1)
+
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "AtomsBatch":
         """Copy to a device, casting floating-point fields to ``dtype``."""
         moved = {}

@@ -11,7 +11,7 @@ from torch import nn
 from .charges import ChargeHead
 from .data import AtomsBatch
 from .electrostatics import coulomb_energy
-from .properties import dipole_moment, polarization
+from .properties import dipole_moment, polarization, slab_dipole
 
 
 class LongRangeModule(nn.Module):
@@ -80,7 +80,8 @@ class LongRangeModule(nn.Module):
 
         Returns:
             dict with ``energy`` (B,) eV, ``charges`` (N,) e, ``dipole`` (B, 3) e·Å
-            (open structures; zeros for periodic), ``polarization`` (B, 3) e/Å²
+            (open structures, and the dipole per cell of slabs, see
+            :mod:`latent_lr.properties`; zeros for periodic), ``polarization`` (B, 3) e/Å²
             (periodic structures; zeros for open).
         """
         if features.ndim != 2 or features.shape[0] != data.positions.shape[0]:
@@ -103,6 +104,9 @@ class LongRangeModule(nn.Module):
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)
+        dipole = torch.where(
+            data.slab[:, None], slab_dipole(charges, data.positions, data.cell, data.batch, data.slab), dipole
+        )
         polar = polarization(charges, data.positions, data.cell, data.batch)
         polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
         return {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}

@@ -9,6 +9,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .data import AtomsBatch
+from .electrostatics.slab import unit_normals
 from .long_range import LongRangeModule
 from .properties import born_effective_charges
 
@@ -20,6 +21,20 @@ class LongRangeModel(nn.Module):
     positions and a homogeneous strain ε applied to positions and cell alike,
     so the long-range term reaches the virial too.  Stress follows ASE's
     convention, σ = (1/V) ∂E/∂ε, in eV/Å³.
+
+    Slabs (pbc = (True, True, False), open along the unit normal n̂ of the
+    plane of the first two cell vectors) are first-class: the Coulomb energy
+    and forces come from the engine's slab sum (in-plane images only, no
+    dependence on the vacuum in the cell), and the stress holds the in-plane
+    components only, σ_slab = P σ P with P = 1 - n̂ n̂ᵀ.  The out-of-plane
+    components σ·n̂ are reported as zero: the surfaces of a slab in vacuum
+    are traction-free, and ∂E/∂ε along n̂ would rescale the vacuum together
+    with the slab, which is no mechanical load.  V is the cell volume A c
+    with the given third vector (length c, vacuum included), as in ASE, so
+    c σ_slab is the surface stress in eV/Å²; a slab whose third vector is
+    zero has no stress in eV/Å³ (asking for it raises ValueError).  Slabs
+    report a dipole per cell instead of a polarisation (see
+    :mod:`latent_lr.properties`).
 
     Args:
         backbone: adapter around the host model.
@@ -65,8 +80,9 @@ class LongRangeModel(nn.Module):
         Args:
             data: structures (cast to the model's dtype and device here).
             compute_forces: return ``forces`` (N, 3), eV/Å.
-            compute_stress: return ``stress`` (B, 3, 3), eV/Å³ (default: if any
-                structure is periodic; zeros for open structures).
+            compute_stress: return ``stress`` (B, 3, 3), eV/Å³, in-plane only for
+                slabs (default: if any structure is periodic or a slab with a
+                non-zero cell volume; zeros for open structures).
             compute_bec: return ``bec`` (N, 3, 3), e.
             create_graph: keep the graph of derivatives for training on forces
                 (default: ``self.training``).
@@ -79,8 +95,15 @@ class LongRangeModel(nn.Module):
         """
         data = self._prepare(data)
         create_graph = self.training if create_graph is None else create_graph
+        has_volume = torch.linalg.det(data.cell).abs() > 0
         if compute_stress is None:
-            compute_stress = bool(data.periodic.any())
+            compute_stress = bool((data.periodic | (data.slab & has_volume)).any())
+        elif compute_stress and bool((data.slab & ~has_volume).any()):
+            raise ValueError(
+                "the stress of a slab is given per cell volume A·c (eV/Å³, ASE convention), but a "
+                "slab's third cell vector is zero; set it to the cell height normal to the plane "
+                "(e.g. atoms.center(vacuum=..., axis=2)) or pass compute_stress=False."
+            )
         positions = data.positions.detach().requires_grad_(compute_forces or compute_bec)
         strain = torch.zeros(
             data.n_structures, 3, 3, dtype=positions.dtype, device=positions.device,
@@ -118,7 +141,10 @@ class LongRangeModel(nn.Module):
                 safe = torch.where(volume > 0, volume, torch.ones_like(volume))
                 stress = grads[-1] / safe[:, None, None]
                 stress = 0.5 * (stress + stress.transpose(1, 2))
-                out["stress"] = torch.where(data.periodic[:, None, None], stress, torch.zeros_like(stress))
+                out["stress"] = torch.where(
+                    data.periodic[:, None, None], stress,
+                    torch.where(data.slab[:, None, None], _in_plane(stress, data.cell, data.slab), torch.zeros_like(stress)),
+                )
         if compute_bec:
             if self.long_range is None:
                 raise ValueError("Born effective charges need the long-range module (latent charges).")
@@ -181,3 +207,18 @@ class LongRangeModel(nn.Module):
             "long_range": None if self.long_range is None else dict(self.long_range.config),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+
+
+def _in_plane(stress: torch.Tensor, cell: torch.Tensor, slab: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) P σ P with P = 1 - n̂ n̂ᵀ, n̂ the unit normal of each slab's plane (eV/Å³).
+
+    Rows that are not slabs come back unchanged.
+
+    Args:
+        stress: (B, 3, 3) eV/Å³; cell: (B, 3, 3) Å; slab: (B,) bool.
+    """
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    normal = unit_normals(torch.where(slab[:, None, None], cell, eye.expand_as(cell)).detach())
+    normal = torch.where(slab[:, None], normal, torch.zeros_like(normal))
+    projector = eye - normal[:, :, None] * normal[:, None, :]
+    return projector @ stress @ projector

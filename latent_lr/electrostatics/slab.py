@@ -59,8 +59,12 @@ def vacuum_gap(in_plane_length: float, accuracy: float) -> float:
     return accuracy_to_s(accuracy) ** 2 * in_plane_length / (2.0 * math.pi)
 
 
-def _unit_normals(cell: torch.Tensor) -> torch.Tensor:
-    """(S, 3) unit normals of the periodic planes, pointing along the third vector."""
+def unit_normals(cell: torch.Tensor) -> torch.Tensor:
+    """(S, 3) unit normals of the periodic planes a_1 × a_2, pointing along the third vector.
+
+    Args:
+        cell: (S, 3, 3) slab cells, lattice vectors as rows, Å.
+    """
     normal = torch.linalg.cross(cell[:, 0], cell[:, 1])
     normal = normal / normal.norm(dim=1, keepdim=True)
     flip = (normal * cell[:, 2]).sum(dim=1).detach() < 0
@@ -123,7 +127,7 @@ def extend_slabs(structures: Structures, accuracy: float) -> Structures:
     rows = torch.nonzero(structures.slab).flatten()
     cell = structures.cell[rows]
     _check_slab_cells(cell, rows.tolist())
-    normals = _unit_normals(cell)
+    normals = unit_normals(cell)
     with torch.no_grad():
         heights = _atom_heights(structures, _per_structure_normals(structures, rows, normals))
         top = heights.new_full((structures.n_structures,), -math.inf).scatter_reduce(

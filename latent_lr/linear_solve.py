@@ -1,0 +1,314 @@
+"""Batched conjugate gradients for symmetric positive-definite operators, with implicit gradients.
+
+:func:`solve_spd` solves ``H x = b`` for a batch of independent structures, where
+``H`` is given only as a callable ``matvec(v, *operator_tensors) -> H v``
+(matrix-free, e.g. the Coulomb matrix applied through the Ewald engine), and
+optionally imposes one linear equality per structure: the unknowns of each
+structure sum to a given total.  With the constraint the solution is the
+minimiser of ``½ xᵀHx − bᵀx`` subject to ``Σ_{i∈g} x_i = c_g``, i.e. of the KKT
+system ``H x + 1 μ_g = b``, ``1ᵀx_g = c_g``.
+
+Method: preconditioned conjugate gradients (Hestenes & Stiefel 1952) with one
+set of CG scalars per structure, so every structure converges independently
+and ``matvec`` is called once per iteration for the whole batch.  The
+constraint is handled by the constraint preconditioner
+``z = D⁻¹r − D⁻¹1 (1ᵀD⁻¹r)/(1ᵀD⁻¹1)`` (the exact KKT solve for a diagonal
+``H ≈ D``), whose range is the constraint subspace: started from a feasible
+point, every iterate stays feasible to round-off, and CG works on ``H``
+restricted to that subspace, where it is positive definite.
+
+Gradients (implicit differentiation, no unrolled iterations): the converged
+x̄ (no graph) is returned as ``x = x̄ + S(r)`` with the residual
+``r = b − H(θ) x̄`` (a differentiable expression, ≈ 0 in value) and S = H(θ)⁻¹
+applied on the constraint set by an autograd Function whose value is 0 (it is
+O(residual)).  Its backward solves the adjoint system ``H λ + 1ν = g``,
+``1ᵀλ_g = 0`` (g = ∂L/∂x) with the same CG and returns ∂L/∂r = λ, ∂L/∂c = ν.
+Hence dx = H⁻¹(db − dH x̄) exactly; and since the adjoint solve is differentiable
+in turn, the second derivative is H⁻¹(d²b − d²H x − 2 dH dx) — mixed
+derivatives such as ∂/∂θ of ∂(energy)/∂positions, needed to train on forces,
+are exact up to the solver tolerance (checked against finite differences in
+tests/test_qeq.py).
+
+Requirements on ``matvec``: linear in ``v``, symmetric positive definite (on the
+constraint subspace when a total is given), block diagonal over structures
+(no coupling between structures), and differentiable in ``operator_tensors``.
+Every tensor ``H`` depends on with a gradient must be passed in
+``operator_tensors``; tensors captured by a closure get no gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+#: Default relative tolerance on the (projected) residual, by dtype.
+DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+#: Default cap on CG iterations (exact arithmetic needs at most N per structure).
+DEFAULT_MAX_ITER = 1000
+
+MatVec = Callable[..., torch.Tensor]
+
+
+class ConvergenceError(RuntimeError):
+    """Conjugate gradients did not reach the requested tolerance."""
+
+
+@dataclass(frozen=True)
+class _SolveSpec:
+    """Everything about a solve that is not a tensor input of the autograd Function."""
+
+    matvec: MatVec
+    batch: torch.Tensor
+    n_groups: int
+    diagonal: Optional[torch.Tensor]
+    rtol: float
+    atol: float
+    max_iter: int
+    on_failure: str
+
+
+def solve_spd(
+    matvec: MatVec,
+    rhs: torch.Tensor,
+    operator_tensors: Sequence[torch.Tensor] = (),
+    *,
+    batch: Optional[torch.Tensor] = None,
+    total: Optional[torch.Tensor] = None,
+    diagonal: Optional[torch.Tensor] = None,
+    rtol: Optional[float] = None,
+    atol: float = 0.0,
+    max_iter: int = DEFAULT_MAX_ITER,
+    on_failure: str = "raise",
+) -> torch.Tensor:
+    """Solve ``H x = b`` (optionally with ``Σ_{i∈g} x_i = total_g``) by batched CG.
+
+    Args:
+        matvec: ``matvec(v, *operator_tensors)`` returns ``H v`` with the shape of
+            ``v`` (N, ...).  Must be linear and symmetric in ``v``, positive
+            definite, block diagonal over structures and differentiable in
+            ``operator_tensors``.
+        rhs: b, (N, ...) — rows are atoms (or other items), trailing dims free.
+        operator_tensors: the tensors ``H`` depends on; gradients reach them.
+        batch: (N,) sorted structure index of each row; None means one structure.
+        total: (B, ...) the required sum over each structure's rows (same
+            trailing shape as ``rhs``), or None for no constraint.  Gradients
+            reach it (∂L/∂c is the adjoint Lagrange multiplier).
+        diagonal: (N, ...) positive approximation of diag(H) used as a Jacobi
+            preconditioner (not differentiated); None means the identity.
+        rtol: stop a structure when ‖P r‖ ≤ rtol·max(‖P b‖, ‖P r₀‖) + atol, with
+            r the residual and P the projection onto the constraint subspace
+            (identity without a constraint).  Default: 1e-10 in float64, 1e-5 in
+            float32.
+        atol: absolute residual floor (units of b).
+        max_iter: iteration cap per solve (forward and each adjoint solve).
+        on_failure: ``"raise"`` (default) raises :class:`ConvergenceError` if a
+            structure is not converged after ``max_iter`` iterations;
+            ``"warn"`` emits a RuntimeWarning and returns the last iterate.
+
+    Returns:
+        x, (N, ...), with the dtype and device of ``rhs``.
+
+    Raises:
+        ValueError: inconsistent shapes, a non-positive preconditioner, or an
+            operator found not to be positive definite.
+        ConvergenceError: no convergence within ``max_iter`` (``on_failure="raise"``).
+    """
+    if rhs.ndim < 1 or rhs.shape[0] == 0:
+        raise ValueError(f"rhs must have shape (N, ...) with N ≥ 1, got {tuple(rhs.shape)}.")
+    if on_failure not in ("raise", "warn"):
+        raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}.")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be ≥ 1, got {max_iter}.")
+    if batch is None:
+        batch = torch.zeros(rhs.shape[0], dtype=torch.long, device=rhs.device)
+    if batch.shape != rhs.shape[:1]:
+        raise ValueError(f"batch has shape {tuple(batch.shape)}; expected ({rhs.shape[0]},), one index per row of rhs.")
+    n_groups = int(total.shape[0]) if total is not None else int(batch.max()) + 1
+    if total is not None and tuple(total.shape) != (n_groups, *rhs.shape[1:]):
+        raise ValueError(
+            f"total has shape {tuple(total.shape)}; expected (n_structures, *rhs.shape[1:]) = "
+            f"({n_groups}, {', '.join(map(str, rhs.shape[1:]))})."
+        )
+    if total is not None and int(batch.max()) >= n_groups:
+        raise ValueError(f"batch refers to structure {int(batch.max())} but total has only {n_groups} rows.")
+    if total is not None and bool((torch.bincount(batch, minlength=n_groups) == 0).any()):
+        raise ValueError("a structure in total has no rows in batch; its sum constraint cannot be met.")
+    if diagonal is not None:
+        if diagonal.shape != rhs.shape:
+            raise ValueError(f"diagonal has shape {tuple(diagonal.shape)}; expected rhs's shape {tuple(rhs.shape)}.")
+        if not bool((diagonal > 0).all()):
+            raise ValueError("diagonal (the Jacobi preconditioner) must be positive everywhere.")
+        diagonal = diagonal.detach()
+    for index, tensor in enumerate(operator_tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"operator_tensors[{index}] is a {type(tensor).__name__}; pass tensors only.")
+    spec = _SolveSpec(
+        matvec=matvec,
+        batch=batch,
+        n_groups=n_groups,
+        diagonal=diagonal,
+        rtol=DEFAULT_RTOL.get(rhs.dtype, 1e-6) if rtol is None else float(rtol),
+        atol=float(atol),
+        max_iter=int(max_iter),
+        on_failure=on_failure,
+    )
+    return _solve(spec, rhs, total, tuple(operator_tensors))
+
+
+def _solve(
+    spec: _SolveSpec, rhs: torch.Tensor, total: Optional[torch.Tensor], operators: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """x̄ from CG, plus a zero-valued correction that carries the exact implicit derivatives.
+
+    x = x̄ + S(r),  r = b − H(θ) x̄,  S = H(θ)⁻¹ on the constraint set (adjusted
+    total c − Σx̄).  The value of S(r) is O(residual) and is not computed; its
+    derivatives are: dx = H⁻¹(db − dH x̄) to first order and, differentiating
+    once more, H⁻¹(d²b − d²H x − 2 dH dx), the exact second derivative.
+    """
+    detached = [o.detach() for o in operators]
+    with torch.no_grad():
+        solution = _conjugate_gradients(
+            spec, lambda v: spec.matvec(v, *detached), rhs.detach(), None if total is None else total.detach()
+        )
+    tracked = [rhs, *operators] + ([] if total is None else [total])
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
+        return solution
+    residual = rhs - spec.matvec(solution, *operators)
+    remaining = None if total is None else total - _group_sum(solution, spec)
+    return solution + _ImplicitCorrection.apply(spec, residual, remaining, *operators)
+
+
+class _ImplicitCorrection(torch.autograd.Function):
+    """y = H(θ)⁻¹ r on the constraint set, for a residual r ≈ 0: value 0, exact derivatives.
+
+    Backward: λ = H⁻¹g (adjoint solve, itself differentiable), ∂L/∂r = λ,
+    ∂L/∂c = ν (the adjoint multiplier, group mean of g − Hλ) and
+    ∂L/∂θ = −λᵀ(∂H/∂θ) y, which is zero in value (y = 0) but, under
+    ``create_graph``, keeps its graph through y for second derivatives.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _SolveSpec, residual: torch.Tensor, remaining: Optional[torch.Tensor], *operators: torch.Tensor):
+        ctx.spec = spec
+        ctx.has_total = remaining is not None
+        output = torch.zeros_like(residual)
+        ctx.save_for_backward(output, *operators)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        spec: _SolveSpec = ctx.spec
+        output, *operators = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled()
+        zero_total = grad_output.new_zeros(spec.n_groups, *grad_output.shape[1:]) if ctx.has_total else None
+        adjoint = _solve(spec, grad_output, zero_total, tuple(operators))
+
+        grad_total = None
+        if ctx.has_total and ctx.needs_input_grad[2]:
+            remainder = grad_output - spec.matvec(adjoint, *operators)
+            counts = torch.bincount(spec.batch, minlength=spec.n_groups).to(grad_output.dtype)
+            grad_total = _group_sum(remainder, spec) / counts.reshape(-1, *([1] * (grad_output.ndim - 1)))
+
+        needs = ctx.needs_input_grad[3:]
+        grad_operators: list[Optional[torch.Tensor]] = [None] * len(operators)
+        if create_graph and any(needs):
+            # Fresh aliases of θ: the graph of the result runs through y and λ only,
+            # which is all a second derivative needs because y = 0.
+            aliases = [o.detach().requires_grad_(n) for o, n in zip(operators, needs)]
+            with torch.enable_grad():
+                product = spec.matvec(output, *aliases)
+                wanted = [a for a, n in zip(aliases, needs) if n]
+                grads = torch.autograd.grad(product, wanted, grad_outputs=adjoint, create_graph=True, allow_unused=True)
+            grads_iter = iter(grads)
+            for index, need in enumerate(needs):
+                if need:
+                    grad = next(grads_iter)
+                    grad_operators[index] = None if grad is None else -grad
+        grad_residual = adjoint if ctx.needs_input_grad[1] else None
+        return (None, grad_residual, grad_total, *grad_operators)
+
+
+def _group_sum(values: torch.Tensor, spec: _SolveSpec) -> torch.Tensor:
+    """(N, ...) -> (B, ...) sums over each structure's rows."""
+    return values.new_zeros(spec.n_groups, *values.shape[1:]).index_add(0, spec.batch, values)
+
+
+def _group_dot(a: torch.Tensor, b: torch.Tensor, spec: _SolveSpec) -> torch.Tensor:
+    """(N, ...), (N, ...) -> (B,) inner products per structure."""
+    return a.new_zeros(spec.n_groups).index_add(0, spec.batch, (a * b).reshape(a.shape[0], -1).sum(1))
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor, spec: _SolveSpec) -> torch.Tensor:
+    """(B,) -> broadcastable against (N, ...)."""
+    return values[spec.batch].reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _conjugate_gradients(
+    spec: _SolveSpec, apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, total: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Batched preconditioned CG; returns x (N, ...) without a graph."""
+    inverse_diagonal = torch.ones_like(rhs) if spec.diagonal is None else 1.0 / spec.diagonal.to(rhs.dtype)
+    inverse_weight = None if total is None else _group_sum(inverse_diagonal, spec)
+
+    def precondition(residual: torch.Tensor) -> torch.Tensor:
+        scaled = inverse_diagonal * residual
+        if total is None:
+            return scaled
+        return scaled - inverse_diagonal * (_group_sum(scaled, spec) / inverse_weight)[spec.batch]
+
+    def project(residual: torch.Tensor) -> torch.Tensor:
+        if total is None:
+            return residual
+        counts = torch.bincount(spec.batch, minlength=spec.n_groups).to(residual.dtype)
+        mean = _group_sum(residual, spec) / counts.reshape(-1, *([1] * (residual.ndim - 1)))
+        return residual - mean[spec.batch]
+
+    def norm(residual: torch.Tensor) -> torch.Tensor:
+        projected = project(residual)
+        return _group_dot(projected, projected, spec).sqrt()
+
+    x = precondition(rhs)
+    if total is not None:
+        x = x + inverse_diagonal * (total / inverse_weight)[spec.batch]
+    residual = rhs - apply(x)
+    threshold = spec.rtol * torch.maximum(norm(rhs), norm(residual)) + spec.atol
+    residual_norm = norm(residual)
+    z = precondition(residual)
+    direction = z
+    rz = _group_dot(residual, z, spec)
+    for _ in range(spec.max_iter):
+        active = residual_norm > threshold
+        if not bool(active.any()):
+            return x
+        product = apply(direction)
+        curvature = _group_dot(direction, product, spec)
+        if bool((active & (curvature <= 0) & (rz > 0)).any()):
+            raise ValueError(
+                "the operator is not positive definite on the constraint subspace (pᵀHp ≤ 0 in CG); "
+                "check that matvec is symmetric positive definite (for Qeq: hardness > 0)."
+            )
+        step = torch.where(active & (curvature > 0), rz / torch.where(curvature > 0, curvature, 1.0), 0.0)
+        x = x + _per_row(step, x, spec) * direction
+        residual = residual - _per_row(step, x, spec) * product
+        z = precondition(residual)
+        rz_new = _group_dot(residual, z, spec)
+        beta = torch.where(active & (rz > 0), rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        direction = z + _per_row(beta, x, spec) * direction
+        rz = rz_new
+        residual_norm = norm(residual)
+    failed = residual_norm > threshold
+    if bool(failed.any()):
+        worst = int(torch.argmax(torch.where(failed, residual_norm / threshold.clamp_min(1e-300), 0.0)))
+        message = (
+            f"conjugate gradients did not converge in {spec.max_iter} iterations: structure {worst} has "
+            f"residual {float(residual_norm[worst]):.3e} > tolerance {float(threshold[worst]):.3e}. "
+            "Raise max_iter, loosen rtol/atol, or use a direct (dense) solve for small structures."
+        )
+        if spec.on_failure == "raise":
+            raise ConvergenceError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return x
