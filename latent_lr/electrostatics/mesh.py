@@ -82,7 +82,7 @@ def _influence(
         alpha: (G,) Ewald splitting parameters, 1/Å.
 
     Returns:
-        (G, K1, K2, K3 // 2 + 1) weights in e⁻²·(e²/Å), i.e. 1/Å.
+        (G, K1, K2, K3 // 2 + 1) weights, 1/Å: energy / k_e per unit |FFT(Q)|² (Q in e).
     """
     dtype, device = cell.dtype, cell.device
     k1, k2, k3 = shape
@@ -134,7 +134,7 @@ def spme_reciprocal_energy(
         atom_row: (M,) which of the R structures each atom belongs to.
         mesh_shapes: R mesh shapes (K1, K2, K3), one per structure.
         alpha: (R,) Ewald splitting parameters, 1/Å.
-        order: B-spline order p (p ≤ every K_a).
+        order: B-spline order p ≥ 2 (a mesh smaller than p wraps correctly).
 
     Returns:
         (R,) energies divided by k_e.  The k = 0 term is omitted.
