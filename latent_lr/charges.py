@@ -11,6 +11,13 @@ MAX_ATOMIC_NUMBER = 118
 REDISTRIBUTIONS = ("learned", "uniform", "none")
 
 
+def feature_mlp(feature_dim: int, hidden_dim: int) -> nn.Module:
+    """One scalar per atom from (N, F) features: Linear-SiLU-Linear, or Linear if hidden_dim = 0."""
+    if hidden_dim > 0:
+        return nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
+    return nn.Linear(feature_dim, 1)
+
+
 class TotalChargeConstraint(nn.Module):
     """Make each structure's charges sum to its total charge by a uniform shift.
 
@@ -90,12 +97,7 @@ class ChargeHead(nn.Module):
 
     def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, redistribution: str = "learned"):
         super().__init__()
-        if hidden_dim > 0:
-            self.mlp = nn.Sequential(
-                nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1)
-            )
-        else:
-            self.mlp = nn.Linear(feature_dim, 1)
+        self.mlp = feature_mlp(feature_dim, hidden_dim)
         self.element_baseline = nn.Embedding(MAX_ATOMIC_NUMBER + 1, 1) if element_baseline else None
         if self.element_baseline is not None:
             nn.init.zeros_(self.element_baseline.weight)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from .charges import ChargeHead
+from .qeq import SOLVERS as QEQ_SOLVERS
+from .qeq import QeqChargeHead
 from .data import AtomsBatch
 from .electrostatics import coulomb_energy
 from .properties import dipole_moment, polarization, slab_dipole
@@ -32,6 +34,12 @@ class LongRangeModule(nn.Module):
         charge_redistribution: how charges are made to sum to the total charge:
             ``"learned"`` (positive learned per-atom weights, default), ``"uniform"``,
             or ``"none"`` (raw charges; the total charge is not imposed, as in LES).
+            Used by ``charge_model="latent"`` only.
+        charge_model: ``"latent"`` (default: charges predicted directly by an MLP)
+            or ``"qeq"`` (charge equilibration with learned electronegativities
+            and hardnesses, :mod:`latent_lr.qeq`; the energy is then the Qeq energy
+            E(q*), and the total charge is imposed exactly by the constraint).
+        qeq_solver: ``"auto"``, ``"dense"`` or ``"cg"`` for ``charge_model="qeq"``.
     """
 
     def __init__(
@@ -43,6 +51,8 @@ class LongRangeModule(nn.Module):
         element_baseline: bool = True,
         accuracy: float = 1e-6,
         charge_redistribution: str = "learned",
+        charge_model: str = "latent",
+        qeq_solver: str = "auto",
     ):
         super().__init__()
         if smearing <= 0:
@@ -55,8 +65,17 @@ class LongRangeModule(nn.Module):
             element_baseline=element_baseline,
             accuracy=accuracy,
             charge_redistribution=charge_redistribution,
+            charge_model=charge_model,
+            qeq_solver=qeq_solver,
         )
-        self.charge_head = ChargeHead(feature_dim, hidden_dim, element_baseline, charge_redistribution)
+        if charge_model == "latent":
+            self.charge_head: nn.Module = ChargeHead(feature_dim, hidden_dim, element_baseline, charge_redistribution)
+        elif charge_model == "qeq":
+            if qeq_solver not in QEQ_SOLVERS:
+                raise ValueError(f"qeq_solver must be one of {QEQ_SOLVERS}, got {qeq_solver!r}.")
+            self.charge_head = QeqChargeHead(feature_dim, hidden_dim, element_baseline, qeq_solver)
+        else:
+            raise ValueError(f"charge_model must be 'latent' or 'qeq', got {charge_model!r}.")
         log_sigma = torch.tensor(math.log(smearing))
         if learnable_smearing:
             self.log_smearing = nn.Parameter(log_sigma)
@@ -90,17 +109,20 @@ class LongRangeModule(nn.Module):
                 f"n_atoms = {data.positions.shape[0]}."
             )
         features = features.to(data.positions.dtype)
-        charges = self.charge_head(features, data.numbers, data.batch, data.total_charge)
         sigma = self.smearing.to(data.positions.dtype)
-        energy = coulomb_energy(
-            data.positions,
-            charges,
-            cell=data.cell,
-            pbc=data.pbc,
-            batch=data.batch,
-            smearing=sigma,
-            accuracy=self.accuracy,
-        )
+        if isinstance(self.charge_head, QeqChargeHead):
+            charges, energy = self.charge_head(features, data, sigma, self.accuracy)
+        else:
+            charges = self.charge_head(features, data.numbers, data.batch, data.total_charge)
+            energy = coulomb_energy(
+                data.positions,
+                charges,
+                cell=data.cell,
+                pbc=data.pbc,
+                batch=data.batch,
+                smearing=sigma,
+                accuracy=self.accuracy,
+            )
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)

@@ -10,7 +10,9 @@ from .backbone import Backbone, adapter_class, detect_backbone
 from .long_range import LongRangeModule
 from .model import LongRangeModel
 
-LONG_RANGE_OPTIONS = ("hidden_dim", "smearing", "learnable_smearing", "element_baseline", "accuracy", "charge_redistribution")
+LONG_RANGE_OPTIONS = ("hidden_dim", "smearing", "learnable_smearing", "element_baseline", "accuracy", "charge_redistribution",
+    "charge_model", "qeq_solver",
+)
 
 
 def wrap(
@@ -37,7 +39,9 @@ def wrap(
         adapter_options: backbone-specific settings passed to the adapter.
         **long_range_options: :class:`~latent_lr.long_range.LongRangeModule`
             settings: ``hidden_dim``, ``smearing`` (Å, default 1), ``learnable_smearing``,
-            ``element_baseline``, ``accuracy``, ``charge_redistribution`` ("learned", "uniform" or "none").
+            ``element_baseline``, ``accuracy``, ``charge_redistribution`` ("learned", "uniform" or "none"),
+            ``charge_model`` ("latent" or "qeq", charge equilibration) and ``qeq_solver``
+            ("auto", "dense" or "cg").
     """
     unknown = set(long_range_options) - set(LONG_RANGE_OPTIONS)
     if unknown:
