@@ -16,7 +16,9 @@ from .model import LongRangeModel
 
 class Calculator(AseCalculator):
     """Energies (eV), forces (eV/Å), stress (eV/Å³; periodic, and in-plane for slabs), latent charges (e),
-    dipole (e·Å) and Born effective charges (e, shape (N, 3, 3)) from a wrapped model.
+    dipole (e·Å; the cell dipole Ω P for periodic structures), Born effective
+    charges (e, shape (N, 3, 3)) and the polarisability tensor ∂M/∂E_ext (e·Å²/V,
+    shape (3, 3); ``calc.get_property("polarizability", atoms)``) from a wrapped model.
 
     The net charge is read from ``atoms.info['charge']`` and a uniform external
     field (V/Å) from ``atoms.info['external_field']`` when present; the
@@ -27,10 +29,11 @@ class Calculator(AseCalculator):
         device: torch device to run on.
         dtype: torch dtype (default: the model's).
         charge: net charge of every structure this calculator sees, e.
-        external_field: uniform field (3,), V/Å (open-boundary structures only).
+        external_field: uniform field (3,), V/Å (fixed-field ensemble; for periodic
+            structures keep positions unwrapped during a run, see ``LongRangeModel._field_energy``).
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "bec"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "bec", "polarizability"]
 
     def __init__(
         self,
@@ -75,7 +78,11 @@ class Calculator(AseCalculator):
         # Slabs, pbc = (True, True, False): in-plane stress per cell volume (see LongRangeModel).
         with_stress = periodic or (self.atoms.pbc.tolist() == [True, True, False] and bool(self.atoms.cell.volume > 0))
         want_bec = "bec" in properties and self.model.long_range is not None
-        out = self.model(data, compute_forces=True, compute_stress=with_stress, compute_bec=want_bec)
+        want_polarizability = "polarizability" in properties and self.model.long_range is not None
+        out = self.model(
+            data, compute_forces=True, compute_stress=with_stress, compute_bec=want_bec,
+            compute_polarizability=want_polarizability,
+        )
         energy = float(out["energy"][0])
         self.results["energy"] = energy
         self.results["free_energy"] = energy
@@ -88,6 +95,8 @@ class Calculator(AseCalculator):
             self.results["dipole"] = moment.cpu().numpy().astype(float)
         if want_bec:
             self.results["bec"] = out["bec"].cpu().numpy().astype(float)
+        if want_polarizability:
+            self.results["polarizability"] = out["polarizability"][0].cpu().numpy().astype(float)
 
 
 def _voigt(stress: np.ndarray) -> np.ndarray:

@@ -13,6 +13,16 @@ from .qeq import SOLVERS as QEQ_SOLVERS
 from .qeq import QeqChargeHead
 from .data import AtomsBatch
 from .electrostatics import coulomb_energy
+from .electrostatics.field import electric_field
+from .polarizability import MODES as POLARIZABILITY_MODES
+from .polarizability import (
+    SOLVERS,
+    PolarizabilityHead,
+    one_step_induction,
+    per_structure,
+    self_consistent_cap,
+    self_consistent_induction,
+)
 from .properties import dipole_moment, polarization, slab_dipole
 
 
@@ -40,6 +50,11 @@ class LongRangeModule(nn.Module):
             and hardnesses, :mod:`latent_lr.qeq`; the energy is then the Qeq energy
             E(q*), and the total charge is imposed exactly by the constraint).
         qeq_solver: ``"auto"``, ``"dense"`` or ``"cg"`` for ``charge_model="qeq"``.
+        polarizability: latent per-atom polarisabilities (see
+            :mod:`latent_lr.polarizability`): ``"none"`` (default), ``"one_step"``
+            (p = α E⁰, open and periodic) or ``"self_consistent"`` (p = α(E⁰ + T p),
+            open-boundary structures only).
+        polarizability_solver: ``"cg"`` or ``"dense"`` for ``"self_consistent"``.
     """
 
     def __init__(
@@ -53,8 +68,14 @@ class LongRangeModule(nn.Module):
         charge_redistribution: str = "learned",
         charge_model: str = "latent",
         qeq_solver: str = "auto",
+        polarizability: str = "none",
+        polarizability_solver: str = "cg",
     ):
         super().__init__()
+        if polarizability not in POLARIZABILITY_MODES:
+            raise ValueError(f"polarizability must be one of {POLARIZABILITY_MODES}, got {polarizability!r}.")
+        if polarizability_solver not in SOLVERS:
+            raise ValueError(f"polarizability_solver must be one of {SOLVERS}, got {polarizability_solver!r}.")
         if smearing <= 0:
             raise ValueError(f"smearing must be > 0 Å for latent charges, got {smearing}.")
         self.config = dict(
@@ -67,6 +88,8 @@ class LongRangeModule(nn.Module):
             charge_redistribution=charge_redistribution,
             charge_model=charge_model,
             qeq_solver=qeq_solver,
+            polarizability=polarizability,
+            polarizability_solver=polarizability_solver,
         )
         if charge_model == "latent":
             self.charge_head: nn.Module = ChargeHead(feature_dim, hidden_dim, element_baseline, charge_redistribution)
@@ -82,8 +105,12 @@ class LongRangeModule(nn.Module):
         else:
             self.register_buffer("log_smearing", log_sigma)
         self.accuracy = accuracy
-        #: Seam for latent polarisabilities (charged-systems issue); None = off.
-        self.polarizability_head: Optional[nn.Module] = None
+        #: Latent polarisabilities; None = off.
+        self.polarizability = polarizability
+        self.polarizability_solver = polarizability_solver
+        self.polarizability_head: Optional[nn.Module] = (
+            None if polarizability == "none" else PolarizabilityHead(feature_dim, hidden_dim // 2, element_baseline)
+        )
 
     @property
     def smearing(self) -> torch.Tensor:
@@ -101,7 +128,12 @@ class LongRangeModule(nn.Module):
             dict with ``energy`` (B,) eV, ``charges`` (N,) e, ``dipole`` (B, 3) e·Å
             (open structures, and the dipole per cell of slabs, see
             :mod:`latent_lr.properties`; zeros for periodic), ``polarization`` (B, 3) e/Å²
-            (periodic structures; zeros for open).
+            (periodic structures; zeros for open).  With polarisabilities on,
+            ``energy`` includes the induction energy and the moments include the
+            induced dipoles; extra keys ``induction_energy`` (B,) eV,
+            ``induced_dipoles`` (N, 3) e·Å, ``polarizabilities`` (N,) e·Å²/V and
+            ``electric_field`` (N, 3) V/Å (latent charges' field plus the applied
+            field ``data.external_field``, zeros if None).
         """
         if features.ndim != 2 or features.shape[0] != data.positions.shape[0]:
             raise ValueError(
@@ -131,4 +163,44 @@ class LongRangeModule(nn.Module):
         )
         polar = polarization(charges, data.positions, data.cell, data.batch)
         polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
-        return {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}
+        out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}
+        if self.polarizability_head is not None:
+            self._add_induction(features, charges, sigma, data, out)
+        return out
+
+    def _add_induction(
+        self, features: torch.Tensor, charges: torch.Tensor, sigma: torch.Tensor, data: AtomsBatch,
+        out: dict[str, torch.Tensor],
+    ) -> None:
+        """Induced dipoles of the latent polarisabilities; updates ``out`` in place."""
+        periodic = data.periodic
+        self_consistent = self.polarizability == "self_consistent"
+        if self_consistent and bool(data.pbc.any()):
+            raise NotImplementedError(
+                "polarizability='self_consistent' needs the dipolar Ewald sum, which is not "
+                "implemented: it supports open-boundary structures only. Use "
+                "polarizability='one_step' for periodic structures and slabs."
+            )
+        cap = self_consistent_cap(sigma) if self_consistent else None
+        alpha = self.polarizability_head(features, data.numbers, cap)
+        field = electric_field(
+            data.positions, charges, cell=data.cell, pbc=data.pbc, batch=data.batch, smearing=sigma,
+            accuracy=self.accuracy,
+        )
+        if data.external_field is not None:
+            field = field + data.external_field.to(field.dtype)[data.batch]
+        if self_consistent:
+            induced, induction = self_consistent_induction(
+                alpha, field, data.positions, data.batch, data.n_structures, sigma, self.polarizability_solver
+            )
+        else:
+            induced, induction = one_step_induction(alpha, field, data.batch, data.n_structures)
+        moment = per_structure(induced, data.batch, data.n_structures)
+        volume = torch.linalg.det(data.cell).abs()
+        volume = torch.where(periodic, volume, torch.ones_like(volume))
+        out["energy"] = out["energy"] + induction
+        out["dipole"] = out["dipole"] + torch.where(periodic[:, None], torch.zeros_like(moment), moment)
+        out["polarization"] = out["polarization"] + torch.where(
+            periodic[:, None], moment / volume[:, None], torch.zeros_like(moment)
+        )
+        out.update(induction_energy=induction, induced_dipoles=induced, polarizabilities=alpha, electric_field=field)

@@ -11,7 +11,7 @@ from .backbone import Backbone
 from .data import AtomsBatch
 from .electrostatics.slab import unit_normals
 from .long_range import LongRangeModule
-from .properties import born_effective_charges
+from .properties import born_effective_charges, dipole_moment
 
 
 class LongRangeModel(nn.Module):
@@ -74,6 +74,7 @@ class LongRangeModel(nn.Module):
         compute_stress: Optional[bool] = None,
         compute_bec: bool = False,
         create_graph: Optional[bool] = None,
+        compute_polarizability: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Predict a batch.
 
@@ -83,17 +84,27 @@ class LongRangeModel(nn.Module):
             compute_stress: return ``stress`` (B, 3, 3), eV/Å³, in-plane only for
                 slabs (default: if any structure is periodic or a slab with a
                 non-zero cell volume; zeros for open structures).
-            compute_bec: return ``bec`` (N, 3, 3), e.
+            compute_bec: return ``bec`` (N, 3, 3), e: ∂M/∂r of the total moment M
+                (charges and induced dipoles).
             create_graph: keep the graph of derivatives for training on forces
                 (default: ``self.training``).
+            compute_polarizability: return ``polarizability`` (B, 3, 3) =
+                ∂M_α/∂E_ext,β in e·Å²/V, M the dipole (open) or cell dipole Ω P
+                (periodic), by autograd with the field as an input (3 backward passes).
 
         Returns:
             dict with ``energy`` (B,), ``host_energy`` (B,) (host plus per-element
-            reference energies), ``long_range_energy`` (B,), ``field_energy`` (B,)
-            (-μ·E_ext, zero without a field) in eV, and when the long-range module is on ``charges`` (N,),
-            ``dipole`` (B, 3), ``polarization`` (B, 3), plus requested derivatives.
+            reference energies), ``long_range_energy`` (B,) (Coulomb plus induction),
+            ``field_energy`` (B,) (-(Σ q_i r_i)·E_ext, zero without a field) in eV, and
+            when the long-range module is on ``charges`` (N,), ``dipole`` (B, 3),
+            ``polarization`` (B, 3) (plus ``induced_dipoles`` etc. with
+            polarisabilities, see :class:`LongRangeModule`), plus requested derivatives.
         """
         data = self._prepare(data)
+        if compute_polarizability:
+            if self.long_range is None:
+                raise ValueError("the polarisability tensor needs the long-range module (latent charges).")
+            data.external_field = data.external_field.detach().requires_grad_(True)
         create_graph = self.training if create_graph is None else create_graph
         has_volume = torch.linalg.det(data.cell).abs() > 0
         if compute_stress is None:
@@ -123,7 +134,7 @@ class LongRangeModel(nn.Module):
             out["long_range_energy"] = out.pop("energy")
         else:
             out["long_range_energy"] = torch.zeros_like(host_energy)
-        out["field_energy"] = self._field_energy(data, out)
+        out["field_energy"] = self._field_energy(geometry, out)
         energy = host_energy + out["long_range_energy"] + out["field_energy"]
         out["energy"] = energy
 
@@ -131,7 +142,7 @@ class LongRangeModel(nn.Module):
         if inputs:
             grads = torch.autograd.grad(
                 energy.sum(), inputs, create_graph=create_graph,
-                retain_graph=create_graph or compute_bec, allow_unused=True,
+                retain_graph=create_graph or compute_bec or compute_polarizability, allow_unused=True,
             )
             grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
             if compute_forces:
@@ -149,38 +160,67 @@ class LongRangeModel(nn.Module):
             if self.long_range is None:
                 raise ValueError("Born effective charges need the long-range module (latent charges).")
             out["bec"] = born_effective_charges(
-                out["charges"], positions, data.cell, data.pbc, data.batch, create_graph=create_graph
+                out["charges"], positions, data.cell, data.pbc, data.batch, create_graph=create_graph,
+                induced_dipoles=out.get("induced_dipoles"),
             )
+        if compute_polarizability:
+            out["polarizability"] = self._polarizability(data, out, create_graph)
         if not create_graph:
             out = {key: value.detach() for key, value in out.items()}
         return out
 
     def _field_energy(self, data: AtomsBatch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """-μ·E_ext (eV) for open structures in a uniform external field E_ext (V/Å).
+        """-(Σ_i q_i r_i)·E_ext (eV) in a uniform external field E_ext (V/Å).
 
-        Fixed-field ensemble: the field does work on the latent charges,
-        μ = Σ q_i r_i about the coordinate origin (for a charged structure the
-        origin only shifts the energy zero; the force on the net charge, Q E_ext,
-        is physical).  Latent charges do not depend on the field (no
-        polarisabilities yet), so the energy is linear in E_ext and
-        ∂F_iβ/∂E_α equals the Born effective charge Z*_i,αβ.
+        Fixed-field ensemble (the field, not the displacement, is held fixed):
+        the field does work on the latent charges, the force on atom i is
+        q_i E_ext (plus the field's effect through charges that move with the
+        geometry).  The induced dipoles' -Σ p_i·E_ext is part of the induction
+        energy of the long-range module and is not counted here.
+
+        * Open structures: Σ q_i r_i about the coordinate origin (for a charged
+          structure the origin only shifts the energy zero; the force Q E_ext
+          on the net charge is physical).
+        * Periodic structures: the positions *as given* are used (unwrapped
+          trajectory positions: do not wrap atoms back into the cell during a
+          run).  Forces q_i E_ext are well defined; the energy zero depends on
+          the periodic image chosen for each atom, because Ω P = Σ q_i r_i is
+          defined only modulo the polarisation quantum (Berry phase).  This is
+          the electric-enthalpy functional of Nunes & Gonze (PRB 63, 155107,
+          2001) and Umari & Pasquarello (PRL 89, 157602, 2002) with the
+          Berry-phase polarisation replaced by the latent point-charge one; in
+          DFT it is valid below the Zener breakdown field, and here latent
+          charges follow the local environment only (they do not flow across
+          the cell in response to the field).  In a field the stress includes
+          the branch-dependent term -Σ q_i r_iα E_β (the "improper" part).
+
+        With charges independent of E_ext the energy is linear in E_ext apart
+        from the induction energy, and ∂F_iβ/∂E_α = Z*_i,αβ = ∂M_α/∂r_iβ.
         """
         field = data.external_field
         in_field = (field != 0).any(dim=1)
-        if not bool(in_field.any()):
+        if not bool(in_field.any()) and not field.requires_grad:
             return torch.zeros_like(out["host_energy"])
         if self.long_range is None:
             raise ValueError(
                 "an external field acts on charges, but this model has no long-range module; "
                 "wrap the host with long_range=True or remove atoms.info['external_field']."
             )
-        if bool((in_field & data.periodic).any()):
-            raise NotImplementedError(
-                "uniform external fields are supported for open-boundary structures only; the "
-                "periodic (polarisation) coupling is not implemented yet. Remove "
-                "atoms.info['external_field'] for periodic structures."
-            )
-        return -(out["dipole"] * field.to(out["dipole"].dtype)).sum(dim=1)
+        charge_dipole = dipole_moment(out["charges"], data.positions, data.batch, data.n_structures)
+        return -(charge_dipole * field.to(charge_dipole.dtype)).sum(dim=1)
+
+    def _polarizability(self, data: AtomsBatch, out: dict[str, torch.Tensor], create_graph: bool) -> torch.Tensor:
+        """(B, 3, 3) ∂M_α/∂E_ext,β, e·Å²/V (M: dipole, or Ω P for periodic structures)."""
+        volume = torch.linalg.det(data.cell).abs()
+        moment = torch.where(data.periodic[:, None], out["polarization"] * volume[:, None], out["dipole"])
+        rows = []
+        for alpha in range(3):
+            (g,) = torch.autograd.grad(
+                moment[:, alpha].sum(), data.external_field, retain_graph=True,
+                create_graph=create_graph, allow_unused=True,
+            ) if moment.requires_grad else (None,)
+            rows.append(torch.zeros_like(data.external_field) if g is None else g)
+        return torch.stack(rows, dim=1)
 
     def _prepare(self, data: AtomsBatch) -> AtomsBatch:
         if not isinstance(data, AtomsBatch):

@@ -37,11 +37,15 @@ Conventions
   weighting breaks it at order (cut-off / cell length)²; as in DFPT codes,
   :func:`born_effective_charges` then restores it by subtracting the
   per-structure mean violation (``enforce_sum_rule=True``, the default).
+* Induced dipoles p_i (latent polarisabilities) add to both moments,
+  M = Σ q_i r_i + Σ p_i, so Z* gains Σ_j ∂p_j,α/∂r_iβ (3 more backward passes);
+  then ∂F_iβ/∂E_α = Z*_i,αβ still holds (Maxwell relation of the energy).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -114,6 +118,7 @@ def born_effective_charges(
     batch: torch.Tensor,
     create_graph: bool = False,
     enforce_sum_rule: bool = True,
+    induced_dipoles: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(N, 3, 3) Born effective charges Z*_i,αβ = ∂M_α/∂r_iβ, in e.
 
@@ -128,9 +133,19 @@ def born_effective_charges(
         enforce_sum_rule: for periodic structures and slabs, subtract the mean of
             Σ_i Z*_i - Q·1 over each structure's atoms (open structures satisfy
             the sum rule exactly and are left alone).
+        induced_dipoles: (N, 3) e·Å computed from ``positions``, or None.
     """
     eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
     bec = charges.detach()[:, None, None] * eye if not create_graph else charges[:, None, None] * eye
+    if induced_dipoles is not None and induced_dipoles.requires_grad:
+        rows = []
+        for alpha in range(3):
+            (g,) = torch.autograd.grad(
+                induced_dipoles[:, alpha].sum(), positions, retain_graph=True, create_graph=create_graph,
+                allow_unused=True,
+            )
+            rows.append(torch.zeros_like(positions) if g is None else g)
+        bec = bec + torch.stack(rows, dim=1)
     if not charges.requires_grad:
         return bec
 

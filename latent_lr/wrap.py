@@ -10,7 +10,7 @@ from .backbone import Backbone, adapter_class, detect_backbone
 from .long_range import LongRangeModule
 from .model import LongRangeModel
 
-LONG_RANGE_OPTIONS = ("hidden_dim", "smearing", "learnable_smearing", "element_baseline", "accuracy", "charge_redistribution",
+LONG_RANGE_OPTIONS = ("hidden_dim", "smearing", "learnable_smearing", "element_baseline", "accuracy", "charge_redistribution", "polarizability", "polarizability_solver",
     "charge_model", "qeq_solver",
 )
 
@@ -40,6 +40,7 @@ def wrap(
         **long_range_options: :class:`~latent_lr.long_range.LongRangeModule`
             settings: ``hidden_dim``, ``smearing`` (Å, default 1), ``learnable_smearing``,
             ``element_baseline``, ``accuracy``, ``charge_redistribution`` ("learned", "uniform" or "none"),
+            ``polarizability`` ("none", "one_step", "self_consistent"), ``polarizability_solver``.
             ``charge_model`` ("latent" or "qeq", charge equilibration) and ``qeq_solver``
             ("auto", "dense" or "cg").
     """

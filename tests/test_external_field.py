@@ -1,4 +1,4 @@
-"""Uniform external field on open-boundary structures: E = ... - μ·E_ext.
+"""Uniform external field: E = ... - μ·E_ext (periodic cells: tests/test_polarizability.py).
 
 References: the model's own field-free energy and dipole (the field term must be
 exactly -μ·E_ext), finite differences in the field (Maxwell relation
@@ -9,7 +9,7 @@ together, and a net charge's force Q·E_ext.
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk, molecule
+from ase.build import molecule
 from scipy.spatial.transform import Rotation
 
 import latent_lr
@@ -89,10 +89,7 @@ def test_calculator_reads_the_field_and_notices_changes(model):
     assert atoms.get_potential_energy() == pytest.approx(free - dipole @ FIELD, abs=1e-10)
 
 
-def test_unsupported_field_cases_are_clear_errors(model):
-    crystal = bulk("NaCl", "rocksalt", a=5.64)
-    with pytest.raises(NotImplementedError, match="open-boundary structures only"):
-        model(in_field(crystal, FIELD))
+def test_field_without_long_range_is_a_clear_error(model):
     torch.manual_seed(0)
     host = latent_lr.RadialPotential(species=SPECIES, cutoff=3.5, hidden_dim=16).double()
     short = latent_lr.wrap(host, long_range=False)
