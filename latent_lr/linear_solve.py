@@ -274,8 +274,12 @@ def _conjugate_gradients(
     x = precondition(rhs)
     if total is not None:
         x = x + inverse_diagonal * (total / inverse_weight)[spec.batch]
-    residual = rhs - apply(x)
-    threshold = spec.rtol * torch.maximum(norm(rhs), norm(residual)) + spec.atol
+    # Only the projected residual matters (its component along 1 is absorbed by the
+    # multiplier), so it is kept projected: r·z then has no round-off from that part.
+    residual = project(rhs - apply(x))
+    full_norm = _group_dot(rhs, rhs, spec).sqrt()
+    roundoff = 10.0 * torch.finfo(rhs.dtype).eps * full_norm
+    threshold = spec.rtol * torch.maximum(norm(rhs), norm(residual)) + spec.atol + roundoff
     residual_norm = norm(residual)
     z = precondition(residual)
     direction = z
@@ -293,7 +297,7 @@ def _conjugate_gradients(
             )
         step = torch.where(active & (curvature > 0), rz / torch.where(curvature > 0, curvature, 1.0), 0.0)
         x = x + _per_row(step, x, spec) * direction
-        residual = residual - _per_row(step, x, spec) * product
+        residual = project(residual - _per_row(step, x, spec) * product)
         z = precondition(residual)
         rz_new = _group_dot(residual, z, spec)
         beta = torch.where(active & (rz > 0), rz_new / torch.where(rz > 0, rz, 1.0), 0.0)

@@ -138,16 +138,14 @@ def coulomb_matrices(
 def _dense_charges(
     electronegativity: torch.Tensor,
     hardness: torch.Tensor,
+    geometry: _Geometry,
     positions: torch.Tensor,
     cell: torch.Tensor,
-    pbc: torch.Tensor,
-    batch: torch.Tensor,
     total_charge: torch.Tensor,
     smearing: torch.Tensor,
-    accuracy: float,
 ) -> torch.Tensor:
     """Solve the padded (n_max+1)² KKT systems of all structures at once; (N,) e."""
-    n_structures = cell.shape[0]
+    batch, n_structures = geometry.batch, geometry.n_structures
     counts = torch.bincount(batch, minlength=n_structures)
     starts = torch.cumsum(counts, 0) - counts
     local = torch.arange(len(batch), device=batch.device) - starts[batch]
@@ -155,7 +153,8 @@ def _dense_charges(
     occupied = (torch.arange(n_max, device=batch.device) < counts[:, None]).to(positions.dtype)
     padded_hardness = positions.new_zeros(n_structures, n_max).index_put((batch, local), hardness)
     padded_hardness = padded_hardness + (1.0 - occupied)  # unit diagonal on padding rows
-    matrix = coulomb_matrices(positions, cell, pbc, batch, smearing, accuracy) + torch.diag_embed(padded_hardness)
+    matrix = coulomb_matrices(positions, cell, geometry.pbc, batch, smearing, geometry.accuracy)
+    matrix = matrix + torch.diag_embed(padded_hardness)
     top = torch.cat([matrix, occupied[:, :, None]], 2)
     bottom = torch.cat([occupied, occupied.new_zeros(n_structures, 1)], 1)[:, None, :]
     kkt = torch.cat([top, bottom], 1)  # [[H, 1], [1ᵀ, 0]]
@@ -166,15 +165,8 @@ def _dense_charges(
 
 
 def _cg_charges(
-    electronegativity: torch.Tensor,
-    hardness: torch.Tensor,
-    geometry: _Geometry,
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    total_charge: torch.Tensor,
-    smearing: torch.Tensor,
-    rtol: Optional[float],
-    max_iter: int,
+    electronegativity: torch.Tensor, hardness: torch.Tensor, geometry: _Geometry, positions: torch.Tensor,
+    cell: torch.Tensor, total_charge: torch.Tensor, smearing: torch.Tensor, rtol: Optional[float], max_iter: int,
 ) -> torch.Tensor:
     """Matrix-free constrained CG with implicit derivatives; (N,) e."""
     diagonal = (hardness + gaussian_self_hardness(smearing)).detach()
@@ -251,16 +243,9 @@ def equilibrate_charges(
         else:
             atoms, structures, sub_batch = _subset(mask, batch)
         pick = (lambda t: t) if structures is None else (lambda t: t[structures])
-        args = (electronegativity[atoms], hardness[atoms])
-        if use_dense:
-            charges = _dense_charges(
-                *args, positions[atoms], pick(cell), pick(pbc), sub_batch, pick(total_charge), smearing, accuracy
-            )
-        else:
-            geometry = _Geometry(pick(pbc), sub_batch, int(mask.sum()), accuracy)
-            charges = _cg_charges(
-                *args, geometry, positions[atoms], pick(cell), pick(total_charge), smearing, rtol, max_iter
-            )
+        geometry = _Geometry(pick(pbc), sub_batch, int(mask.sum()), accuracy)
+        args = (electronegativity[atoms], hardness[atoms], geometry, positions[atoms], pick(cell), pick(total_charge), smearing)
+        charges = _dense_charges(*args) if use_dense else _cg_charges(*args, rtol, max_iter)
         parts.append(charges)
         order.append(atoms)
     if len(parts) == 1:
