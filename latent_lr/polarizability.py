@@ -28,6 +28,15 @@ Induced dipoles add to the dipole of open structures (μ = Σ q_i r_i + Σ p_i)
 and to the cell dipole of periodic ones (Ω P = Ω P_q + Σ p_i); the energy U
 already contains -Σ p_i·E_ext, so the model's field term is only
 -(Σ q_i r_i)·E_ext.
+
+With latent charges (independent of E_ext) the total energy is the
+variational one and μ = -∂E/∂E_ext exactly, so the polarisability tensor is
+symmetric and ∂F/∂E_ext equals the BECs.  With ``charge_model="qeq"`` the
+charges are equilibrated *without* the induction energy (charges and dipoles
+are not solved jointly), so the energy is not stationary in q: forces and
+stress remain exact gradients and ``polarizability`` is still the exact
+derivative ∂μ/∂E_ext of the reported dipole, but that tensor need not be
+symmetric and the Maxwell relation holds only approximately.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ def electric_field(
         positions: (N, 3) Å; may be a non-leaf tensor carrying gradients
             (e.g. strained positions): the field is differentiable in
             positions, cell, charges and smearing (double backward works).
+            Charges may depend on the positions; the field is still the
+            derivative at fixed charges.
         charges: (N,) e.
         cell, pbc, batch, smearing: as for :func:`latent_lr.coulomb_energy`.
         **engine_options: passed on to :func:`coulomb_energy` (``accuracy``,
@@ -60,8 +62,10 @@ def electric_field(
         (N, 3) field F_i = -Σ_j k_e q_j ∇_i ψ(r_ij), V/Å, with ψ the engine's
         (smeared) pair kernel.
     """
-    if not positions.requires_grad:
-        positions = positions.detach().requires_grad_(True)
+    # Differentiate with respect to a copy of the positions that the charges were
+    # not computed from: the field is ∂/∂r at *fixed* charges, even when the
+    # charges themselves depend on the positions (latent or Qeq charges).
+    positions = positions.clone() if positions.requires_grad else positions.detach().requires_grad_(True)
     ones = torch.ones_like(charges)
 
     def energy(q: torch.Tensor) -> torch.Tensor:
