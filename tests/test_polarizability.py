@@ -93,13 +93,21 @@ def test_field_matches_direct_numpy_sum_open(sigma):
     np.testing.assert_allclose(field, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("periodic", [False, True], ids=["open", "periodic"])
-def test_field_is_minus_gradient_of_the_potential(periodic):
-    """F_i = -∂φ_i/∂r_i with φ_i = ∂E_c/∂q_i (finite differences of the potential)."""
+@pytest.mark.parametrize(
+    "boundary, method", [("open", "auto"), ("periodic", "ewald"), ("periodic", "pme"), ("slab", "auto")]
+)
+def test_field_is_minus_gradient_of_the_potential(boundary, method):
+    """F_i = -∂φ_i/∂r_i with φ_i = ∂E_c/∂q_i (finite differences of the potential), for every engine method."""
     positions, charges = random_cluster(6, seed=1)
-    charges -= charges.mean() * periodic  # a neutral periodic cell
-    cell = torch.tensor([[6.0, 0.4, 0.0], [0.0, 5.5, 0.3], [0.2, 0.0, 6.5]], dtype=torch.float64) if periodic else None
-    options = dict(cell=cell, pbc=periodic, smearing=0.7, accuracy=1e-8)
+    cells = {
+        "open": None,
+        "periodic": torch.tensor([[6.0, 0.4, 0.0], [0.0, 5.5, 0.3], [0.2, 0.0, 6.5]], dtype=torch.float64),
+        "slab": torch.tensor([[6.0, 0.4, 0.0], [0.0, 5.5, 0.0], [0.0, 0.0, 20.0]], dtype=torch.float64),
+    }
+    pbc = {"open": False, "periodic": True, "slab": torch.tensor([True, True, False])}[boundary]
+    if boundary != "open":
+        charges -= charges.mean()  # a neutral cell
+    options = dict(cell=cells[boundary], pbc=pbc, smearing=0.7, accuracy=1e-8, method=method)
     field = electric_field(torch.tensor(positions), torch.tensor(charges), **options).detach().numpy()
 
     def potential(shifted, i):
@@ -115,8 +123,12 @@ def test_field_is_minus_gradient_of_the_potential(periodic):
             plus[i, beta] += step
             minus[i, beta] -= step
             numerical[i, beta] = -(potential(plus, i) - potential(minus, i)) / (2 * step)
+    print(f"\n{boundary}/{method}: max |F - F_FD| = {np.abs(field - numerical).max():.1e} V/Å")
     np.testing.assert_allclose(field, numerical, atol=1e-6)
     assert np.abs(field).max() > 0.5
+    if method == "pme":  # the same physical field as Ewald, to the requested accuracy
+        ewald = electric_field(torch.tensor(positions), torch.tensor(charges), **{**options, "method": "ewald"})
+        np.testing.assert_allclose(field, ewald.detach().numpy(), atol=1e-5 * np.abs(field).max())
 
 
 @pytest.mark.parametrize("mode", ["one_step", "self_consistent"])
