@@ -8,6 +8,7 @@ differentiable with respect to positions and cell.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,15 +25,24 @@ class PairList:
         shifts: (P, 3) integer lattice translations (as floats, in the positions'
             dtype) such that r_ij = r_second - r_first + shifts @ cell.
         structure: (P,) structure index of the pair.
+        shift_vectors: (P, 3) Cartesian lattice translations shifts @ cell, Å,
+            for the cell values the list was built from, or None.  Used in
+            place of the product when the cell needs no gradient.
     """
 
     first: torch.Tensor
     second: torch.Tensor
     shifts: torch.Tensor
     structure: torch.Tensor
+    shift_vectors: Optional[torch.Tensor] = None
 
     def vectors(self, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """Pair distance vectors (P, 3) in Å, differentiable in positions and cell (B, 3, 3)."""
+        """Pair distance vectors (P, 3) in Å, differentiable in positions and cell (B, 3, 3).
+
+        ``cell`` must hold the values the list was built from.
+        """
+        if self.shift_vectors is not None and not cell.requires_grad:
+            return positions[self.second] - positions[self.first] + self.shift_vectors
         return pair_vectors(positions, self.first, self.second, self.shifts, cell[self.structure])
 
 
@@ -53,7 +63,16 @@ def pair_vectors(
     """
     vectors = positions[second] - positions[first]
     if shifts.numel():
-        vectors = vectors + (shifts.unsqueeze(2) * cells).sum(1)
+        if cells.dim() == 2:
+            vectors = vectors + shifts @ cells
+        else:
+            # Three (P, 3) terms: ~4x cheaper, with the cell gradient, than a (P, 3, 3) product and sum.
+            vectors = (
+                vectors
+                + shifts[:, 0:1] * cells[:, 0]
+                + shifts[:, 1:2] * cells[:, 1]
+                + shifts[:, 2:3] * cells[:, 2]
+            )
     return vectors
 
 
@@ -109,7 +128,7 @@ def periodic_pairs_within_cutoff(
     counts_list = counts.tolist()
     pos_np = positions.detach().cpu().double().numpy()
     cell_np = cell.detach().cpu().double().numpy()
-    firsts, seconds, shifts, structures = [], [], [], []
+    firsts, seconds, shifts, shift_vectors, structures = [], [], [], [], []
     for index, r_cut in r_cuts.items():
         if r_cut <= 0.0:
             continue
@@ -121,6 +140,7 @@ def periodic_pairs_within_cutoff(
         firsts.append(i.astype(np.int64) + start)
         seconds.append(j.astype(np.int64) + start)
         shifts.append(s)
+        shift_vectors.append(s @ cell_np[index])
         structures.append(np.full(len(i), index, dtype=np.int64))
     if not firsts:
         empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -130,4 +150,5 @@ def periodic_pairs_within_cutoff(
         second=torch.from_numpy(np.concatenate(seconds)).to(device),
         shifts=torch.from_numpy(np.concatenate(shifts)).to(device=device, dtype=dtype),
         structure=torch.from_numpy(np.concatenate(structures)).to(device),
+        shift_vectors=torch.from_numpy(np.concatenate(shift_vectors)).to(device=device, dtype=dtype),
     )

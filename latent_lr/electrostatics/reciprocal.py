@@ -60,7 +60,9 @@ def reciprocal_energy(
     """Reciprocal-space energy of each periodic structure, in units of k_e (e²/Å).
 
     Pads the structures and their k-index sets and calls
-    :func:`padded_reciprocal_energy`.
+    :func:`padded_reciprocal_energy`, once per group of similar structures
+    (:func:`padding_groups`) so that small structures are not padded to the
+    largest one's atoms and k-vectors.
 
     Args:
         positions: (M, 3) positions of the atoms of periodic structures, Å.
@@ -78,23 +80,104 @@ def reciprocal_energy(
         (R,) energies divided by k_e.
     """
     device, dtype = positions.device, positions.dtype
-    n_slots = int(atom_slot.max().item()) + 1
-    k_max = max(1, max(len(k) for k in k_indices))
-    padded_n = np.zeros((n_rows, k_max, 3))
-    valid_np = np.zeros((n_rows, k_max), dtype=bool)
-    for row, k in enumerate(k_indices):
-        padded_n[row, : len(k)] = k
-        valid_np[row, : len(k)] = True
-    integer_k = torch.from_numpy(padded_n).to(device=device, dtype=dtype)
-    valid = torch.from_numpy(valid_np).to(device)
-
+    atom_counts = torch.bincount(atom_row, minlength=n_rows).tolist()
+    k_counts = [len(k) for k in k_indices]
+    n_slots = max(atom_counts)
     padded_positions = positions.new_zeros(n_rows, n_slots, 3)
     padded_positions = padded_positions.index_put((atom_row, atom_slot), positions)
     padded_charges = charges.new_zeros(n_rows, n_slots)
     padded_charges = padded_charges.index_put((atom_row, atom_slot), charges)
-    return padded_reciprocal_energy(
-        padded_positions, padded_charges, cell, integer_k, valid, alpha, k_switch, k_cut
-    )
+
+    energy = positions.new_zeros(n_rows)
+    for group in padding_groups(atom_counts, k_counts):
+        group_slots = max(atom_counts[row] for row in group)
+        k_max = max(1, max(k_counts[row] for row in group))
+        padded_n = np.zeros((len(group), k_max, 3))
+        valid_np = np.zeros((len(group), k_max), dtype=bool)
+        for slot, row in enumerate(group):
+            padded_n[slot, : k_counts[row]] = k_indices[row]
+            valid_np[slot, : k_counts[row]] = True
+        rows = torch.tensor(group, device=device)
+        group_energy = padded_reciprocal_energy(
+            padded_positions[rows, :group_slots],
+            padded_charges[rows, :group_slots],
+            cell[rows],
+            torch.from_numpy(padded_n).to(device=device, dtype=dtype),
+            torch.from_numpy(valid_np).to(device),
+            alpha[rows],
+            k_switch[rows],
+            k_cut[rows],
+        )
+        energy = energy.index_put((rows,), group_energy)
+    return energy
+
+
+#: Fixed cost of one padded group (its ~30 tensor operations, forward and
+#: backward) in units of one (atom, k-vector) term: ~0.3 ms against ~30 ns on
+#: one CPU thread (float64), measured on batches of 21-60-atom water boxes.
+GROUP_COST = 10_000
+
+#: Most groups :func:`padding_groups` splits a batch into.
+MAX_GROUPS = 8
+
+
+def padding_groups(atom_counts: list[int], k_counts: list[int]) -> list[list[int]]:
+    """Split structures into groups padded separately, minimising the padded work.
+
+    Structures are sorted by their work n_r K_r and cut into 1 to
+    :data:`MAX_GROUPS` groups of equal size; the split with the least
+    Σ_groups (size × max n × max K) + :data:`GROUP_COST` × groups wins.  A
+    batch of equal structures stays one group.
+
+    Args:
+        atom_counts: (R,) atoms per structure.
+        k_counts: (R,) k-vectors per structure.
+
+    Returns:
+        Lists of structure indices (rows), each sorted by work.
+    """
+    order = sorted(range(len(atom_counts)), key=lambda row: (atom_counts[row] * k_counts[row], row))
+    best: list[list[int]] = [order]
+    best_cost = math.inf
+    for n_groups in range(1, min(MAX_GROUPS, len(order)) + 1):
+        size, extra = divmod(len(order), n_groups)
+        groups, start = [], 0
+        for index in range(n_groups):
+            stop = start + size + (index < extra)
+            groups.append(order[start:stop])
+            start = stop
+        cost = GROUP_COST * n_groups + sum(
+            len(g) * max(atom_counts[r] for r in g) * max(1, max(k_counts[r] for r in g)) for g in groups
+        )
+        if cost < best_cost:
+            best, best_cost = groups, cost
+    return best
+
+
+class _CosSin(torch.autograd.Function):
+    """(cos φ, sin φ) whose backward reuses them instead of evaluating sin and cos again.
+
+    The backward, cos φ ḡ_sin - sin φ ḡ_cos, is written with the saved
+    outputs, which stay on the graph: double backward (training on forces)
+    differentiates through this function again.
+    """
+
+    @staticmethod
+    def forward(ctx, phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_phase, sin_phase = torch.cos(phase), torch.sin(phase)
+        ctx.save_for_backward(cos_phase, sin_phase)
+        return cos_phase, sin_phase
+
+    @staticmethod
+    def backward(ctx, grad_cos: torch.Tensor, grad_sin: torch.Tensor) -> torch.Tensor:
+        cos_phase, sin_phase = ctx.saved_tensors
+        return cos_phase * grad_sin - sin_phase * grad_cos
+
+
+@torch.jit.unused
+def _cos_sin(phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager-mode cos and sin of a phase array (TorchScript uses torch.cos/torch.sin)."""
+    return _CosSin.apply(phase)
 
 
 def padded_reciprocal_energy(
@@ -134,8 +217,12 @@ def padded_reciprocal_energy(
     weight = torch.where(valid, weight, torch.zeros_like(weight))
 
     phase = torch.bmm(positions, k_vectors.transpose(1, 2))
-    cos_part = torch.bmm(charges.unsqueeze(1), torch.cos(phase)).squeeze(1)
-    sin_part = torch.bmm(charges.unsqueeze(1), torch.sin(phase)).squeeze(1)
+    if torch.jit.is_scripting():
+        cos_phase, sin_phase = torch.cos(phase), torch.sin(phase)
+    else:
+        cos_phase, sin_phase = _cos_sin(phase)
+    cos_part = torch.bmm(charges.unsqueeze(1), cos_phase).squeeze(1)
+    sin_part = torch.bmm(charges.unsqueeze(1), sin_phase).squeeze(1)
     volume = torch.linalg.det(cell).abs()
     structure_factor = cos_part**2 + sin_part**2
     return (2.0 * math.pi / volume) * (weight * structure_factor).sum(-1)
