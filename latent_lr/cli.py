@@ -21,6 +21,10 @@ DEMO_OPTIONS = dict(
 )
 
 
+#: Flags that are long-range options (merged into ``long_range_options``, overriding it).
+CHARGE_FLAGS = ("charge_model", "charge_redistribution", "qeq_solver")
+
+
 def _on_off(value: str) -> bool:
     if value.lower() in ("on", "true", "yes", "1"):
         return True
@@ -52,6 +56,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--freeze-host", action="store_true", default=None)
     parser.add_argument("--host-options", type=json.loads, help='backbone hyper-parameters as JSON, e.g. \'{"cutoff": 5.0}\'')
     parser.add_argument("--long-range-options", type=json.loads, help='e.g. \'{"smearing": 1.0}\'')
+    parser.add_argument(
+        "--charge-model", choices=["latent", "qeq"],
+        help="latent (MLP charges, default) or qeq (charge equilibration with learned χ and J)",
+    )
+    parser.add_argument(
+        "--charge-redistribution", choices=["learned", "uniform", "none"],
+        help="latent charges: how the total charge is imposed (none: not at all, LES baseline)",
+    )
+    parser.add_argument("--qeq-solver", choices=["auto", "dense", "cg"], help="Qeq linear solver (default auto)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
@@ -68,7 +81,12 @@ def _config_from(args: argparse.Namespace):
     config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     names = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in names}
-    return config.updated(values)
+    config = config.updated(values)
+    charge_flags = {k: getattr(args, k, None) for k in CHARGE_FLAGS}
+    charge_flags = {k: v for k, v in charge_flags.items() if v is not None}
+    if charge_flags:
+        config = config.updated({"long_range_options": {**config.long_range_options, **charge_flags}})
+    return config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -334,3 +334,33 @@ def test_bad_charge_model_options_are_clear_errors():
         make_model(charge_model="eem")
     with pytest.raises(ValueError, match="qeq_solver must be one of"):
         make_model(charge_model="qeq", qeq_solver="lu")
+
+
+def test_cli_charge_flags_reach_the_model(tmp_path):
+    from latent_lr.cli import main
+    from latent_lr.qeq import QeqChargeHead
+    from latent_lr.synthetic import write_dataset
+
+    dataset = write_dataset(tmp_path / "data", n_train=12, n_test=4, seed=2)
+    out = tmp_path / "run"
+    main([
+        "train", "--train", str(dataset["train"]), "--epochs", "1", "--out", str(out), "--backbone", "radial",
+        "--host-options", '{"cutoff": 4.0, "hidden_dim": 8}', "--no-progress", "--batch-size", "6",
+        "--long-range-options", '{"smearing": 0.9, "charge_model": "latent"}', "--charge-model", "qeq", "--qeq-solver", "cg",
+    ])
+    model = latent_lr.load(out / "best_model.pt")
+    assert isinstance(model.long_range.charge_head, QeqChargeHead)
+    assert model.long_range.config["qeq_solver"] == "cg" and model.long_range.config["smearing"] == 0.9
+
+
+def test_cli_accepts_no_redistribution_and_rejects_unknown_values():
+    import argparse
+
+    from latent_lr.cli import _add_training_arguments, _config_from
+
+    parser = argparse.ArgumentParser()
+    _add_training_arguments(parser, with_long_range=True)
+    config = _config_from(parser.parse_args(["--charge-redistribution", "none"]))
+    assert config.long_range_options == {"charge_redistribution": "none"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--charge-model", "eem"])
