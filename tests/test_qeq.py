@@ -364,3 +364,32 @@ def test_cli_accepts_no_redistribution_and_rejects_unknown_values():
     assert config.long_range_options == {"charge_redistribution": "none"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--charge-model", "eem"])
+
+
+def test_auto_splits_a_mixed_batch_between_dense_and_cg(monkeypatch):
+    import latent_lr.qeq
+
+    monkeypatch.setattr(latent_lr.qeq, "DENSE_MAX_ATOMS", 5)
+    structures = [molecule("CH3CH2OH"), molecule("H2O"), rattled_salt(), molecule("NH3")]
+    data, chi, hardness = qeq_inputs(structures, [1.0, 0.0, -1.0, 0.5], seed=11)
+    positions = data.positions.clone().requires_grad_()
+    results = {}
+    for solver in ("auto", "dense"):
+        q, energy = solve(data, chi, hardness, solver, positions=positions)
+        (gradient,) = torch.autograd.grad((energy.sum() + (q**3).sum()), positions)
+        results[solver] = (q.detach(), energy.detach(), gradient)
+    for a, b in zip(results["auto"], results["dense"]):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_qeq_crystal_stress_and_field_forces_match_finite_differences(solver):
+    from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+
+    model = make_model(seed=12, charge_model="qeq", qeq_solver=solver).eval()
+    atoms = rattled_salt()
+    atoms.calc = latent_lr.Calculator(model)
+    np.testing.assert_allclose(atoms.get_stress(), calculate_numerical_stress(atoms, 1e-5), atol=1e-8)
+    atoms.info["external_field"] = np.array([0.03, -0.02, 0.05])
+    atoms.calc = latent_lr.Calculator(model)
+    np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, 1e-4), atol=1e-7)
