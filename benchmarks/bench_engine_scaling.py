@@ -57,20 +57,26 @@ def ours(positions, charges, cell, accuracy, smearing=0.0, method="ewald"):
 
 
 def torchpme_setup(positions, charges, cell, accuracy, cutoff):
-    import torchpme
+    """torch-pme's PMECalculator with parameters from its own ``tune_pme``."""
     import vesin
     from torchpme.tuning import tune_pme
 
-    q = charges.unsqueeze(1)
-
-    def neighbours(cutoff):
-        nl = vesin.NeighborList(cutoff=cutoff, full_list=False)
-        i, j, d = nl.compute(positions.detach().numpy(), cell.numpy(), True, "ijd")
-        return torch.from_numpy(np.stack([i, j], 1).astype(np.int64)), torch.from_numpy(d)
-
-    index, distance = neighbours(cutoff)
+    nl = vesin.NeighborList(cutoff=cutoff, full_list=False)
+    i, j, d = nl.compute(positions.detach().numpy(), cell.numpy(), True, "ijd")
+    index, distance = torch.from_numpy(np.stack([i, j], 1).astype(np.int64)), torch.from_numpy(d)
     # tune_pme returns (smearing, parameters, timing); the real-space cut-off is ours to choose.
-    smearing, parameters, _ = tune_pme(q, cell, positions, cutoff, index, distance, accuracy=accuracy)
+    smearing, parameters, _ = tune_pme(
+        charges.unsqueeze(1), cell, positions, cutoff, index, distance, accuracy=accuracy
+    )
+    return torchpme_runner(positions, charges, cell, cutoff, smearing, parameters)
+
+
+def torchpme_runner(positions, charges, cell, cutoff, smearing, parameters):
+    """A closure timing torch-pme PME energy + forces (neighbour list included) at given parameters."""
+    import torchpme
+    import vesin
+
+    q = charges.unsqueeze(1)
     calculator = torchpme.PMECalculator(torchpme.CoulombPotential(smearing=smearing, prefactor=COULOMB_CONSTANT), **parameters)
     calculator.to(dtype=positions.dtype)
 
