@@ -96,6 +96,11 @@ class LongRangeModule(nn.Module):
         elif charge_model == "qeq":
             if qeq_solver not in QEQ_SOLVERS:
                 raise ValueError(f"qeq_solver must be one of {QEQ_SOLVERS}, got {qeq_solver!r}.")
+            if charge_redistribution != "learned":
+                raise ValueError(
+                    f"charge_redistribution={charge_redistribution!r} applies to charge_model='latent' only; "
+                    "Qeq imposes the total charge through its constraint. Leave charge_redistribution at its default."
+                )
             self.charge_head = QeqChargeHead(feature_dim, hidden_dim, element_baseline, qeq_solver)
         else:
             raise ValueError(f"charge_model must be 'latent' or 'qeq', got {charge_model!r}.")

@@ -393,3 +393,24 @@ def test_qeq_crystal_stress_and_field_forces_match_finite_differences(solver):
     atoms.info["external_field"] = np.array([0.03, -0.02, 0.05])
     atoms.calc = latent_lr.Calculator(model)
     np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, 1e-4), atol=1e-7)
+
+
+def test_qeq_becs_obey_the_sum_rule_and_match_the_dipole_derivative(qeq_model):
+    atoms = molecule("CH3CH2OH")
+    atoms.info["charge"] = 1.0
+    out = qeq_model(AtomsBatch.from_atoms(atoms), compute_bec=True)
+    np.testing.assert_allclose(out["bec"].sum(0).numpy(), np.eye(3), atol=1e-10)
+    step = 1e-5
+    dipoles = []
+    for sign in (1, -1):
+        shifted = atoms.copy()
+        shifted.positions[2, 0] += sign * step
+        dipoles.append(qeq_model(AtomsBatch.from_atoms(shifted), compute_forces=False)["dipole"][0].numpy())
+    numerical = (dipoles[0] - dipoles[1]) / (2 * step)
+    np.testing.assert_allclose(out["bec"][2, :, 0].numpy(), numerical, atol=1e-8)
+    assert np.abs(out["bec"][2].numpy() - out["charges"][2].item() * np.eye(3)).max() > 1e-3  # charge flow
+
+
+def test_redistribution_with_qeq_is_a_clear_error():
+    with pytest.raises(ValueError, match="applies to charge_model='latent' only"):
+        make_model(charge_model="qeq", charge_redistribution="none")
