@@ -277,17 +277,22 @@ def test_forces_are_minus_gradient_in_a_field(case, sc_model, one_step_model):
         np.testing.assert_allclose(atoms.get_stress(), calculate_numerical_stress(atoms, 1e-5), atol=1e-8)
 
 
+def force_field_derivative(model, atoms, step=1e-3):
+    """(N, 3, 3) [i, α, β] = ∂F_iβ/∂E_α by central differences in the field around FIELD."""
+    derivative = np.zeros((len(atoms), 3, 3))
+    for alpha in range(3):
+        shift = step * np.eye(3)[alpha]
+        plus = model(in_field(atoms, FIELD + shift))["forces"].numpy()
+        minus = model(in_field(atoms, FIELD - shift))["forces"].numpy()
+        derivative[:, alpha, :] = (plus - minus) / (2 * step)
+    return derivative
+
+
 def test_maxwell_relation_with_polarisabilities(sc_model):
     """∂F_iβ/∂E_α = Z*_i,αβ = ∂M_α/∂r_iβ with M including the induced dipoles."""
     ethanol = molecule("CH3CH2OH")
     bec = sc_model(in_field(ethanol, FIELD), compute_bec=True)["bec"].numpy()
-    step = 1e-3
-    derivative = np.zeros_like(bec)
-    for alpha in range(3):
-        shift = step * np.eye(3)[alpha]
-        plus = sc_model(in_field(ethanol, FIELD + shift))["forces"].numpy()
-        minus = sc_model(in_field(ethanol, FIELD - shift))["forces"].numpy()
-        derivative[:, alpha, :] = (plus - minus) / (2 * step)
+    derivative = force_field_derivative(sc_model, ethanol)
     np.testing.assert_allclose(derivative, bec, atol=1e-8)
     np.testing.assert_allclose(bec.sum(0), np.zeros((3, 3)), atol=1e-10)  # acoustic sum rule
     # the induced dipoles contribute: the same charges without polarisabilities give other Z*
@@ -306,13 +311,7 @@ def test_maxwell_relation_for_a_molecule_in_a_large_periodic_box(one_step_model)
     boxed.center()
     boxed.pbc = True
     bec = one_step_model(in_field(boxed, FIELD), compute_bec=True)["bec"].numpy()
-    step = 1e-3
-    derivative = np.zeros_like(bec)
-    for alpha in range(3):
-        shift = step * np.eye(3)[alpha]
-        plus = one_step_model(in_field(boxed, FIELD + shift))["forces"].numpy()
-        minus = one_step_model(in_field(boxed, FIELD - shift))["forces"].numpy()
-        derivative[:, alpha, :] = (plus - minus) / (2 * step)
+    derivative = force_field_derivative(one_step_model, boxed)
     print(f"\nperiodic Maxwell (30 Å box): max |dF/dE - Z*| = {np.abs(derivative - bec).max():.1e} e")
     np.testing.assert_allclose(derivative, bec, atol=5e-3)
 
