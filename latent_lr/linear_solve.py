@@ -34,6 +34,10 @@ constraint subspace when a total is given), block diagonal over structures
 (no coupling between structures), and differentiable in ``operator_tensors``.
 Every tensor ``H`` depends on with a gradient must be passed in
 ``operator_tensors``; tensors captured by a closure get no gradient.
+
+Optionally ``matvec.frozen(*operator_tensors)`` returns a faster ``v ↦ H v`` for
+fixed (detached) operator tensors, e.g. one that reuses a retained graph; the CG
+iterations use it and drop it when the solve returns.
 """
 
 from __future__ import annotations
@@ -170,10 +174,11 @@ def _solve(
     once more, H⁻¹(d²b − d²H x − 2 dH dx), the exact second derivative.
     """
     detached = [o.detach() for o in operators]
+    frozen = getattr(spec.matvec, "frozen", None)
     with torch.no_grad():
-        solution = _conjugate_gradients(
-            spec, lambda v: spec.matvec(v, *detached), rhs.detach(), None if total is None else total.detach()
-        )
+        apply = frozen(*detached) if frozen is not None else (lambda v: spec.matvec(v, *detached))
+        solution = _conjugate_gradients(spec, apply, rhs.detach(), None if total is None else total.detach())
+    del apply
     tracked = [rhs, *operators] + ([] if total is None else [total])
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
         return solution
