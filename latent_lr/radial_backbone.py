@@ -50,7 +50,8 @@ class RadialPotential(nn.Module):
         self.register_buffer("species_index", index, persistent=False)
         self.embedding = nn.Embedding(len(self.species), hidden_dim)
         self.register_buffer("centres", torch.linspace(0.0, cutoff, n_radial))
-        self.filters = nn.ModuleList(nn.Linear(n_radial, hidden_dim) for _ in range(n_layers))
+        # No bias: a filter must vanish with the radial basis at the cut-off (smooth energy).
+        self.filters = nn.ModuleList(nn.Linear(n_radial, hidden_dim, bias=False) for _ in range(n_layers))
         self.mixers = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(n_layers))
         self.updates = nn.ModuleList(
             nn.Sequential(nn.Linear(2 * hidden_dim, hidden_dim), nn.SiLU()) for _ in range(n_layers)

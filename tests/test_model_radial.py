@@ -114,7 +114,9 @@ def test_periodic_bec_of_molecule_in_large_box_matches_open_boundary(model):
     boxed.pbc = True
     data = AtomsBatch.from_atoms(boxed)
     out = model(data, compute_bec=True)
-    np.testing.assert_allclose(out["bec"].numpy(), open_bec.numpy(), atol=2e-3)
+    # The Berry-branch weighting (L/2π) sin(2πx/L) departs from x by ~(2πd/L)²/6 ≈ 2 %
+    # of the charge-flow term for atoms d ≈ 2 Å from the molecule's centre.
+    np.testing.assert_allclose(out["bec"].numpy(), open_bec.numpy(), atol=5e-3)
     np.testing.assert_allclose(out["bec"].sum(0).numpy(), np.zeros((3, 3)), atol=1e-10)
 
 

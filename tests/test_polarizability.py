@@ -374,24 +374,9 @@ def test_training_on_forces_through_cg_equals_dense():
 # --- dynamics -----------------------------------------------------------------------
 
 
-def smooth_model(mode, seed):
-    """A model whose host energy is continuous at its cut-off.
-
-    RadialPotential's radial filters carry a bias, so an edge contributes a
-    non-zero message right at the cut-off and the host energy jumps when a pair
-    crosses it (a property of the test host, independent of the long-range
-    part).  Zeroing those biases makes every message vanish smoothly there.
-    """
-    model = make_model(mode, seed=seed)
-    with torch.no_grad():
-        for layer in model.backbone.host.filters:
-            layer.bias.zero_()
-    return model
-
-
 @pytest.mark.parametrize("case", ["open-sc", "periodic-one-step"])
 def test_nve_in_a_field_conserves_energy(case):
-    model = smooth_model("self_consistent" if case == "open-sc" else "one_step", seed=0)
+    model = make_model("self_consistent" if case == "open-sc" else "one_step", seed=0)
     atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) if case.startswith("periodic") else molecule("CH3CH2OH")
     atoms.calc = latent_lr.Calculator(model, external_field=FIELD, charge=0.0)
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
