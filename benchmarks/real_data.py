@@ -129,7 +129,8 @@ CHARGE_MODELS = {
 
 
 def charge_models(
-    out: Path, backbones: list[str], sets: list[str], epochs: int, models: list[str], seeds: list[int], extra: list[str]
+    out: Path, backbones: list[str], sets: list[str], epochs: int, models: list[str], seeds: list[int],
+    options: dict, extra: list[str],
 ) -> None:
     from latent_lr import load
     from latent_lr.training.dataset import LabelKeys, read_frames
@@ -154,7 +155,7 @@ def charge_models(
                         sys.executable, "-m", "latent_lr.cli", "train", "--backbone", backbone,
                         "--train", str(out / spec["train"]), "--epochs", str(epochs), "--out", str(target),
                         "--seed", str(seed), "--no-progress",
-                        "--long-range-options", json.dumps(CHARGE_MODELS[model_name]), *spec["keys"], *extra,
+                        "--long-range-options", json.dumps({**options, **CHARGE_MODELS[model_name]}), *spec["keys"], *extra,
                     ]
                     if (target / "finished").exists():
                         print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
@@ -220,12 +221,13 @@ def main() -> None:
     charge.add_argument("--models", nargs="+", default=list(CHARGE_MODELS), choices=list(CHARGE_MODELS))
     charge.add_argument("--epochs", type=int, default=100)
     charge.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    charge.add_argument("--options", type=json.loads, default={}, help="further long-range options (JSON) for all three")
     args, extra = parser.parse_known_args()
     args.extra = extra  # further latent-lr ablate flags, passed through
     if args.command == "prepare":
         prepare(args.data, args.out)
     elif args.command == "charge-models":
-        charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.seeds, args.extra)
+        charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.seeds, args.options, args.extra)
     else:
         run(args.out, args.backbones, args.sets, args.epochs, args.extra)
 
