@@ -53,8 +53,9 @@ from .units import COULOMB_CONSTANT
 SOLVERS = ("auto", "dense", "cg")
 
 #: ``"auto"`` solves structures with at most this many atoms densely, larger
-#: ones by CG (dense wins below it on CPU; see the README).
-DENSE_MAX_ATOMS = 64
+#: ones by CG.  Measured crossover on 1 CPU thread (README): about 40 (open) and
+#: 20 (periodic) atoms for a forward solve, 50 and 28 for a force-training step.
+DENSE_MAX_ATOMS = 32
 
 #: Smallest hardness J (eV/e²) the head can predict, on top of the Gaussian self-energy.
 HARDNESS_FLOOR = 0.1
