@@ -30,9 +30,9 @@ from .kernels import screened_pair_kernel, switched_real_space_kernel
 from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
 from .parameters import EwaldParameters, smearing_alpha
 from .mesh import spme_reciprocal_energy
-from .mesh_parameters import MeshParameters, mesh_parameters
+from .mesh_parameters import MeshParameters
 from .reciprocal import reciprocal_energy
-from .setup_cache import ewald_setup
+from .setup_cache import ewald_setup, stable_mesh_parameters
 from .slab import extend_slabs, slab_correction
 from .validation import OVERLAP_DISTANCE, PbcLike, Structures, validate_structures
 
@@ -325,7 +325,7 @@ def _pme_energy(
 
     parameters: dict[int, MeshParameters] = {}
     for row, index in enumerate(rows_list):
-        parameters[index] = mesh_parameters(
+        parameters[index] = stable_mesh_parameters(
             counts[index], tuple(lengths[row]), volumes_float[row], accuracy, smearing
         )
         logger.debug("structure %d: PME %s", index, parameters[index])

@@ -152,7 +152,6 @@ def _cheapest(
 ) -> tuple[float, MeshParameters]:
     """(modelled cost, parameters) minimising the cost over ``alpha`` at a given order."""
     s = accuracy_to_s(accuracy)
-    c = nyquist_factor(s, order)
     alpha_smear = smearing_alpha(smearing)
     spacing = (volume / n_atoms) ** (1.0 / 3.0)
     candidates = [alpha for alpha in np.geomspace(0.1, 4.0, 40) / spacing if alpha < alpha_smear]
@@ -165,11 +164,24 @@ def _cheapest(
         r_switch = 0.0 if alpha >= alpha_smear else s / alpha
         r_cut = (1.0 + SWITCH_WIDTH) * r_switch
         mesh = tuple(
-            max(fft_size(c * 2.0 * s * alpha * length / math.pi), order) for length in cell_lengths
+            max(fft_size(minimum_mesh(alpha, length, accuracy, order)), order) for length in cell_lengths
         )
-        pairs = n_atoms * (n_atoms / volume) * 2.0 * math.pi / 3.0 * r_cut**3
-        points = mesh[0] * mesh[1] * mesh[2]
-        cost = PAIR_COST * pairs + SPLINE_COST * n_atoms * order**3 + MESH_POINT_COST * points
+        parameters = MeshParameters(alpha, r_switch, r_cut, mesh, order)
+        cost = mesh_cost(parameters, n_atoms, volume)
         if cost < best[0]:
-            best = (cost, MeshParameters(alpha, r_switch, r_cut, mesh, order))
+            best = (cost, parameters)
     return best
+
+
+def minimum_mesh(alpha: float, length: float, accuracy: float, order: int) -> float:
+    """Fewest mesh points (not rounded) along a lattice vector of ``length`` Å that keep
+    the aliasing error below ``accuracy``: c k_cut |a| / π with k_cut = 2 s alpha (alpha in 1/Å)."""
+    s = accuracy_to_s(accuracy)
+    return nyquist_factor(s, order) * 2.0 * s * alpha * length / math.pi
+
+
+def mesh_cost(parameters: MeshParameters, n_atoms: int, volume: float) -> float:
+    """Modelled cost (:data:`PAIR_COST` units) of ``parameters`` for n_atoms in a cell of ``volume`` Å³."""
+    pairs = n_atoms * (n_atoms / volume) * 2.0 * math.pi / 3.0 * parameters.r_cut**3
+    points = parameters.mesh[0] * parameters.mesh[1] * parameters.mesh[2]
+    return PAIR_COST * pairs + SPLINE_COST * n_atoms * parameters.order**3 + MESH_POINT_COST * points
