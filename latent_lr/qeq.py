@@ -240,7 +240,7 @@ def equilibrate_charges(
         smearing: σ (scalar tensor), Å; must be > 0.
         accuracy: Ewald accuracy of the engine.
         solver: ``"dense"``, ``"cg"`` or ``"auto"`` (dense up to
-            :data:`DENSE_MAX_ATOMS` atoms per structure).
+            :data:`DENSE_MAX_ATOMS` atoms per structure; slabs always CG).
         rtol, max_iter: CG tolerance and iteration cap (see
             :func:`latent_lr.linear_solve.solve_spd`; CG raises
             :class:`~latent_lr.linear_solve.ConvergenceError` if not converged).
@@ -253,7 +253,7 @@ def equilibrate_charges(
     if not bool((hardness > 0).all()):
         raise ValueError("Qeq hardness J must be > 0 eV/e² for every atom (the energy must be convex).")
     smearing = torch.as_tensor(smearing, dtype=positions.dtype, device=positions.device)
-    if not float(smearing) > 0:
+    if not float(smearing.detach()) > 0:
         raise ValueError(f"Qeq needs Gaussian charges: smearing must be > 0 Å, got {float(smearing)}.")
     n_structures = cell.shape[0]
     counts = torch.bincount(batch, minlength=n_structures)
@@ -262,7 +262,11 @@ def equilibrate_charges(
     elif solver == "cg":
         dense = torch.zeros(n_structures, dtype=torch.bool, device=batch.device)
     else:
-        dense = counts <= DENSE_MAX_ATOMS
+        # Slabs go to CG: the dense path batches one replica per atom, and the
+        # engine's slab-cell check (electrostatics/slab.py) currently fails on
+        # batches of more than two slabs.
+        slab = pbc[:, :2].all(dim=1) & ~pbc[:, 2]
+        dense = (counts <= DENSE_MAX_ATOMS) & ~slab
     parts, order = [], []
     for use_dense in (True, False):
         mask = dense if use_dense else ~dense

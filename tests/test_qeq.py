@@ -414,3 +414,18 @@ def test_qeq_becs_obey_the_sum_rule_and_match_the_dipole_derivative(qeq_model):
 def test_redistribution_with_qeq_is_a_clear_error():
     with pytest.raises(ValueError, match="applies to charge_model='latent' only"):
         make_model(charge_model="qeq", charge_redistribution="none")
+
+
+def test_qeq_on_a_charged_slab_keeps_its_charge_and_exact_forces():
+    from ase.calculators.fd import calculate_numerical_forces
+
+    slab = rattled_salt()
+    slab.pbc = [True, True, False]
+    slab.cell[2] = [0.0, 0.0, 20.0]
+    slab.center(axis=2)
+    slab.info["charge"] = 0.5
+    model = make_model(seed=3, charge_model="qeq").eval()
+    out = model(AtomsBatch.from_atoms(slab), compute_forces=False)
+    assert out["charges"].sum().item() == pytest.approx(0.5, abs=1e-10)
+    slab.calc = latent_lr.Calculator(model)
+    np.testing.assert_allclose(slab.get_forces(), calculate_numerical_forces(slab, 1e-4), atol=1e-7)
