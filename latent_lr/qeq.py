@@ -96,7 +96,7 @@ class _Geometry:
         with torch.enable_grad():
             charges = v if v.requires_grad else v.detach().requires_grad_()
             energy = self.coulomb(positions, charges, cell, smearing).sum()
-            (product,) = torch.autograd.grad(energy, charges, create_graph=build)
+            product = _charge_gradient(energy, charges, create_graph=build)
         return product + (hardness + gaussian_self_hardness(smearing)) * v
 
     def frozen(
@@ -112,7 +112,7 @@ class _Geometry:
         reference = torch.ones_like(hardness).requires_grad_()
         with torch.enable_grad():
             energy = self.coulomb(positions, reference, cell, smearing).sum()
-            (gradient,) = torch.autograd.grad(energy, reference, create_graph=True)
+            gradient = _charge_gradient(energy, reference, create_graph=True)
         diagonal = hardness + gaussian_self_hardness(smearing)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
@@ -123,6 +123,14 @@ class _Geometry:
             return diagonal * v + (torch.zeros_like(v) if product is None else product)
 
         return apply
+
+
+def _charge_gradient(energy: torch.Tensor, charges: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """∂energy/∂charges, zero where no pair exists (e.g. a batch of single open-boundary atoms)."""
+    if not energy.requires_grad:
+        return torch.zeros_like(charges)
+    (gradient,) = torch.autograd.grad(energy, charges, create_graph=create_graph, allow_unused=True)
+    return torch.zeros_like(charges) if gradient is None else gradient
 
 
 def coulomb_matrices(
@@ -157,7 +165,7 @@ def coulomb_matrices(
             positions[atom], unit, cell=cell[owner], pbc=pbc[owner], batch=replica_of,
             smearing=smearing, accuracy=accuracy,
         )
-        (columns,) = torch.autograd.grad(energy.sum(), unit, create_graph=build)
+        columns = _charge_gradient(energy.sum(), unit, create_graph=build)
     local = torch.arange(len(batch), device=batch.device) - starts[batch]
     matrix = positions.new_zeros(n_structures, n_max, n_max)
     matrix = matrix.index_put((owner[replica_of], local[replica_of], offset), columns)

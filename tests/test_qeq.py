@@ -429,3 +429,20 @@ def test_qeq_on_a_charged_slab_keeps_its_charge_and_exact_forces():
     assert out["charges"].sum().item() == pytest.approx(0.5, abs=1e-10)
     slab.calc = latent_lr.Calculator(model)
     np.testing.assert_allclose(slab.get_forces(), calculate_numerical_forces(slab, 1e-4), atol=1e-7)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_single_atom_ions_are_solved_alone_and_in_a_batch(solver):
+    from ase import Atoms
+
+    ion = Atoms("Na", positions=[[0.0, 0.0, 0.0]])
+    data, chi, hardness = qeq_inputs([ion], [1.0], seed=1)
+    q, energy = solve(data, chi, hardness, solver)
+    self_hardness = K_E * np.sqrt(2 / np.pi)  # σ = 1 Å
+    assert q.item() == pytest.approx(1.0, abs=1e-12)
+    assert energy.item() == pytest.approx(chi.item() + 0.5 * (hardness.item() + self_hardness), abs=1e-10)
+    model = make_model(seed=3, charge_model="qeq", qeq_solver=solver).train()
+    ion.info["charge"] = 1.0
+    out = model(AtomsBatch.from_atoms([ion, molecule("H2O")]))
+    assert out["charges"][0].item() == pytest.approx(1.0, abs=1e-12)
+    assert out["forces"][0].abs().max().item() < 1e-12
