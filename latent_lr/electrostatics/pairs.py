@@ -43,7 +43,7 @@ class PairList:
         """
         if self.shift_vectors is not None and not cell.requires_grad:
             return positions[self.second] - positions[self.first] + self.shift_vectors
-        return pair_vectors(positions, self.first, self.second, self.shifts, cell[self.structure])
+        return pair_vectors(positions, self.first, self.second, self.shifts, cell, self.structure)
 
 
 def pair_vectors(
@@ -52,6 +52,7 @@ def pair_vectors(
     second: torch.Tensor,
     shifts: torch.Tensor,
     cells: torch.Tensor,
+    structure: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """r_second - r_first + shifts @ cell, (P, 3) in Å (TorchScript-able).
 
@@ -59,20 +60,21 @@ def pair_vectors(
         positions: (N, 3) positions, Å.
         first, second: (P,) atom indices.
         shifts: (P, 3) integer lattice translations, as floats.
-        cells: (P, 3, 3) cell of each pair's structure, or one (3, 3) cell, Å.
+        cells: one (3, 3) cell, (P, 3, 3) cells of each pair's structure, or
+            with ``structure`` (B, 3, 3) cells of every structure, Å.
+        structure: (P,) structure index of each pair, or None.
     """
     vectors = positions[second] - positions[first]
     if shifts.numel():
         if cells.dim() == 2:
             vectors = vectors + shifts @ cells
         else:
-            # Three (P, 3) terms: ~4x cheaper, with the cell gradient, than a (P, 3, 3) product and sum.
-            vectors = (
-                vectors
-                + shifts[:, 0:1] * cells[:, 0]
-                + shifts[:, 1:2] * cells[:, 1]
-                + shifts[:, 2:3] * cells[:, 2]
-            )
+            # Three (P, 3) terms, lattice vectors gathered one by one: with the cell gradient
+            # ~4x cheaper than gathering (P, 3, 3) cells and reducing their product.
+            a, b, c = cells[:, 0], cells[:, 1], cells[:, 2]
+            if structure is not None:
+                a, b, c = a[structure], b[structure], c[structure]
+            vectors = vectors + shifts[:, 0:1] * a + shifts[:, 1:2] * b + shifts[:, 2:3] * c
     return vectors
 
 
