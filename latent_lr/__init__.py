@@ -4,8 +4,10 @@ from .backbone import Backbone
 from .data import AtomsBatch
 from .electrostatics import coulomb_energy
 from .long_range import LongRangeModule
+from .linear_solve import ConvergenceError, solve_spd
 from .model import LongRangeModel
 from .properties import born_effective_charges, dipole_moment, polarization
+from .qeq import QeqChargeHead, equilibrate_charges
 from .radial_backbone import RadialPotential
 from .serialization import load, save
 from .units import COULOMB_CONSTANT
@@ -27,15 +29,19 @@ __all__ = [
     "Backbone",
     "COULOMB_CONSTANT",
     "Calculator",
+    "ConvergenceError",
     "LongRangeModel",
     "LongRangeModule",
+    "QeqChargeHead",
     "RadialPotential",
     "born_effective_charges",
     "coulomb_energy",
     "dipole_moment",
+    "equilibrate_charges",
     "load",
     "polarization",
     "save",
+    "solve_spd",
     "wrap",
     "__version__",
 ]
