@@ -372,7 +372,8 @@ class QeqChargeHead(nn.Module):
         chi, hardness = self.parameters_per_atom(features, data.numbers)
         shifted = chi
         field = data.external_field
-        if field is not None and bool((field != 0).any()):
+        # A zero field that requires grad (the polarisability ∂μ/∂E at E = 0) still needs the shift.
+        if field is not None and (field.requires_grad or bool((field != 0).any())):
             shifted = chi - (data.positions * field.to(chi.dtype)[data.batch]).sum(1)
         geometry = (data.positions, data.cell, data.pbc, data.batch)
         charges = equilibrate_charges(

@@ -446,3 +446,21 @@ def test_single_atom_ions_are_solved_alone_and_in_a_batch(solver):
     out = model(AtomsBatch.from_atoms([ion, molecule("H2O")]))
     assert out["charges"][0].item() == pytest.approx(1.0, abs=1e-12)
     assert out["forces"][0].abs().max().item() < 1e-12
+
+
+def test_qeq_polarizability_at_zero_field_includes_charge_flow(qeq_model):
+    """∂μ/∂E at E = 0 must see the field shift of χ even though the field's value is zero."""
+    atoms = molecule("H2O")  # in the yz plane: charge flow polarises it along y and z
+    tensor = qeq_model(AtomsBatch.from_atoms(atoms), compute_polarizability=True)["polarizability"][0].detach()
+    step, columns = 1e-3, []
+    for axis in range(3):
+        moments = []
+        for sign in (1, -1):
+            field = np.zeros(3)
+            field[axis] = sign * step
+            atoms.info["external_field"] = field
+            moments.append(qeq_model(AtomsBatch.from_atoms(atoms), compute_forces=False)["dipole"][0].detach())
+        columns.append((moments[0] - moments[1]) / (2 * step))
+    numerical = torch.stack(columns, dim=1)
+    assert float(numerical.abs().max()) > 1e-2
+    torch.testing.assert_close(tensor, numerical, atol=1e-8, rtol=1e-6)
