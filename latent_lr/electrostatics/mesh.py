@@ -16,7 +16,11 @@ with k = 2π m @ inv(cell).T and the Euler exponential-spline factors
 Everything is plain torch, so autograd gives forces, stress (the cell enters
 through the fractional coordinates, the wave vectors and the volume), charge
 and α gradients, and double backward.  Grid indices are index data (computed
-without gradients); the spline weights carry the gradients.
+without gradients); the spline weights carry the gradients.  In eager mode the
+mesh sum Σ θ |FFT(Q)|² has its own backward (:class:`_MeshEnergy`: the mesh
+potential by one inverse real FFT, instead of autograd through ``rfftn`` and
+|·|²), and θ is reused between calls when neither the cell nor α requires a
+gradient (:func:`_cached_influence`); TorchScript runs the plain expression.
 
 Batching: every structure has its own mesh.  All charges of all structures are
 spread by one ``index_add`` into one flat buffer in which the structures are
@@ -29,6 +33,7 @@ see :mod:`latent_lr.electrostatics.parameters`, so there are few).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -75,7 +80,8 @@ def _spline_modulus(size: int, order: int, dtype: torch.dtype, device: torch.dev
 def _influence(
     cell: torch.Tensor, alpha: torch.Tensor, shape: tuple[int, int, int], order: int
 ) -> torch.Tensor:
-    """θ(m) on the half spectrum of ``rfftn``, with the weight 2 of the omitted half.
+    """θ(m) on the half spectrum of ``rfftn`` (the weight 2 of the omitted half is
+    :func:`_half_weights`).
 
     Args:
         cell: (G, 3, 3) cells sharing the mesh ``shape``, Å.
@@ -109,11 +115,103 @@ def _influence(
         * _spline_modulus(k2, order, dtype, device)[None, :, None]
         * _spline_modulus(k3, order, dtype, device)[: k3 // 2 + 1][None, None, :]
     )
+    return (2.0 * math.pi / volume)[:, None, None, None] * (gaussian * modulus)
+
+
+def _half_weights(k3: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(K3 // 2 + 1,) weights of the ``rfftn`` half spectrum: 2 for the modes whose
+    conjugate partner is omitted, 1 for m3 = 0 and (even K3) the Nyquist plane."""
     half = torch.full((k3 // 2 + 1,), 2.0, dtype=dtype, device=device)
     half[0] = 1.0
     if k3 % 2 == 0:
         half[-1] = 1.0
-    return (2.0 * math.pi / volume)[:, None, None, None] * (gaussian * (modulus * half))
+    return half
+
+
+#: Influence functions kept for cells and alphas that need no gradient (MD without
+#: stress, inference): key -> θ.  Small: one entry per (cell, alpha, mesh, order).
+_INFLUENCE_CACHE_SIZE = 8
+_influence_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+@torch.jit.unused
+def _cached_influence(
+    cell: torch.Tensor, alpha: torch.Tensor, shape: tuple[int, int, int], order: int
+) -> torch.Tensor:
+    """:func:`_influence`, reused between calls when neither ``cell`` nor ``alpha``
+    requires a gradient (keyed on their exact values); recomputed otherwise, so
+    stress and alpha gradients are exact."""
+    if cell.requires_grad or alpha.requires_grad:
+        return _influence(cell, alpha, shape, order)
+    key = (
+        cell.detach().cpu().numpy().tobytes(),
+        alpha.detach().cpu().numpy().tobytes(),
+        shape,
+        order,
+        cell.dtype,
+        str(cell.device),
+    )
+    theta = _influence_cache.get(key)
+    if theta is None:
+        theta = _influence(cell, alpha, shape, order)
+        _influence_cache[key] = theta
+        while len(_influence_cache) > _INFLUENCE_CACHE_SIZE:
+            _influence_cache.popitem(last=False)
+    else:
+        _influence_cache.move_to_end(key)
+    return theta
+
+
+class _MeshEnergy(torch.autograd.Function):
+    """E_g = Σ_m half(m3) θ_g(m) |rfftn(Q_g)(m)|² with a one-FFT backward.
+
+    The gradient with respect to the mesh is the mesh potential
+    dE/dQ = 2 irfftn(θ rfftn(Q)) (unnormalised inverse), one real-to-complex
+    FFT less and no complex intermediates compared with autograd through
+    ``rfftn`` and |·|².  The backward is written with differentiable torch
+    operations (recomputing rfftn(Q) on the graph when a graph is being
+    built), so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, theta: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfftn(grid, dim=(1, 2, 3))
+        ctx.save_for_backward(grid, theta, half)
+        ctx.spectrum = spectrum
+        return _weighted_power(spectrum, theta * half)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grid, theta, half = ctx.saved_tensors
+        spectrum = torch.fft.rfftn(grid, dim=(1, 2, 3)) if torch.is_grad_enabled() else ctx.spectrum
+        ctx.spectrum = None
+        scale = grad[:, None, None, None]
+        grad_grid = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            # Real view: a complex × real product would first convert θ to complex.
+            potential = torch.view_as_real(spectrum) * (theta * (2.0 * scale)).unsqueeze(-1)
+            grad_grid = torch.fft.irfftn(
+                torch.view_as_complex(potential), s=grid.shape[1:], dim=(1, 2, 3), norm="forward"
+            )
+        if ctx.needs_input_grad[1]:
+            real = torch.view_as_real(spectrum)
+            grad_theta = (scale * half) * (real[..., 0] ** 2 + real[..., 1] ** 2)
+        return grad_grid, grad_theta, None
+
+
+def _weighted_power(spectrum: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_m weight(m) |spectrum(m)|² per structure: one product and a dot product of the
+    real views (a reduction over the length-2 real/imaginary axis is slow)."""
+    rows = spectrum.shape[0]
+    real = torch.view_as_real(spectrum).reshape(rows, -1, 1)
+    weighted = (torch.view_as_real(spectrum) * weight.unsqueeze(-1)).reshape(rows, 1, -1)
+    return torch.bmm(weighted, real).reshape(rows)
+
+
+@torch.jit.unused
+def _mesh_energy(grid: torch.Tensor, theta: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """Eager-mode :class:`_MeshEnergy` (TorchScript differentiates rfftn directly)."""
+    return _MeshEnergy.apply(grid, theta, half)
 
 
 def spme_reciprocal_energy(
@@ -185,17 +283,26 @@ def spme_reciprocal_energy(
     # Outer products by bmm: their backward is bmm too, cheaper than broadcast reductions.
     spread = torch.bmm((charges[:, None] * weights[:, 0]).unsqueeze(2), weights[:, 1].unsqueeze(1))
     spread = torch.bmm(spread.reshape(-1, order * order, 1), weights[:, 2].unsqueeze(1))
-    grid = positions.new_zeros(cursor).index_add(0, flat.reshape(-1), spread.reshape(-1))
+    # In place on a fresh buffer: the out-of-place index_add would copy it first.
+    grid = positions.new_zeros(cursor).index_add_(0, flat.reshape(-1), spread.reshape(-1))
 
     energy = positions.new_zeros(n_rows)
     start = 0
     for shape, rows in zip(shapes, groups):
         size = len(rows) * shape[0] * shape[1] * shape[2]
-        block = grid[start : start + size].reshape(len(rows), shape[0], shape[1], shape[2])
+        # One group: the whole buffer, no slice (whose backward fills a zero buffer).
+        flat_block = grid if size == cursor else grid[start : start + size]
+        block = flat_block.reshape(len(rows), shape[0], shape[1], shape[2])
         start += size
-        spectrum = torch.fft.rfftn(block, dim=(1, 2, 3))
-        power = spectrum.real**2 + spectrum.imag**2
         rows_tensor = torch.tensor(rows, dtype=torch.long, device=device)
-        theta = _influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
-        energy = energy.index_add(0, rows_tensor, (theta * power).sum((1, 2, 3)))
+        half = _half_weights(shape[2], dtype, device)
+        if torch.jit.is_scripting():
+            theta = _influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+            spectrum = torch.fft.rfftn(block, dim=(1, 2, 3))
+            power = spectrum.real**2 + spectrum.imag**2
+            contribution = (theta * half * power).sum((1, 2, 3))
+        else:
+            theta = _cached_influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+            contribution = _mesh_energy(block, theta, half)
+        energy = energy.index_add(0, rows_tensor, contribution)
     return energy
