@@ -175,10 +175,13 @@ def test_double_backward_matches_finite_differences_of_forces(parameter):
 def test_batch_of_different_cells_equals_separate_calls():
     structures = [charged_triclinic_cell(12, seed=1), charged_triclinic_cell(20, seed=2), tensors(SYSTEMS["water"]())]
     structures.append(tensors(SYSTEMS["ionic"]()))
+    # The water box again, moved: same cell and atom count, so the same mesh.
+    water = structures[2]
+    structures.append((water[0] + torch.tensor([0.4, -0.3, 1.1], dtype=F64), -water[1], water[2]))
     positions = torch.cat([s[0] for s in structures]).requires_grad_(True)
     charges = torch.cat([s[1] for s in structures])
     cell = torch.stack([s[2] for s in structures])
-    batch = torch.repeat_interleave(torch.arange(4), torch.tensor([len(s[0]) for s in structures]))
+    batch = torch.repeat_interleave(torch.arange(len(structures)), torch.tensor([len(s[0]) for s in structures]))
     meshes = {mesh_parameters(len(p), tuple(c.norm(dim=1).tolist()), float(c.det().abs()), 1e-6, 0.7).mesh for p, _, c in structures}
     assert len(meshes) < len(structures), "some structures should share one mesh (one batched FFT)"
     energy = pme(positions, charges, cell, 1e-6, 0.7, batch)

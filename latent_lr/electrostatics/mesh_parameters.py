@@ -41,14 +41,20 @@ from .parameters import SWITCH_WIDTH, accuracy_to_s, smearing_alpha
 #: Spline orders the parameter choice considers (odd orders lose the Nyquist mode).
 ORDERS = (4, 6, 8)
 
+#: Margin added to sqrt(ln(1/accuracy)) in the mesh's aliasing threshold
+#: exp(-(sqrt(ln(1/accuracy)) + margin)²) (:func:`minimum_mesh`); the wave-vector
+#: cut-off k_cut keeps the full :data:`.parameters.S_MARGIN`.
+MESH_S_MARGIN = 0.3
+
 #: Relative cost of one real-space pair, one spline term (atom × p³) and one mesh
 #: point (spread buffer, FFT and influence function), energy + forces by
-#: autograd, float64, 1 thread, measured part by part on a 3,072-atom water box:
-#: 0.6-1.0 µs per pair, 0.13 µs per spline term (0.2 at p = 4), 0.10-0.14 µs
-#: per mesh point for 48³-96³ meshes.
+#: autograd, float64, 1 thread, fitted (least squares over alpha and p = 4, 6, 8)
+#: to whole-call times on 3,000- and 10,000-atom water boxes at accuracy 1e-4
+#: once the mesh sum had its own backward: 0.27-0.43 µs per pair, 0.012-0.019 µs
+#: per spline term, 0.018-0.038 µs per mesh point (27³-144³ meshes).
 PAIR_COST = 1.0
-SPLINE_COST = 0.2
-MESH_POINT_COST = 0.2
+SPLINE_COST = 0.05
+MESH_POINT_COST = 0.08
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,15 @@ def _alias_error(theta: np.ndarray, order: int, terms: int = 64) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def nyquist_factor(s: float, order: int) -> float:
-    """Smallest c = k_N / k_cut for which the aliasing error stays below exp(-s²)."""
+def nyquist_factor(s: float, order: int, tolerance_s: float | None = None) -> float:
+    """Smallest c = k_N / k_cut for which the aliasing error of every mode stays below
+    exp(-tolerance_s²) / k_cut² (k_cut = 2 s alpha; tolerance_s = s when not given)."""
+    tolerance_s = s if tolerance_s is None else tolerance_s
     x = np.linspace(1e-3, 1.0, 400)
     alias = 4.0 * _alias_error(math.pi * x / 2.0, order)
 
     def worst(c: float) -> float:
-        log_error = -(c * s * x) ** 2 + s**2 - 2.0 * np.log(c * x) + np.log(alias)
+        log_error = -(c * s * x) ** 2 + tolerance_s**2 - 2.0 * np.log(c * x) + np.log(alias)
         return float(log_error.max())
 
     low, high = 0.5, 1.0
@@ -175,9 +183,11 @@ def _cheapest(
 
 def minimum_mesh(alpha: float, length: float, accuracy: float, order: int) -> float:
     """Fewest mesh points (not rounded) along a lattice vector of ``length`` Å that keep
-    the aliasing error below ``accuracy``: c k_cut |a| / π with k_cut = 2 s alpha (alpha in 1/Å)."""
+    the aliasing error below ``accuracy``: c k_cut |a| / π with k_cut = 2 s alpha (alpha in 1/Å),
+    c = :func:`nyquist_factor` at the threshold margin :data:`MESH_S_MARGIN`."""
     s = accuracy_to_s(accuracy)
-    return nyquist_factor(s, order) * 2.0 * s * alpha * length / math.pi
+    tolerance_s = math.sqrt(-math.log(accuracy)) + MESH_S_MARGIN
+    return nyquist_factor(s, order, tolerance_s) * 2.0 * s * alpha * length / math.pi
 
 
 def mesh_cost(parameters: MeshParameters, n_atoms: int, volume: float) -> float:
