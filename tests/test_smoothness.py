@@ -91,7 +91,7 @@ def test_energy_forces_and_stress_are_smooth_along_a_strain_path(sigma, accuracy
     assert mismatch < 1e-6 * np.abs(energies - energies[0]).max(), mismatch
 
 
-@pytest.mark.parametrize("sigma,accuracy", [(0.0, 1e-3), (1.0, 1e-4)])
+@pytest.mark.parametrize("sigma,accuracy", [(0.0, 3e-4), (1.0, 1e-4)])
 def test_pme_keeps_its_mesh_along_a_stretch(sigma, accuracy):
     """PME keeps mesh and spline order while they resolve the accuracy (alpha follows the
     cell continuously), so the energy is smooth where the per-cell cheapest choice jumps."""
@@ -108,7 +108,7 @@ def test_pme_keeps_its_mesh_along_a_stretch(sigma, accuracy):
     assert max(ratios.values()) < 0.02, ratios
     # Where the mesh limits alpha, alpha follows the cell and its effect on the energy (within
     # the accuracy) is not in the stress: the work of the stress misses up to ~accuracy of each
-    # step's energy change (measured 5e-4 at 1e-3, σ = 0; < 1e-6 at 1e-4, σ = 1 Å).
+    # step's energy change (measured 1.4e-4 at 3e-4, σ = 0; 2.1e-5 at 1e-4, σ = 1 Å).
     h = 1.0 / N_STEPS
     steps = np.diff(energies)
     mismatch = np.abs(steps - 0.5 * h * (slopes[1:] + slopes[:-1])).max()
