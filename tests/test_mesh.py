@@ -132,6 +132,31 @@ def test_stress_by_finite_strain():
         assert virial[i, j].item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-7)
 
 
+def test_influence_cache_keys_on_the_cell_and_leaves_the_stress_exact():
+    from latent_lr.electrostatics import mesh
+
+    positions, charges, cell = charged_triclinic_cell(12)
+    arguments = (torch.zeros(12, dtype=torch.long), [(16, 18, 16)], torch.tensor([0.5], dtype=F64), 6)
+
+    def energy(c):
+        return spme_reciprocal_energy(positions, charges, c[None], *arguments)
+
+    mesh._influence_cache.clear()
+    first = energy(cell)
+    assert len(mesh._influence_cache) == 1 and energy(cell).item() == first.item()
+    strained = cell * 1.001
+    cached_then_strained = energy(strained)
+    mesh._influence_cache.clear()
+    assert cached_then_strained.item() == energy(strained).item() != first.item()
+    # A cell that requires a gradient bypasses the cache: stress equals the uncached one.
+    energy(cell)
+    grad_cell = cell.clone().requires_grad_(True)
+    (with_cache,) = torch.autograd.grad(energy(grad_cell).sum(), grad_cell)
+    mesh._influence_cache.clear()
+    (without,) = torch.autograd.grad(energy(grad_cell).sum(), grad_cell)
+    assert torch.equal(with_cache, without) and without.abs().max() > 0
+
+
 def test_charge_gradient_matches_finite_differences_and_ewald():
     positions, charges, cell = charged_triclinic_cell(12)
     charges = charges.clone().requires_grad_(True)
