@@ -53,7 +53,8 @@ class LongRangeModule(nn.Module):
         polarizability: latent per-atom polarisabilities (see
             :mod:`latent_lr.polarizability`): ``"none"`` (default), ``"one_step"``
             (p = α E⁰, open and periodic) or ``"self_consistent"`` (p = α(E⁰ + T p),
-            open-boundary structures only).
+            open and fully periodic structures (tin-foil Ewald sum of T); slabs raise
+            :class:`NotImplementedError`).
         polarizability_solver: ``"cg"`` or ``"dense"`` for ``"self_consistent"``.
     """
 
@@ -180,11 +181,11 @@ class LongRangeModule(nn.Module):
         """Induced dipoles of the latent polarisabilities; updates ``out`` in place."""
         periodic = data.periodic
         self_consistent = self.polarizability == "self_consistent"
-        if self_consistent and bool(data.pbc.any()):
+        if self_consistent and bool((data.pbc.any(dim=1) & ~periodic).any()):
             raise NotImplementedError(
-                "polarizability='self_consistent' needs the dipolar Ewald sum, which is not "
-                "implemented: it supports open-boundary structures only. Use "
-                "polarizability='one_step' for periodic structures and slabs."
+                "polarizability='self_consistent' supports open and fully periodic structures; "
+                "the slab correction of the dipolar Ewald sum is not implemented. Use "
+                "polarizability='one_step' for slabs."
             )
         cap = self_consistent_cap(sigma) if self_consistent else None
         alpha = self.polarizability_head(features, data.numbers, cap)
@@ -196,7 +197,8 @@ class LongRangeModule(nn.Module):
             field = field + data.external_field.to(field.dtype)[data.batch]
         if self_consistent:
             induced, induction = self_consistent_induction(
-                alpha, field, data.positions, data.batch, data.n_structures, sigma, self.polarizability_solver
+                alpha, field, data.positions, data.batch, data.n_structures, sigma, self.polarizability_solver,
+                cell=data.cell, periodic=periodic, accuracy=self.accuracy,
             )
         else:
             induced, induction = one_step_induction(alpha, field, data.batch, data.n_structures)

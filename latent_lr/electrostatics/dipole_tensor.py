@@ -1,5 +1,7 @@
 """Gaussian-damped dipole field tensor for open-boundary structures.
 
+(Periodic structures: the tin-foil Ewald sum in :mod:`.dipole_ewald`.)
+
 With the engine's smeared pair kernel ψ(r) = erf(a r)/r, a = 1/(√2 σ), a
 point dipole p_j at r_j produces at r_i the field T_ij p_j with
 
