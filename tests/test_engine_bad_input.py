@@ -1,5 +1,7 @@
 """Every kind of bad input to coulomb_energy raises a clear error, never a NaN."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -61,3 +63,15 @@ def test_smeared_close_atoms_give_finite_energy_and_forces():
     energy = coulomb_energy(positions, charges, smearing=1.0)
     (gradient,) = torch.autograd.grad(energy.sum(), positions)
     assert torch.isfinite(energy).all() and torch.isfinite(gradient).all()
+
+
+def test_float32_with_an_unreachable_accuracy_warns():
+    cell = torch.eye(3, dtype=torch.float32) * 6.0
+    positions = torch.tensor([[0.0, 0.0, 0.0], [3.0, 3.0, 3.0]], dtype=torch.float32)
+    charges = torch.tensor([1.0, -1.0], dtype=torch.float32)
+    with pytest.warns(UserWarning, match="round-off"):
+        coulomb_energy(positions, charges, cell=cell, pbc=True, accuracy=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        coulomb_energy(positions, charges, cell=cell, pbc=True, accuracy=1e-4)
+        coulomb_energy(positions.double(), charges.double(), cell=cell.double(), pbc=True, accuracy=1e-6)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from typing import Mapping, Optional, Union
 
 import torch
@@ -37,6 +38,11 @@ from .slab import extend_slabs, slab_correction
 from .validation import OVERLAP_DISTANCE, PbcLike, Structures, validate_structures
 
 logger = logging.getLogger(__name__)
+
+#: Smallest relative force error float32 round-off allows on water-like cells
+#: (measured: ~1.5e-6 for both ours and torch-pme at 1,000-3,000 atoms,
+#: benchmarks/RESULTS.md §2c).
+FLOAT32_ACCURACY_FLOOR = 1e-5
 
 METHODS = ("auto", "direct", "ewald", "pme")
 
@@ -91,6 +97,15 @@ def coulomb_energy(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     structures = extend_slabs(validate_structures(positions, charges, cell, pbc, batch), accuracy)
+    if structures.positions.dtype != torch.float64 and accuracy < FLOAT32_ACCURACY_FLOOR and bool(
+        structures.periodic.any()
+    ):
+        warnings.warn(
+            f"accuracy={accuracy:g} is below what {structures.positions.dtype} round-off allows "
+            f"(relative force errors of ~1e-6 at best); the result will not reach it. Use float64 "
+            f"positions and charges, or accuracy >= {FLOAT32_ACCURACY_FLOOR:g}.",
+            stacklevel=2,
+        )
     alpha_smear = _smearing_to_alpha(smearing, structures.positions)
     periodic = structures.periodic
     if method == "direct" and bool(periodic.any()):
