@@ -23,9 +23,9 @@ import argparse
 
 import torch
 from bench_engine_scaling import timed
+from bench_long_range_overhead import water_box
 
 from latent_lr.data import AtomsBatch
-from latent_lr.demo import water_like_box
 from latent_lr.long_range import LongRangeModule
 
 FEATURES = 16
@@ -39,11 +39,8 @@ VARIANTS = {
 
 
 def batch_of(n_atoms: int, periodic: bool, dtype: torch.dtype) -> AtomsBatch:
-    import ase
-
-    positions, charges, cell = water_like_box(n_atoms // 3, seed=1)
-    numbers = [8 if q < 0 else 1 for q in charges.tolist()]
-    atoms = ase.Atoms(numbers=numbers, positions=positions.numpy(), cell=cell.numpy(), pbc=periodic)
+    atoms = water_box(n_atoms // 3, seed=1)
+    atoms.pbc = periodic
     return AtomsBatch.from_atoms([atoms]).to(dtype=dtype)
 
 

@@ -142,10 +142,10 @@ def charge_models(
             spec = SETS[name]
             keys = LabelKeys(total_charge="total_charge", charges="hirshfeld_charges")
             frames = read_frames(out / spec["test"], keys)
-            groups: dict[str, list] = {}
-            for frame in frames:
+            groups: dict[str, list[int]] = {}
+            for index, frame in enumerate(frames):
                 label = f"Q={frame.total_charge + 0.0:+g} {frame.atoms.get_chemical_formula()}"
-                groups.setdefault(label, []).append(frame)
+                groups.setdefault(label, []).append(index)
             rows = summary.setdefault(f"{name}/{backbone}", {})
             for model_name in models:
                 per_seed = []
@@ -164,16 +164,18 @@ def charge_models(
                         subprocess.run(command, check=True)
                         (target / "finished").write_text(" ".join(command[1:]))
                     model = load(target / "best_model.pt")
-                    metrics = error_metrics(frames, predict_frames(model, frames))
+                    predictions = predict_frames(model, frames)
+                    metrics = error_metrics(frames, predictions)
                     row = {
                         "E RMSE": metrics["energy_rmse_meV_per_atom"],
                         "F RMSE": metrics["forces_rmse_meV_per_A"],
                         "Hirshfeld r": metrics.get("charges_pearson_r", float("nan")),
                     }
-                    for label, subset in sorted(groups.items()):
-                        sub = error_metrics(subset, predict_frames(model, subset))
-                        row[f"E RMSE {label} ({len(subset)})"] = sub["energy_rmse_meV_per_atom"]
-                        row[f"F RMSE {label} ({len(subset)})"] = sub["forces_rmse_meV_per_A"]
+                    for label, indices in sorted(groups.items()):
+                        subset = {key: [values[i] for i in indices] for key, values in predictions.items()}
+                        sub = error_metrics([frames[i] for i in indices], subset)
+                        row[f"E RMSE {label} ({len(indices)})"] = sub["energy_rmse_meV_per_atom"]
+                        row[f"F RMSE {label} ({len(indices)})"] = sub["forces_rmse_meV_per_A"]
                     per_seed.append(row)
                     print(json.dumps({f"{model_name} seed {seed}": row}, indent=1), flush=True)
                 rows[model_name] = {
