@@ -8,7 +8,7 @@ from .linear_solve import ConvergenceError, solve_spd
 from .model import LongRangeModel
 from .properties import born_effective_charges, dipole_moment, polarization
 from .qeq import QeqChargeHead, equilibrate_charges
-from .radial_backbone import RadialPotential
+from .adapters.radial import RadialPotential
 from .serialization import load, save
 from .units import COULOMB_CONSTANT
 from .wrap import wrap

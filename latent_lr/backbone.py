@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import Any, ClassVar, Iterator
+import sys
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -25,22 +26,30 @@ ADAPTERS: dict[str, str] = {
     "nequip": "latent_lr.adapters.nequip:NequipBackbone",
     "chgnet": "latent_lr.adapters.chgnet:ChgnetBackbone",
     "cace": "latent_lr.adapters.cace:CaceBackbone",
-    "radial": "latent_lr.radial_backbone:RadialBackbone",
+    "radial": "latent_lr.adapters.radial:RadialBackbone",
 }
 
 
 class Backbone(nn.Module):
     """Base class of adapters.
 
-    Subclasses set :attr:`name`, wrap the host model as ``self.host`` and
-    implement :meth:`forward`, :meth:`recognises`, :meth:`host_config` and
-    :meth:`build_host`.  ``forward`` must compute every geometric quantity from
+    Subclasses set :attr:`name` (and :attr:`label`, the name in messages), wrap
+    the host model as ``self.host`` and implement :meth:`forward`,
+    :meth:`host_config` and :meth:`build_host`; they override
+    :attr:`known_elements`, :meth:`recognises`, :meth:`options`,
+    :meth:`default_host` and :meth:`pretrained_host` where the defaults do not
+    fit.  ``forward`` must compute every geometric quantity from
     ``data.positions`` and ``data.cell`` (which may be strained and carry
     gradients), never from cached Cartesian shifts, so that forces and stress
     reach both the host and the long-range energy.
+
+    Saving and loading: :func:`latent_lr.save` stores :meth:`host_config` and
+    :meth:`options`; :func:`latent_lr.load` calls :meth:`from_config` with
+    ``{"host": host_config, "options": options}`` and loads the state_dict.
     """
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
 
     def __init__(self, host: nn.Module):
         super().__init__()
@@ -56,17 +65,29 @@ class Backbone(nn.Module):
         """Host's interaction cut-off, Å."""
         raise NotImplementedError
 
+    @property
+    def known_elements(self) -> Optional[list[int]]:
+        """Atomic numbers the host handles (sorted); None: no restriction."""
+        return None
+
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the host energy (B,) in eV and invariant features (N, F)."""
         raise NotImplementedError
 
     def check_elements(self, numbers: torch.Tensor) -> None:
-        """Raise ValueError if the host cannot handle some atomic numbers."""
+        """Raise ValueError if some atomic numbers are not in :attr:`known_elements`."""
+        known = self.known_elements
+        if known is not None:
+            reject_unknown_elements(numbers, known, self.label or self.name)
 
     @classmethod
     def recognises(cls, model: nn.Module) -> bool:
-        """Whether ``model`` is a host model of this backbone."""
+        """Whether ``model`` is a host model of this backbone (default: its class's top package is :attr:`name`)."""
         return type(model).__module__.split(".")[0] == cls.name
+
+    def options(self) -> dict[str, Any]:
+        """JSON-serialisable adapter options (the constructor's keyword arguments besides ``host``)."""
+        return {}
 
     def host_config(self) -> dict[str, Any]:
         """JSON-serialisable settings that, with the state_dict, rebuild the host."""
@@ -78,6 +99,11 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Backbone":
+        """Rebuild an adapter from ``{"host": host_config(), "options": options()}`` (weights not loaded)."""
+        return cls(cls.build_host(config["host"]), **(config.get("options") or {}))
+
+    @classmethod
     def default_host(cls, species: list[int], **options: Any) -> nn.Module:
         """A small, randomly initialised host for training from scratch.
 
@@ -86,6 +112,14 @@ class Backbone(nn.Module):
             **options: backbone hyper-parameters overriding the small defaults.
         """
         raise NotImplementedError(f"the {cls.name} adapter cannot build a host from scratch.")
+
+    @classmethod
+    def pretrained_host(cls, name: str) -> nn.Module:
+        """A pretrained host model by name (``latent-lr train --init-model NAME``)."""
+        raise ValueError(
+            f"the {cls.name} adapter has no pretrained models ({name!r} is neither one nor an existing "
+            "file); pass --init-model a latent-lr model file, or leave it out to train from scratch."
+        )
 
 
 def reject_unknown_elements(numbers: torch.Tensor, known: list[int], model_name: str) -> None:
@@ -115,17 +149,24 @@ def adapter_class(name: str) -> type[Backbone]:
 
 
 def detect_backbone(model: nn.Module) -> str:
-    """Name of the backbone whose package defines ``model``'s class."""
-    package = type(model).__module__.split(".")[0]
-    for name in ADAPTERS:
-        if package == name:
-            return name
+    """Name of the backbone whose adapter :meth:`~Backbone.recognises` ``model``.
+
+    Only adapters whose module or backbone package is already imported are
+    asked (a host of a package was made by that package, so nothing new is
+    imported).
+    """
     if isinstance(model, Backbone):
         return model.name
-    from .radial_backbone import RadialPotential
-
-    if isinstance(model, RadialPotential):
-        return "radial"
+    for name, target in ADAPTERS.items():
+        module_name = target.split(":")[0]
+        if module_name not in sys.modules and name not in sys.modules:
+            continue
+        try:
+            adapter = adapter_class(name)
+        except ImportError:
+            continue
+        if adapter.recognises(model):
+            return name
     raise ValueError(
         f"cannot tell which backbone {type(model).__module__}.{type(model).__name__} is; "
         f"pass backbone= one of {sorted(ADAPTERS)}, or wrap it in a latent_lr.Backbone subclass."

@@ -244,6 +244,7 @@ class LongRangeModel(nn.Module):
         return {
             "backbone": self.backbone.name,
             "host": self.backbone.host_config(),
+            "adapter_options": self.backbone.options(),
             "long_range": None if self.long_range is None else dict(self.long_range.config),
             "dtype": str(self.dtype).replace("torch.", ""),
         }

@@ -32,8 +32,9 @@ def load(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a latent-lr model file (expected format {FORMAT}).")
     config = payload["config"]
-    adapter_type = adapter_class(config["backbone"])
-    backbone = adapter_type(adapter_type.build_host(config["host"]))
+    # Files written before adapter options were saved have no "adapter_options".
+    options = config.get("adapter_options") or {}
+    backbone = adapter_class(config["backbone"]).from_config({"host": config["host"], "options": options})
     long_range = None if config["long_range"] is None else LongRangeModule(**config["long_range"])
     model = LongRangeModel(backbone, long_range).to(getattr(torch, config["dtype"]))
     model.load_state_dict(payload["state_dict"])

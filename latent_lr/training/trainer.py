@@ -65,8 +65,7 @@ def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
     if config.init_model:
         model = load(config.init_model) if Path(config.init_model).exists() else None
         if model is None:
-            adapter = adapter_class(config.backbone)
-            host = adapter.pretrained_host(config.init_model)  # type: ignore[attr-defined]
+            host = adapter_class(config.backbone).pretrained_host(config.init_model)
             model = wrap(host, backbone=config.backbone, long_range=config.long_range, **config.long_range_options)
         elif config.long_range and model.long_range is None:
             raise ValueError(f"{config.init_model} has no long-range module; train with --long-range off.")

@@ -15,9 +15,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .backbone import Backbone
-from .data import AtomsBatch
-from .neighbors import edge_vectors, radius_graph
+from latent_lr.backbone import Backbone
+from latent_lr.data import AtomsBatch
+from latent_lr.neighbors import edge_vectors, radius_graph
+
+from .common import species_lookup
 
 
 class RadialPotential(nn.Module):
@@ -45,9 +47,7 @@ class RadialPotential(nn.Module):
         self.hidden_dim = hidden_dim
         self.n_radial = n_radial
         self.n_layers = n_layers
-        index = torch.full((119,), -1, dtype=torch.long)
-        index[torch.tensor(self.species)] = torch.arange(len(self.species))
-        self.register_buffer("species_index", index, persistent=False)
+        self.register_buffer("species_index", species_lookup(self.species), persistent=False)
         self.embedding = nn.Embedding(len(self.species), hidden_dim)
         self.register_buffer("centres", torch.linspace(0.0, cutoff, n_radial))
         # No bias: a filter must vanish with the radial basis at the cut-off (smooth energy).
@@ -87,6 +87,7 @@ class RadialBackbone(Backbone):
     """Adapter for :class:`RadialPotential` (built in, no extra package)."""
 
     name = "radial"
+    label = "built-in radial"
 
     @property
     def feature_dim(self) -> int:
@@ -100,13 +101,9 @@ class RadialBackbone(Backbone):
     def recognises(cls, model: nn.Module) -> bool:
         return isinstance(model, RadialPotential)
 
-    def check_elements(self, numbers: torch.Tensor) -> None:
-        unknown = sorted(set(numbers.tolist()) - set(self.host.species))
-        if unknown:
-            raise ValueError(
-                f"elements with atomic numbers {unknown} are unknown to this model, which "
-                f"was built for {self.host.species}; retrain with those species."
-            )
+    @property
+    def known_elements(self) -> list[int]:
+        return sorted(self.host.species)
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.host(data)
