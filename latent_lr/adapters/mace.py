@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from latent_lr.backbone import Backbone, isolated_global_state, reject_unknown_elements
+from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
+
+from .common import edge_shifts, scalar_index, species_lookup, to_json
 
 with isolated_global_state():
     import mace.modules
@@ -42,34 +44,18 @@ DEFAULT_OPTIONS = dict(
 )
 
 
-def _scalar_slices(irreps: "o3.Irreps") -> list[slice]:
-    slices, offset = [], 0
-    for multiplicity, irrep in irreps:
-        width = multiplicity * irrep.dim
-        if irrep.l == 0 and irrep.p == 1:
-            slices.append(slice(offset, offset + width))
-        offset += width
-    return slices
-
-
 class MaceBackbone(Backbone):
     """Adapter for ``mace.modules.MACE`` / ``ScaleShiftMACE`` models."""
 
     name = "mace"
+    label = "MACE"
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
-        layer_irreps = [o3.Irreps(str(product.linear.irreps_out)) for product in host.products]
-        index, offset = [], 0
-        for irreps in layer_irreps:
-            for part in _scalar_slices(irreps):
-                index.extend(range(offset + part.start, offset + part.stop))
-            offset += irreps.dim
-        self.register_buffer("scalar_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        layers = [o3.Irreps(str(product.linear.irreps_out)) for product in host.products]
+        self.register_buffer("scalar_index", scalar_index(layers), persistent=False)
         self.atomic_numbers = [int(z) for z in host.atomic_numbers]
-        lookup = torch.full((119,), -1, dtype=torch.long)
-        lookup[torch.tensor(self.atomic_numbers)] = torch.arange(len(self.atomic_numbers))
-        self.register_buffer("element_index", lookup, persistent=False)
+        self.register_buffer("element_index", species_lookup(self.atomic_numbers), persistent=False)
 
     @property
     def feature_dim(self) -> int:
@@ -79,17 +65,15 @@ class MaceBackbone(Backbone):
     def cutoff(self) -> float:
         return float(self.host.r_max)
 
-    def check_elements(self, numbers: torch.Tensor) -> None:
-        reject_unknown_elements(numbers, self.atomic_numbers, "MACE")
+    @property
+    def known_elements(self) -> list[int]:
+        return sorted(self.atomic_numbers)
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         edge_index, unit_shifts = radius_graph(data, self.cutoff)
-        sender = edge_index[0]
-        shifts = torch.einsum("ea,eab->eb", unit_shifts, data.cell[data.batch[sender]])
-        dtype = data.positions.dtype
-        node_attrs = torch.nn.functional.one_hot(
-            self.element_index[data.numbers], len(self.atomic_numbers)
-        ).to(dtype)
+        shifts = edge_shifts(unit_shifts, data.cell, data.batch[edge_index[0]])
+        kinds = self.element_index[data.numbers]
+        node_attrs = torch.nn.functional.one_hot(kinds, len(self.atomic_numbers)).to(data.positions.dtype)
         counts = data.n_atoms
         ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         inputs = {
@@ -114,7 +98,7 @@ class MaceBackbone(Backbone):
                 f"cannot save a {type(self.host).__name__}: {config['error']}. Build the host "
                 "as mace.modules.ScaleShiftMACE (scale 1, shift 0 is a plain MACE)."
             )
-        return {key: _to_json(value) for key, value in config.items()}
+        return {key: to_json(value, as_string=(o3.Irreps,)) for key, value in config.items()}
 
     @classmethod
     def build_host(cls, config: dict[str, Any]) -> nn.Module:
@@ -160,18 +144,3 @@ class MaceBackbone(Backbone):
             )
         return host.double()
 
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, type):
-        return value.__name__
-    if callable(value) and hasattr(value, "__name__"):
-        return value.__name__
-    if isinstance(value, o3.Irreps):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
