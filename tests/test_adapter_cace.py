@@ -167,7 +167,7 @@ def test_save_load_round_trip_is_exact(host, tmp_path):
     latent_lr.save(model, path)
     config = model.config()["host"]
     assert json.loads(json.dumps(config)) == config
-    assert config["host"]["kind"] == "class" and config["host"]["class"].endswith(":CaceContractModel")
+    assert config["kind"] == "class" and config["class"].endswith(":CaceContractModel")
     loaded = latent_lr.load(path).eval()
     assert isinstance(loaded.backbone.host, CaceContractModel)
     assert loaded.backbone.atomic_energies == model.backbone.atomic_energies
@@ -453,7 +453,7 @@ def test_package_host_code_path_with_a_stub_cace_package(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = latent_lr.wrap(host).eval()  # recognised from the package name
     assert model.backbone.name == "cace" and host.output_modules[0].outnet is not None  # dry run built it
-    config = model.config()["host"]["host"]
+    config = model.config()["host"]
     assert config["kind"] == "cace"
     assert config["representation"]["type_message_passing"] == ["Bchi"]
     assert config["representation"]["embed_receiver_nodes"] is True

@@ -41,45 +41,26 @@ Adapter options (``latent_lr.wrap(host, backbone="cace", adapter_options={...})`
   as CACE does.
 * ``atomic_energies``: ``{Z: E0}`` in eV for every element of the model.
 
-Saving (:func:`latent_lr.save`) stores :meth:`CaceBackbone.host_config`:
+Saving (:func:`latent_lr.save`) stores the adapter options (:meth:`CaceBackbone.options`)
+and the host's architecture as JSON (:mod:`latent_lr.adapters.cace_config`, which
+also builds the small default host for training from scratch).  Lazily built
+layers (CACE's ``Atomwise(n_in=None)``) are materialised by a dry run on a
+two-atom molecule when the adapter is constructed, with the global RNG state
+saved and restored, so ``load_state_dict`` finds every weight.
 
-* for a host from the ``cace`` package, the constructor arguments of
-  ``Cace`` (newest interface: ``zs``, ``n_atom_basis``, ``cutoff``,
-  ``radial_basis``, ``cutoff_fn``, ``max_l``, ``max_nu``,
-  ``num_message_passing``, ``type_message_passing``, ``args_message_passing``
-  (``Bchi`` MLP settings), ``embed_receiver_nodes``, ``n_radial_basis``,
-  ``avg_num_neighbors``), of the radial basis (``BesselRBF``, ``GaussianRBF``,
-  ``GaussianRBFCentered``, ``ExponentialDecayRBF``), of the cut-off function
-  (``CosineCutoff``, ``PolynomialCutoff``, ``MollifierCutoff``,
-  ``SwitchFunction``) and of the output modules ``Atomwise``, ``Forces`` and
-  ``FeatureAdd``.  Other modules (CACE's Ewald, LES, polarisation, custom
-  encoders, post-processing callables) make ``host_config`` raise: keep such
-  hosts with CACE's own ``torch.save``.  Untested against the package itself,
-  which cannot be installed here;
-* for any other host class exposing a JSON-able ``config`` dict of its
-  constructor arguments (the test stand-in ``CaceContractModel`` does), the
-  class's import path ``"module:QualName"`` and that dict.  Loading imports
-  that module, so load only files you trust; the named object must be an
-  ``nn.Module`` subclass.
-
-Both forms also carry the adapter options above, handed back to the adapter
-through the rebuilt host's ``latent_lr_adapter_options`` attribute (the core's
-loader passes only the host to the adapter).  Lazily built layers (CACE's
-``Atomwise(n_in=None)``, ``MessageBchi(n_in=None)``) are materialised by a dry
-run on a two-atom molecule when the adapter is constructed, with the global
-RNG state saved and restored, so ``load_state_dict`` finds every weight.
+Checked against the cace package at commit 19ae23c: energies, forces and stress
+equal CACE's own (``tests/test_adapter_cace_real.py``).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
+from latent_lr.adapters import cace_config
+from latent_lr.adapters.common import edge_shifts
 from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
@@ -88,8 +69,6 @@ from latent_lr.neighbors import radius_graph
 DERIVATIVE_MODULES = ("Forces", "Grad")
 #: Class names of CACE's own long-range modules (never run; latent-lr replaces them).
 LONG_RANGE_MODULES = ("EwaldPotential", "LesWrapper")
-#: Attribute on a host set by :meth:`CaceBackbone.build_host` to pass saved adapter options.
-OPTIONS_ATTRIBUTE = "latent_lr_adapter_options"
 
 _INPUT_ATTRIBUTES = ("feature_key", "feature_keys", "feature1_key", "feature2_key", "y_key", "x_key")
 _OUTPUT_ATTRIBUTES = (
@@ -199,10 +178,6 @@ def _plan(output_modules, energy_key: Optional[str]) -> tuple[list[int], str, li
 # ----------------------------------------------------------------------------
 
 
-def _is_cace_package_model(host: nn.Module) -> bool:
-    return type(host).__module__.split(".")[0] == "cace"
-
-
 def _first_tensor(host: nn.Module) -> Optional[torch.Tensor]:
     for tensor in host.parameters():
         if tensor.dtype.is_floating_point:
@@ -261,8 +236,7 @@ def cace_inputs(data: AtomsBatch, cutoff: float, dtype: torch.dtype) -> dict[str
     positions = data.positions.to(dtype)
     cell = data.cell.to(dtype)
     unit_shifts = unit_shifts.to(dtype)
-    sender = edge_index[0]
-    shifts = torch.einsum("ea,eab->eb", unit_shifts, cell[data.batch[sender]])
+    shifts = edge_shifts(unit_shifts, cell, data.batch[edge_index[0]])
     counts = torch.bincount(data.batch, minlength=data.n_structures)
     ptr = torch.zeros(data.n_structures + 1, dtype=torch.long, device=counts.device)
     ptr[1:] = torch.cumsum(counts, 0)
@@ -298,6 +272,7 @@ class CaceBackbone(Backbone):
     """
 
     name = "cace"
+    label = "CACE"
 
     def __init__(
         self,
@@ -307,13 +282,6 @@ class CaceBackbone(Backbone):
         output_index: Optional[int] = None,
     ):
         super().__init__(host)
-        saved = dict(getattr(host, OPTIONS_ATTRIBUTE, None) or {})
-        if atomic_energies is None:
-            atomic_energies = saved.get("atomic_energies")
-        if energy_key is None:
-            energy_key = saved.get("energy_key")
-        if output_index is None:
-            output_index = saved.get("output_index")
 
         rep = getattr(host, "representation", None)
         if rep is None or not hasattr(host, "output_modules"):
@@ -367,14 +335,9 @@ class CaceBackbone(Backbone):
     def cutoff(self) -> float:
         return float(self.host.representation.cutoff)
 
-    def check_elements(self, numbers: torch.Tensor) -> None:
-        unknown = sorted(set(numbers.unique().tolist()) - set(self.zs))
-        if unknown:
-            raise ValueError(
-                f"elements with atomic numbers {unknown} are unknown to this CACE model, which was "
-                f"built for zs={self.zs} (CACE itself would silently treat them as element "
-                f"{self.zs[0]}); retrain with those elements."
-            )
+    @property
+    def known_elements(self) -> list[int]:
+        return sorted(self.zs)
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         reference = _first_tensor(self.host)
@@ -412,35 +375,25 @@ class CaceBackbone(Backbone):
 
     # -- save / load ------------------------------------------------------------
 
-    def host_config(self) -> dict[str, Any]:
-        config = {
-            "host": _describe_host(self.host),
-            "adapter": {
-                "energy_key": self.energy_key,
-                "output_index": self.output_index,
-                "atomic_energies": None
-                if self.atomic_energies is None
-                else {str(z): e for z, e in sorted(self.atomic_energies.items())},
-            },
+    def options(self) -> dict[str, Any]:
+        return {
+            "energy_key": self.energy_key,
+            "output_index": self.output_index,
+            "atomic_energies": None
+            if self.atomic_energies is None
+            else {str(z): e for z, e in sorted(self.atomic_energies.items())},
         }
-        try:
-            json.dumps(config)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"the CACE host's settings are not JSON-serialisable: {error}") from error
-        return config
+
+    def host_config(self) -> dict[str, Any]:
+        return cace_config.describe_host(self.host)
 
     @classmethod
     def build_host(cls, config: dict[str, Any]) -> nn.Module:
-        spec = config["host"]
-        with isolated_global_state(), torch.random.fork_rng(devices=[]):
-            if spec.get("kind") == "cace":
-                host = _build_cace_host(spec)
-            elif spec.get("kind") == "class":
-                host = _build_class_host(spec)
-            else:
-                raise ValueError(f"unknown CACE host description kind {spec.get('kind')!r}.")
-        setattr(host, OPTIONS_ATTRIBUTE, dict(config.get("adapter") or {}))
-        return host
+        return cace_config.build_host(config)
+
+    @classmethod
+    def default_host(cls, species: list[int], **options: Any) -> nn.Module:
+        return cace_config.default_host(species, **options)
 
     # -- internals ------------------------------------------------------------
 
@@ -468,218 +421,3 @@ class CaceBackbone(Backbone):
         return int(features.shape[1])
 
 
-# ----------------------------------------------------------------------------
-# Describing and rebuilding hosts
-# ----------------------------------------------------------------------------
-
-
-def _describe_host(host: nn.Module) -> dict[str, Any]:
-    if _is_cace_package_model(host):
-        return _describe_cace_host(host)
-    settings = getattr(host, "config", None)
-    if isinstance(settings, dict):
-        cls = type(host)
-        return {"kind": "class", "class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": dict(settings)}
-    raise ValueError(
-        f"cannot save a CACE host of class {type(host).__module__}.{type(host).__qualname__}: it is "
-        "neither from the cace package nor exposes a `config` dict of its constructor arguments."
-    )
-
-
-def _build_class_host(spec: dict[str, Any]) -> nn.Module:
-    module_name, _, qualname = spec["class"].partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ValueError(f"{spec['class']} is not a torch.nn.Module class; refusing to build it.")
-    return obj(**spec["kwargs"])
-
-
-def _callable_name(function: Any) -> str:
-    """Import path of an activation function/module of torch (for JSON)."""
-    if isinstance(function, nn.Module):
-        if type(function).__module__.startswith("torch.nn") and not list(function.parameters()):
-            return f"torch.nn.{type(function).__name__}()"  # e.g. nn.SiLU(), rebuilt with defaults
-    name = getattr(function, "__name__", None)
-    for namespace, prefix in ((torch.nn.functional, "torch.nn.functional"), (torch, "torch")):
-        if name and getattr(namespace, name, None) is function:
-            return f"{prefix}.{name}"
-    raise ValueError(f"cannot save activation {function!r}: only torch functions and torch.nn modules are supported.")
-
-
-def _resolve_callable(name: str) -> Any:
-    if name.endswith("()"):
-        return getattr(torch.nn, name[len("torch.nn.") : -2])()
-    module_name, _, attribute = name.rpartition(".")
-    return getattr(importlib.import_module(module_name), attribute)
-
-
-def _describe_radial(radial: nn.Module) -> dict[str, Any]:
-    name = type(radial).__name__
-    cutoff = float(radial.cutoff)
-    n_rbf = int(radial.n_rbf)
-    if name == "BesselRBF":
-        kwargs = dict(cutoff=cutoff, n_rbf=n_rbf, trainable=isinstance(radial.bessel_weights, nn.Parameter))
-    elif name == "GaussianRBF":
-        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, start=float(radial.offsets[0]),
-                      trainable=isinstance(radial.widths, nn.Parameter))
-    elif name == "GaussianRBFCentered":
-        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, start=float(radial.widths[0]),
-                      trainable=isinstance(radial.widths, nn.Parameter))
-    elif name == "ExponentialDecayRBF":
-        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, prefactor=float(radial.prefactor.detach().reshape(-1)[0]),
-                      trainable=isinstance(radial.r0, nn.Parameter))
-    else:
-        raise ValueError(f"cannot save CACE radial basis {name}; supported: BesselRBF, GaussianRBF, "
-                         "GaussianRBFCentered, ExponentialDecayRBF.")
-    return {"class": name, "kwargs": kwargs}
-
-
-def _describe_cutoff_fn(cutoff_fn: nn.Module) -> dict[str, Any]:
-    name = type(cutoff_fn).__name__
-    if name == "CosineCutoff":
-        kwargs = dict(cutoff=float(cutoff_fn.cutoff))
-    elif name == "PolynomialCutoff":
-        kwargs = dict(cutoff=float(cutoff_fn.cutoff), p=float(cutoff_fn.p))
-    elif name == "MollifierCutoff":
-        kwargs = dict(cutoff=float(cutoff_fn.cutoff), eps=float(cutoff_fn.eps))
-    elif name == "SwitchFunction":
-        kwargs = dict(switch_on=float(cutoff_fn.switch_on), switch_off=float(cutoff_fn.switch_off))
-    else:
-        raise ValueError(f"cannot save CACE cut-off function {name}; supported: CosineCutoff, "
-                         "PolynomialCutoff, MollifierCutoff, SwitchFunction.")
-    return {"class": name, "kwargs": kwargs}
-
-
-def _describe_output_module(module: nn.Module) -> dict[str, Any]:
-    name = type(module).__name__
-    if name == "Atomwise":
-        if getattr(module, "post_process", None) is not None:
-            raise ValueError("cannot save a CACE Atomwise with a post_process callable.")
-        kwargs = dict(
-            n_in=module.n_in,
-            n_out=module.n_out,
-            n_hidden=module.n_hidden,
-            n_layers=module.n_layers,
-            bias=getattr(module, "bias", True),
-            activation=_callable_name(module.activation),
-            aggregation_mode=module.aggregation_mode,
-            feature_key=getattr(module, "feature_key", "node_feats"),
-            output_key=module.output_key,
-            per_atom_output_key=module.per_atom_output_key,
-            descriptor_output_key=getattr(module, "descriptor_output_key", None),
-            residual=module.residual,
-            use_batchnorm=module.use_batchnorm,
-            add_linear_nn=module.add_linear_nn,
-        )
-    elif name == "Forces":
-        kwargs = dict(
-            calc_forces=module.calc_forces,
-            calc_stress=module.calc_stress,
-            energy_key=module.energy_key,
-            forces_key=module.forces_key,
-            stress_key=module.stress_key,
-            virials_key=module.virial_key,
-        )
-    elif name == "FeatureAdd":
-        kwargs = dict(feature_keys=list(module.feature_keys), output_key=module.output_key)
-    else:
-        raise ValueError(f"cannot save CACE output module {name}; supported: Atomwise, Forces, FeatureAdd "
-                         "(save such hosts with torch.save and wrap them after loading).")
-    return {"class": name, "kwargs": kwargs}
-
-
-def _describe_cace_host(host: nn.Module) -> dict[str, Any]:
-    if type(host).__name__ != "NeuralNetworkPotential":
-        raise ValueError(f"cannot save CACE model class {type(host).__name__}; only NeuralNetworkPotential.")
-    rep = host.representation
-    if type(rep).__name__ != "Cace":
-        raise ValueError(f"cannot save CACE representation {type(rep).__name__}; only Cace.")
-    if getattr(host, "do_postprocessing", False) or len(getattr(host, "postprocessors", None) or []):
-        raise ValueError("cannot save a CACE model with postprocessors.")
-    types, bchi = [], {}
-    layers = list(rep.message_passing_list)
-    if layers:
-        for label, module in zip(("M", "Ar", "Bchi"), list(layers[0])):
-            if module is not None:
-                types.append(label)
-            if label == "Bchi" and module is not None:
-                bchi = dict(
-                    n_in=module.n_in,
-                    n_hidden=module.n_hidden,
-                    n_layers=module.n_layers,
-                    activation=_callable_name(module.activation),
-                    residual=module.residual,
-                    use_batchnorm=module.use_batchnorm,
-                )
-    mp_norm_factor = float(rep.mp_norm_factor)
-    representation = dict(
-        zs=[int(z) for z in rep.zs],
-        n_atom_basis=int(rep.n_atom_basis),
-        cutoff=float(rep.cutoff),
-        max_l=int(rep.max_l),
-        max_nu=int(rep.max_nu),
-        num_message_passing=int(rep.num_message_passing),
-        type_message_passing=types,
-        args_message_passing={"Bchi": bchi} if bchi else {},
-        embed_receiver_nodes=rep.node_embedding_receiver is not rep.node_embedding_sender,
-        n_radial_basis=int(rep.n_radial_basis),
-        avg_num_neighbors=1.0 / mp_norm_factor**2,
-    )
-    return {
-        "kind": "cace",
-        "representation": representation,
-        "mp_norm_factor": mp_norm_factor,  # restored exactly (avg_num_neighbors round-trips inexactly)
-        "radial_basis": _describe_radial(rep.radial_basis),
-        "cutoff_fn": _describe_cutoff_fn(rep.cutoff_fn),
-        "n_input_modules": len(getattr(host, "input_modules", None) or []),
-        "output_modules": [_describe_output_module(m) for m in host.output_modules],
-    }
-
-
-def _call_with_known_arguments(cls: type, kwargs: dict[str, Any]) -> Any:
-    """cls(**kwargs), dropping arguments this cace version does not take if they are unset."""
-    parameters = inspect.signature(cls.__init__).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        unknown = {k: v for k, v in kwargs.items() if k not in parameters}
-        if any(v not in (None, False, {}, []) for v in unknown.values()):
-            raise ValueError(
-                f"the installed cace's {cls.__name__} does not take {sorted(unknown)}, which this "
-                "model file needs; install the cace version the model was saved with."
-            )
-        kwargs = {k: v for k, v in kwargs.items() if k in parameters}
-    return cls(**kwargs)
-
-
-def _build_cace_host(spec: dict[str, Any]) -> nn.Module:
-    import cace.modules as cace_modules
-    from cace.models.atomistic import NeuralNetworkPotential
-    from cace.representations.cace_representation import Cace
-
-    def module(description: dict[str, Any], **overrides: Any) -> nn.Module:
-        kwargs = dict(description["kwargs"], **overrides)
-        return _call_with_known_arguments(getattr(cace_modules, description["class"]), kwargs)
-
-    representation = dict(spec["representation"])
-    bchi = representation["args_message_passing"].get("Bchi")
-    if bchi:
-        bchi = dict(bchi, activation=_resolve_callable(bchi["activation"]))
-        representation["args_message_passing"] = {"Bchi": bchi}
-    rep = _call_with_known_arguments(
-        Cace,
-        dict(
-            representation,
-            radial_basis=module(spec["radial_basis"]),
-            cutoff_fn=module(spec["cutoff_fn"]),
-        ),
-    )
-    rep.mp_norm_factor = spec["mp_norm_factor"]
-    outputs = []
-    for description in spec["output_modules"]:
-        overrides = {}
-        if "activation" in description["kwargs"]:
-            overrides["activation"] = _resolve_callable(description["kwargs"]["activation"])
-        outputs.append(module(description, **overrides))
-    inputs = [cace_modules.Preprocess() for _ in range(spec["n_input_modules"])]
-    return NeuralNetworkPotential(representation=rep, input_modules=inputs, output_modules=outputs)
