@@ -1,20 +1,39 @@
-"""`latent-lr demo`: what the engine does, in a few seconds.
+"""`latent-lr demo` and `latent-lr engine-demo`.
 
-Prints Madelung constants computed by :func:`latent_lr.coulomb_energy` next to
-literature values, then the energy and forces of a small periodic water-like
-box with point and smeared charges.
+``engine-demo`` prints Madelung constants computed by
+:func:`latent_lr.coulomb_energy` next to literature values, then the energy and
+forces of a small periodic water-like box with point and smeared charges.
+``demo`` runs the short- versus long-range ablation on a synthetic dataset.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .crystals import MADELUNG_CONSTANTS, ionic_crystal, nearest_neighbour_distance
 from .electrostatics import coulomb_energy
+from .synthetic import write_dataset
+from .training import TrainConfig, run_ablation
 from .units import COULOMB_CONSTANT
+
+#: Training settings of ``latent-lr demo`` (a small radial backbone; labels for evaluation only).
+DEMO_OPTIONS: dict[str, Any] = dict(
+    backbone="radial",
+    host_options={"cutoff": 4.0, "hidden_dim": 24, "n_layers": 2},
+    epochs=120,
+    batch_size=8,
+    learning_rate=5e-3,
+    patience=40,
+    dipole_key="ref_dipole",
+    charges_key="ref_charges",
+    dipole_weight=0.0,
+    charges_weight=0.0,
+)
 
 
 def water_like_box(n_molecules: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -81,12 +100,6 @@ def run_ablation_demo(out: str = "runs/demo", epochs: int = 120, progress: bool 
     Both twins train on energies and forces only; the reference charges and
     dipoles are used for evaluation, never in the loss (weights 0).
     """
-    from pathlib import Path
-
-    from .cli import DEMO_OPTIONS
-    from .synthetic import write_dataset
-    from .training import TrainConfig, run_ablation
-
     paths = write_dataset(Path(out) / "data")
     print(f"synthetic data: {paths['train']} (ions 2.4–6 Å apart), {paths['test']} (8–12 Å apart)")
     options = dict(DEMO_OPTIONS, epochs=epochs, progress=progress)

@@ -124,6 +124,8 @@ def test_predict_writes_charges_dipoles_and_becs(dataset, tmp_path):
         np.testing.assert_allclose(atoms.arrays["bec"].reshape(-1, 3, 3).sum(0), 0.0, atol=1e-6)  # extxyz writes 8 decimals
 
 
-def test_missing_label_key_is_a_clear_error(dataset, tmp_path):
-    with pytest.raises(ValueError, match="forces-key"):
-        main(["train", "--train", str(dataset["train"]), "--forces-key", "force", "--epochs", "1", "--out", str(tmp_path), *TINY])
+def test_missing_label_key_is_a_clear_error(dataset, tmp_path, capsys):
+    status = main(["train", "--train", str(dataset["train"]), "--forces-key", "force", "--epochs", "1", "--out", str(tmp_path), *TINY])
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("latent-lr: error:") and "forces-key" in error and "\n" not in error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import ase.io
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from ase import Atoms
 
 from ..data import AtomsBatch
+from ..errors import UserInputError, frame_location
 
 
 @dataclass
@@ -42,6 +43,14 @@ class Frame:
     bec: Optional[np.ndarray] = None
     total_charge: float = 0.0
     info: dict = field(default_factory=dict)
+    source: Optional[tuple[str, int]] = None
+
+    @property
+    def location(self) -> str:
+        """Where the frame came from, e.g. ``"train.xyz, frame 17 (0-based)"`` (index in the user's file)."""
+        if self.source is None:
+            return "a structure given in memory"
+        return frame_location(*self.source)
 
 
 def _lookup(atoms: Atoms, key: Optional[str], per_atom: bool):
@@ -58,8 +67,19 @@ def _lookup(atoms: Atoms, key: Optional[str], per_atom: bool):
     return None
 
 
-def frame_from_atoms(atoms: Atoms, keys: LabelKeys) -> Frame:
-    """Extract labels named by ``keys`` from one structure."""
+def frame_from_atoms(atoms: Atoms, keys: LabelKeys, source: Optional[tuple[str, int]] = None) -> Frame:
+    """Extract labels named by ``keys`` from one structure.
+
+    ``source`` is (file as the user gave it, 0-based frame index in that file);
+    it names the frame in error messages.  Non-finite positions, cells or
+    labels are a :class:`~latent_lr.errors.UserInputError`.
+    """
+    where = frame_location(*source) if source is not None else "structure"
+    if len(atoms) == 0:
+        raise UserInputError(f"{where}: the structure has no atoms; remove it from the input.")
+    _reject_non_finite(where, "positions (Å)", atoms.positions)
+    if atoms.pbc.any():
+        _reject_non_finite(where, "cell (Å)", atoms.cell.array)
     energy = _lookup(atoms, keys.energy, per_atom=False)
     forces = _lookup(atoms, keys.forces, per_atom=True)
     dipole = _lookup(atoms, keys.dipole, per_atom=False)
@@ -77,29 +97,76 @@ def frame_from_atoms(atoms: Atoms, keys: LabelKeys) -> Frame:
         bec=None if bec is None else bec.reshape(len(atoms), 3, 3),
         total_charge=clean.info["charge"],
         info={k: v for k, v in atoms.info.items() if np.isscalar(v)},
+        source=source,
     )
 
 
+def _reject_non_finite(where: str, what: str, values) -> None:
+    if values is not None and not np.isfinite(values).all():
+        raise UserInputError(f"{where}: NaN or inf in the {what}; fix or remove this frame.")
+
+
+def _check_labels(frame: Frame) -> None:
+    for name in ("energy", "forces", "dipole", "charges", "bec"):
+        _reject_non_finite(frame.location, f"{name} label", getattr(frame, name))
+
+
+def iter_frames(path: Union[str, Path], keys: LabelKeys) -> Iterator[Frame]:
+    """Yield the structures of an extended-XYZ file one at a time (read lazily, ``ase.io.iread``).
+
+    Each frame keeps (path as given, 0-based index in the file) as ``source``.
+    A missing, unreadable or malformed file and non-finite values raise
+    :class:`~latent_lr.errors.UserInputError` naming the file and frame.
+    """
+    name = str(path)
+    if not Path(path).is_file():
+        raise UserInputError(f"{name} does not exist or is not a file; check the path.")
+    structures = ase.io.iread(path, index=":")
+    index = 0
+    while True:
+        try:
+            atoms = next(structures)
+        except StopIteration:
+            return
+        except OSError as error:
+            raise UserInputError(f"cannot read {name}: {error.strerror or error}; check the file's permissions.") from error
+        except Exception as error:  # ASE's readers raise many types for a malformed file
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserInputError(
+                f"{frame_location(name, index)}: not a valid extended-XYZ frame ({detail}); "
+                "give an extended-XYZ file (ase.io.write(..., format='extxyz'))."
+            ) from error
+        frame = frame_from_atoms(atoms, keys, source=(name, index))
+        _check_labels(frame)
+        yield frame
+        index += 1
+
+
 def read_frames(path: Union[str, Path], keys: LabelKeys) -> list[Frame]:
-    """Read every structure of an extended-XYZ file with its labels."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    structures = ase.io.read(path, index=":")
-    frames = [frame_from_atoms(atoms, keys) for atoms in structures]
+    """Read every structure of an extended-XYZ file with its labels (see :func:`iter_frames`)."""
+    frames = list(iter_frames(path, keys))
     if not frames:
-        raise ValueError(f"{path} holds no structures.")
+        raise UserInputError(f"{path} holds no structures; give a non-empty extended-XYZ file.")
     if keys.energy and all(f.energy is None for f in frames):
-        raise ValueError(
-            f"no energies under key {keys.energy!r} in {path}; available info keys: "
-            f"{sorted(structures[0].info)}; set --energy-key."
+        raise UserInputError(
+            f"{frame_location(path, 0)}: no energy under info key {keys.energy!r} (nor in any other frame); "
+            f"available info keys: {sorted(frames[0].info)}; set --energy-key."
         )
     if keys.forces and all(f.forces is None for f in frames):
-        raise ValueError(
-            f"no forces under key {keys.forces!r} in {path}; available arrays: "
-            f"{sorted(structures[0].arrays)}; set --forces-key (SPICE uses 'force')."
+        raise UserInputError(
+            f"{frame_location(path, 0)}: no forces under arrays key {keys.forces!r} (nor in any other frame); "
+            f"set --forces-key (SPICE uses 'force')."
         )
     return frames
+
+
+def check_frame_elements(check: Callable[[torch.Tensor], None], frames: Sequence[Frame]) -> None:
+    """Run a backbone's ``check_elements`` on each frame; a failure names the frame's file and index."""
+    for frame in frames:
+        try:
+            check(torch.as_tensor(frame.atoms.numbers))
+        except ValueError as error:
+            raise UserInputError(f"{frame.location}: {error}") from error
 
 
 def collate(frames: Sequence[Frame], dtype: torch.dtype, device=None) -> tuple[AtomsBatch, dict[str, torch.Tensor]]:

@@ -1,29 +1,44 @@
-"""`latent-lr predict`: post-hoc charges, dipoles and BECs into extended XYZ."""
+"""`latent-lr predict`: post-hoc charges, dipoles and BECs into extended XYZ, streamed batch by batch."""
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Iterator, Union
 
 import ase.io
 import numpy as np
+import torch
+from ase import Atoms
+from tqdm.auto import tqdm
 
-from ..serialization import load
-from .dataset import LabelKeys, read_frames
+from ..errors import UserInputError
+from ..model import LongRangeModel
+from .dataset import Frame, LabelKeys, check_frame_elements, iter_frames
 from .metrics import predict_frames
+from .model_files import load_model_file
 
 
-def predict_file(model_path: Union[str, Path], input_path: Union[str, Path], output_path: Union[str, Path], batch_size: int = 16, total_charge_key: str = "charge") -> int:
-    """Write per-atom ``latent_charges`` (e) and ``bec`` (e, 9 columns: xx xy xz yx … zz,
-    row α = dipole component, column β = displacement), per-structure ``dipole`` (e·Å,
-    open boundary) or ``polarization`` (e/Å², periodic), ``energy`` (eV) and
-    ``forces`` (eV/Å).  Returns the number of structures written."""
-    model = load(model_path).eval()
-    if model.long_range is None:
-        raise ValueError(f"{model_path} is a short-range model: it has no latent charges to predict from.")
-    keys = LabelKeys(energy=None, forces=None, total_charge=total_charge_key)  # type: ignore[arg-type]
-    frames = read_frames(input_path, keys)
-    predictions = predict_frames(model, frames, batch_size, compute_bec=True)
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, …; a CUDA device that is not there is a user error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserInputError(f"unknown device {name!r}; use cpu or cuda (cuda:N).") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+    return device
+
+
+def _batches(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
+    iterator = iter(frames)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def annotated_structures(model: LongRangeModel, frames: list[Frame]) -> list[Atoms]:
+    """Copies of ``frames``' structures carrying the model's predictions (see :func:`predict_file`)."""
+    predictions = predict_frames(model, frames, len(frames), compute_bec=True)
     written = []
     for index, frame in enumerate(frames):
         atoms = frame.atoms.copy()
@@ -38,5 +53,47 @@ def predict_file(model_path: Union[str, Path], input_path: Union[str, Path], out
         else:
             atoms.info["dipole"] = np.asarray(predictions["dipole"][index])
         written.append(atoms)
-    ase.io.write(output_path, written, format="extxyz")
-    return len(written)
+    return written
+
+
+def predict_file(
+    model_path: Union[str, Path],
+    input_path: Union[str, Path],
+    output_path: Union[str, Path],
+    batch_size: int = 16,
+    total_charge_key: str = "charge",
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+) -> int:
+    """Write per-atom ``latent_charges`` (e) and ``bec`` (e, 9 columns: xx xy xz yx … zz,
+    row α = dipole component, column β = displacement), per-structure ``dipole`` (e·Å,
+    open boundary) or ``polarization`` (e/Å², periodic), ``energy`` (eV) and
+    ``forces`` (eV/Å).  Returns the number of structures written.
+
+    ``model_path`` is ``best_model.pt`` or a training ``checkpoint.pt``.
+    ``device`` is ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).  The input is read lazily and each batch
+    of ``batch_size`` frames is written as soon as it is predicted, so memory
+    does not grow with the number of frames.
+    """
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {batch_size}.")
+    target = resolve_device(device) if isinstance(device, str) else device
+    if not Path(input_path).is_file():
+        raise UserInputError(f"{input_path} does not exist or is not a file; check the path.")
+    model = load_model_file(model_path).to(target).eval()
+    if model.long_range is None:
+        raise UserInputError(f"{model_path} is a short-range model: it has no latent charges to predict from; give a long-range model.")
+    keys = LabelKeys(energy=None, forces=None, total_charge=total_charge_key)
+    count = 0
+    bar = tqdm(desc="predict", unit="frame", disable=not progress)
+    with open(output_path, "w") as handle:
+        for chunk in _batches(iter_frames(input_path, keys), batch_size):
+            check_frame_elements(model.backbone.check_elements, chunk)
+            ase.io.write(handle, annotated_structures(model, chunk), format="extxyz")
+            handle.flush()
+            count += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    if count == 0:
+        raise UserInputError(f"{input_path} holds no structures; give a non-empty extended-XYZ file.")
+    return count
