@@ -94,9 +94,11 @@ class AtomsBatch:
             raise ValueError("no structures given; pass at least one ase.Atoms.")
         for index, atoms in enumerate(structures):
             if len(atoms) == 0:
-                raise ValueError(f"structure {index} has no atoms; remove it from the input.")
+                raise ValueError(f"structure {index} of the {len(structures)} given has no atoms; remove it.")
             if not np.isfinite(atoms.positions).all():
-                raise ValueError(f"structure {index} has NaN or inf positions.")
+                raise ValueError(
+                    f"structure {index} of the {len(structures)} given has NaN or inf positions; fix or remove it."
+                )
         positions = np.concatenate([atoms.positions for atoms in structures])
         numbers = np.concatenate([atoms.numbers for atoms in structures])
         cells = np.stack(
