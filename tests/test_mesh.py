@@ -20,6 +20,7 @@ from latent_lr.demo import water_like_box
 from latent_lr.electrostatics import coulomb
 from latent_lr.electrostatics.mesh import bspline_weights, spme_reciprocal_energy
 from latent_lr.electrostatics.mesh_parameters import fft_size, mesh_parameters
+from latent_lr.electrostatics.state import EngineState
 
 F64 = torch.float64
 
@@ -133,28 +134,31 @@ def test_stress_by_finite_strain():
 
 
 def test_influence_cache_keys_on_the_cell_and_leaves_the_stress_exact():
-    from latent_lr.electrostatics import mesh
-
+    state = EngineState()
     positions, charges, cell = charged_triclinic_cell(12)
     arguments = (torch.zeros(12, dtype=torch.long), [(16, 18, 16)], torch.tensor([0.5], dtype=F64), 6)
 
-    def energy(c):
-        return spme_reciprocal_energy(positions, charges, c[None], *arguments)
+    def energy(c, cache=state.influence):
+        return spme_reciprocal_energy(positions, charges, c[None], *arguments, cache, state.influence_cache_size)
 
-    mesh._influence_cache.clear()
     first = energy(cell)
-    assert len(mesh._influence_cache) == 1 and energy(cell).item() == first.item()
+    assert len(state.influence) == 1 and energy(cell).item() == first.item()
+    assert energy(cell, None).item() == first.item()  # the uncached θ
     strained = cell * 1.001
     cached_then_strained = energy(strained)
-    mesh._influence_cache.clear()
+    state.clear_caches()
     assert cached_then_strained.item() == energy(strained).item() != first.item()
     # A cell that requires a gradient bypasses the cache: stress equals the uncached one.
     energy(cell)
     grad_cell = cell.clone().requires_grad_(True)
     (with_cache,) = torch.autograd.grad(energy(grad_cell).sum(), grad_cell)
-    mesh._influence_cache.clear()
+    state.clear_caches()
     (without,) = torch.autograd.grad(energy(grad_cell).sum(), grad_cell)
     assert torch.equal(with_cache, without) and without.abs().max() > 0
+    # Bounded: at most influence_cache_size cells are kept.
+    for step in range(state.influence_cache_size + 3):
+        energy(cell * (1.0 + 1e-3 * step))
+    assert len(state.influence) == state.influence_cache_size
 
 
 def test_charge_gradient_matches_finite_differences_and_ewald():
@@ -251,6 +255,9 @@ def test_mesh_sum_scripts_with_torchscript():
     arguments = (positions, charges, cell[None], torch.zeros(12, dtype=torch.long), [(16, 18, 16)], torch.tensor([0.5], dtype=F64), 6)
     scripted = torch.jit.script(spme_reciprocal_energy)
     assert torch.allclose(scripted(*arguments), spme_reciprocal_energy(*arguments), rtol=1e-12)
+    # The eager path with an engine state's influence cache gives the same numbers.
+    cached = spme_reciprocal_energy(*arguments, EngineState().influence, 8)
+    assert torch.allclose(scripted(*arguments), cached, rtol=1e-12)
 
 
 def test_slab_with_pme_matches_ewald():

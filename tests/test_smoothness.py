@@ -20,7 +20,7 @@ import torch
 
 from latent_lr import coulomb_energy
 from latent_lr.electrostatics.mesh_parameters import mesh_parameters, minimum_mesh
-from latent_lr.electrostatics.setup_cache import clear_setup_cache, stable_mesh_parameters
+from latent_lr.electrostatics import EngineState
 
 N_STEPS = 200
 
@@ -46,8 +46,11 @@ SHEAR_AND_VOLUME = np.array([[0.03, 0.06, -0.04], [0.0, 0.02, 0.05], [0.0, 0.0, 
 STRETCH = np.diag([0.25, -0.1, 0.05]) + np.triu(np.full((3, 3), 0.05), 1)
 
 
-def path_values(seed: int, sigma: float, accuracy: float, method: str = "auto", strain=SHEAR_AND_VOLUME):
-    """Energy, forces, stress and dE/dt at N_STEPS + 1 points of the path cell0 (I + t strain)."""
+def path_values(
+    seed: int, sigma: float, accuracy: float, method: str = "auto", strain=SHEAR_AND_VOLUME, state=None
+):
+    """Energy, forces, stress and dE/dt at N_STEPS + 1 points of the path cell0 (I + t strain),
+    with the engine state ``state`` (None: stateless calls)."""
     fractional, charges, cell0 = random_neutral_cell(seed)
     fractional_t, charges_t = torch.tensor(fractional), torch.tensor(charges)
     energies, forces, stresses, slopes = [], [], [], []
@@ -59,7 +62,7 @@ def path_values(seed: int, sigma: float, accuracy: float, method: str = "auto", 
         stretch = torch.eye(3, dtype=torch.float64) + deformation
         energy = coulomb_energy(
             positions @ stretch, charges_t, cell=cell @ stretch, pbc=True, smearing=sigma, accuracy=accuracy,
-            method=method,
+            method=method, state=state,
         ).sum()
         grad_positions, grad_deformation = torch.autograd.grad(energy, (positions, deformation))
         # d cell/dt = cell (I + tε)⁻¹ ε, so dE/dt = dE/dD : (I + tε)⁻¹ ε.
@@ -102,8 +105,8 @@ def test_pme_keeps_its_mesh_along_a_stretch(sigma, accuracy):
         for c in cells
     ]
     assert len({p.mesh for p in fresh}) > 1, "the path should cross a change of the cheapest mesh"
-    clear_setup_cache()
-    energies, forces, stresses, slopes = path_values(0, sigma, accuracy, method="pme", strain=STRETCH)
+    state = EngineState()
+    energies, forces, stresses, slopes = path_values(0, sigma, accuracy, method="pme", strain=STRETCH, state=state)
     ratios = {name: jump_ratio(x) for name, x in [("energy", energies), ("forces", forces), ("stress", stresses)]}
     assert max(ratios.values()) < 0.02, ratios
     # Where the mesh limits alpha, alpha follows the cell and its effect on the energy (within
@@ -114,14 +117,14 @@ def test_pme_keeps_its_mesh_along_a_stretch(sigma, accuracy):
     mismatch = np.abs(steps - 0.5 * h * (slopes[1:] + slopes[:-1])).max()
     assert mismatch < accuracy * np.abs(steps).max(), mismatch
     # The kept parameters still meet the accuracy estimate at the end of the path.
-    kept = stable_mesh_parameters(16, tuple(np.linalg.norm(cells[-1], axis=1)), abs(np.linalg.det(cells[-1])), accuracy, sigma)
+    kept = state.mesh_parameters(16, tuple(np.linalg.norm(cells[-1], axis=1)), abs(np.linalg.det(cells[-1])), accuracy, sigma)
     assert all(k >= minimum_mesh(kept.alpha, length, accuracy, kept.order)
                for k, length in zip(kept.mesh, np.linalg.norm(cells[-1], axis=1)))
 
 
 def test_pme_chooses_afresh_when_the_kept_mesh_gets_too_expensive():
-    clear_setup_cache()
-    first = stable_mesh_parameters(16, (7.0, 7.0, 7.0), 343.0, 1e-4, 0.0)
-    stretched = stable_mesh_parameters(16, (21.0, 7.0, 7.0), 3 * 343.0, 1e-4, 0.0)
+    state = EngineState()
+    first = state.mesh_parameters(16, (7.0, 7.0, 7.0), 343.0, 1e-4, 0.0)
+    stretched = state.mesh_parameters(16, (21.0, 7.0, 7.0), 3 * 343.0, 1e-4, 0.0)
     assert stretched.mesh[0] > first.mesh[0]
     assert stretched == mesh_parameters(16, (21.0, 7.0, 7.0), 3 * 343.0, 1e-4, 0.0)

@@ -31,10 +31,11 @@ from .kernels import screened_pair_kernel, switched_real_space_kernel
 from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
 from .parameters import EwaldParameters, smearing_alpha
 from .mesh import spme_reciprocal_energy
-from .mesh_parameters import MeshParameters
+from .mesh_parameters import MeshParameters, mesh_parameters
 from .reciprocal import reciprocal_energy
-from .setup_cache import ewald_setup, stable_mesh_parameters
+from .setup_cache import ewald_setup
 from .slab import extend_slabs, slab_correction
+from .state import EngineState
 from .validation import OVERLAP_DISTANCE, PbcLike, Structures, validate_structures
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def coulomb_energy(
     smearing: Union[float, torch.Tensor] = 0.0,
     accuracy: float = 1e-6,
     method: str = "auto",
+    state: Optional[EngineState] = None,
 ) -> torch.Tensor:
     """Electrostatic energy of each structure in a batch, in eV.
 
@@ -90,12 +92,20 @@ def coulomb_energy(
             or ``"pme"`` (smooth particle-mesh Ewald; both periodic only), or
             ``"auto"`` (direct for open structures; for periodic ones Ewald
             below :data:`PME_MIN_ATOMS` atoms and PME from there on).
+        state: the run's :class:`~.state.EngineState` (PME keeps its mesh while
+            the cell deforms and reuses influence functions, within this state
+            only), or None: no mutable state is used, PME chooses afresh for
+            this call, and the result depends on the arguments only.
 
     Returns:
         (B,) energies, eV (k_e = 14.399645 eV·Å/e²).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if state is not None and not isinstance(state, EngineState):
+        raise TypeError(
+            f"state must be a latent_lr.electrostatics.EngineState or None, got {type(state).__name__}."
+        )
     structures = extend_slabs(validate_structures(positions, charges, cell, pbc, batch), accuracy)
     if structures.positions.dtype != torch.float64 and accuracy < FLOAT32_ACCURACY_FLOOR and bool(
         structures.periodic.any()
@@ -134,14 +144,15 @@ def coulomb_energy(
             int((~periodic).sum()), int((periodic & ~use_pme).sum()), int(use_pme.sum()),
             PME_MIN_ATOMS,
         )
-    for chosen, periodic_energy in ((periodic & ~use_pme, _ewald_energy), (use_pme, _pme_energy)):
-        if bool(chosen.any()):
-            energy = energy + periodic_energy(
-                dataclasses.replace(structures, periodic=chosen),
-                alpha_smear,
-                float(_as_float(smearing)),
-                accuracy,
-            )
+    smearing_value = float(_as_float(smearing))
+    if bool((periodic & ~use_pme).any()):
+        energy = energy + _ewald_energy(
+            dataclasses.replace(structures, periodic=periodic & ~use_pme), alpha_smear, smearing_value, accuracy
+        )
+    if bool(use_pme.any()):
+        energy = energy + _pme_energy(
+            dataclasses.replace(structures, periodic=use_pme), alpha_smear, smearing_value, accuracy, state
+        )
     if bool(structures.slab.any()):
         energy = energy + slab_correction(structures, alpha_smear)
     return COULOMB_CONSTANT * energy
@@ -328,8 +339,14 @@ def _pme_energy(
     alpha_smear: Optional[torch.Tensor],
     smearing: float,
     accuracy: float,
+    state: Optional[EngineState],
 ) -> torch.Tensor:
-    """Real + SPME reciprocal + self + background energy of the periodic structures, / k_e."""
+    """Real + SPME reciprocal + self + background energy of the periodic structures, / k_e.
+
+    With ``state`` the mesh is kept while the cell deforms and influence
+    functions are reused (:class:`~.state.EngineState`); without, both are
+    chosen or computed afresh.
+    """
     positions, charges, cell = structures.positions, structures.charges, structures.cell
     rows = torch.nonzero(structures.periodic).flatten()
     rows_list = rows.tolist()
@@ -338,11 +355,10 @@ def _pme_energy(
     lengths = cell[rows].detach().norm(dim=2).tolist()
     counts = structures.counts.tolist()
 
+    choose = mesh_parameters if state is None else state.mesh_parameters
     parameters: dict[int, MeshParameters] = {}
     for row, index in enumerate(rows_list):
-        parameters[index] = stable_mesh_parameters(
-            counts[index], tuple(lengths[row]), volumes_float[row], accuracy, smearing
-        )
+        parameters[index] = choose(counts[index], tuple(lengths[row]), volumes_float[row], accuracy, smearing)
         logger.debug("structure %d: PME %s", index, parameters[index])
     energy, alpha_rows = _real_space_energy(structures, rows, parameters, alpha_smear)
 
@@ -356,6 +372,8 @@ def _pme_energy(
         [parameters[i].mesh for i in rows_list],
         alpha_rows,
         parameters[rows_list[0]].order,
+        None if state is None else state.influence,
+        0 if state is None else state.influence_cache_size,
     )
     constant = _self_and_background(charges[in_periodic], atom_row, alpha_rows, alpha_smear, volumes)
     return energy.index_add(0, rows, reciprocal + constant)

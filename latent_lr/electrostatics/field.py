@@ -32,6 +32,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .coulomb import coulomb_energy
+from .state import EngineState
 from .validation import PbcLike
 
 
@@ -43,6 +44,7 @@ def electric_field(
     pbc: PbcLike = None,
     batch: Optional[torch.Tensor] = None,
     smearing: Union[float, torch.Tensor] = 0.0,
+    state: Optional[EngineState] = None,
     **engine_options: Any,
 ) -> torch.Tensor:
     """Field at every atom from all other charges (and images), V/Å.
@@ -55,6 +57,9 @@ def electric_field(
             derivative at fixed charges.
         charges: (N,) e.
         cell, pbc, batch, smearing: as for :func:`latent_lr.coulomb_energy`.
+        state: the run's :class:`~.state.EngineState`, or None (no mutable
+            state: the field depends on the arguments only), as for
+            :func:`latent_lr.coulomb_energy`.
         **engine_options: passed on to :func:`coulomb_energy` (``accuracy``,
             ``method``, ...).
 
@@ -70,7 +75,8 @@ def electric_field(
 
     def energy(q: torch.Tensor) -> torch.Tensor:
         return coulomb_energy(
-            positions, q, cell=cell, pbc=pbc, batch=batch, smearing=smearing, **engine_options
+            positions, q, cell=cell, pbc=pbc, batch=batch, smearing=smearing, state=state,
+            **engine_options
         ).sum()
 
     def gradient(value: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ and α gradients, and double backward.  Grid indices are index data (computed
 without gradients); the spline weights carry the gradients.  In eager mode the
 mesh sum Σ θ |FFT(Q)|² has its own backward (:class:`_MeshEnergy`: the mesh
 potential by one inverse real FFT, instead of autograd through ``rfftn`` and
-|·|²), and θ is reused between calls when neither the cell nor α requires a
-gradient (:func:`_cached_influence`); TorchScript runs the plain expression.
+|·|²), and with an engine state θ is reused between calls when neither the cell
+nor α requires a gradient (:func:`_cached_influence`, kept in
+:class:`.state.EngineState`); TorchScript runs the plain expression.
 
 Batching: every structure has its own mesh.  All charges of all structures are
 spread by one ``index_add`` into one flat buffer in which the structures are
@@ -33,7 +34,7 @@ see :mod:`latent_lr.electrostatics.parameters`, so there are few).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from typing import Dict, Optional
 
 import torch
 
@@ -128,37 +129,41 @@ def _half_weights(k3: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     return half
 
 
-#: Influence functions kept for cells and alphas that need no gradient (MD without
-#: stress, inference): key -> θ.  Small: one entry per (cell, alpha, mesh, order).
-_INFLUENCE_CACHE_SIZE = 8
-_influence_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-
-
 @torch.jit.unused
 def _cached_influence(
-    cell: torch.Tensor, alpha: torch.Tensor, shape: tuple[int, int, int], order: int
+    cell: torch.Tensor,
+    alpha: torch.Tensor,
+    shape: tuple[int, int, int],
+    order: int,
+    cache: Dict[str, torch.Tensor],
+    capacity: int,
 ) -> torch.Tensor:
-    """:func:`_influence`, reused between calls when neither ``cell`` nor ``alpha``
-    requires a gradient (keyed on their exact values); recomputed otherwise, so
-    stress and alpha gradients are exact."""
-    if cell.requires_grad or alpha.requires_grad:
+    """:func:`_influence`, reused from ``cache`` when neither ``cell`` nor ``alpha``
+    requires a gradient (keyed on their exact values, mesh, order, dtype and
+    device; at most ``capacity`` entries, least recently used dropped first);
+    recomputed otherwise, so stress and alpha gradients are exact.
+
+    ``cache`` is an :class:`.state.EngineState`'s ``influence`` dictionary
+    (insertion order is recency order).
+    """
+    if cell.requires_grad or alpha.requires_grad or capacity <= 0:
         return _influence(cell, alpha, shape, order)
-    key = (
-        cell.detach().cpu().numpy().tobytes(),
-        alpha.detach().cpu().numpy().tobytes(),
-        shape,
-        order,
-        cell.dtype,
-        str(cell.device),
+    key = "|".join(
+        (
+            cell.detach().cpu().numpy().tobytes().hex(),
+            alpha.detach().cpu().numpy().tobytes().hex(),
+            str(shape),
+            str(order),
+            str(cell.dtype),
+            str(cell.device),
+        )
     )
-    theta = _influence_cache.get(key)
+    theta = cache.pop(key, None)
     if theta is None:
         theta = _influence(cell, alpha, shape, order)
-        _influence_cache[key] = theta
-        while len(_influence_cache) > _INFLUENCE_CACHE_SIZE:
-            _influence_cache.popitem(last=False)
-    else:
-        _influence_cache.move_to_end(key)
+    cache[key] = theta  # (re)inserted last: most recently used
+    while len(cache) > capacity:
+        del cache[next(iter(cache))]
     return theta
 
 
@@ -222,6 +227,8 @@ def spme_reciprocal_energy(
     mesh_shapes: list[tuple[int, int, int]],
     alpha: torch.Tensor,
     order: int,
+    influence_cache: Optional[Dict[str, torch.Tensor]] = None,
+    influence_cache_size: int = 0,
 ) -> torch.Tensor:
     """SPME reciprocal-space energy of each periodic structure, in units of k_e (e²/Å).
 
@@ -233,6 +240,10 @@ def spme_reciprocal_energy(
         mesh_shapes: R mesh shapes (K1, K2, K3), one per structure.
         alpha: (R,) Ewald splitting parameters, 1/Å.
         order: B-spline order p ≥ 2 (a mesh smaller than p wraps correctly).
+        influence_cache: where to keep influence functions between calls
+            (an :class:`.state.EngineState`'s ``influence``); None recomputes
+            them (no state is kept).  Ignored under TorchScript.
+        influence_cache_size: most entries kept in ``influence_cache``.
 
     Returns:
         (R,) energies divided by k_e.  The k = 0 term is omitted.
@@ -302,7 +313,12 @@ def spme_reciprocal_energy(
             power = spectrum.real**2 + spectrum.imag**2
             contribution = (theta * half * power).sum((1, 2, 3))
         else:
-            theta = _cached_influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+            if influence_cache is None:
+                theta = _influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+            else:
+                theta = _cached_influence(
+                    cell[rows_tensor], alpha[rows_tensor], shape, order, influence_cache, influence_cache_size
+                )
             contribution = _mesh_energy(block, theta, half)
         energy = energy.index_add(0, rows_tensor, contribution)
     return energy
