@@ -1,90 +1,51 @@
 """NequIP (nequip 0.19) adapter.
 
-Features: the invariant (0e) channels of the node features after every
-``ConvNetLayer``, concatenated in layer order (the last layer's output, which
-is all scalars, is what NequIP's energy read-out sees; parity-odd 0o channels
-of ``parity=True`` models are left out because they change sign under
-reflection).  Host energy: NequIP's total energy per structure, in eV,
-including its per-type energy scales and shifts and any pair potential (ZBL).
+Features: the invariant (0e) node-feature channels after every
+``ConvNetLayer``, concatenated in layer order (0o channels of ``parity=True``
+models are left out).  Host energy: NequIP's total energy per structure in eV,
+including per-type scales/shifts and any pair potential (ZBL).
 
-How the host is run: the adapter builds NequIP's ``AtomicDataDict`` itself
-(``pos``, ``edge_index`` (row 0 centre, row 1 neighbour), ``edge_cell_shift``,
-``cell`` (B, 3, 3), ``batch``, ``num_atoms``, ``atom_types``) from the
-:class:`~latent_lr.data.AtomsBatch`, with positions and cell as given, so
-NequIP's own edge vectors ``pos[j] - pos[i] + edge_cell_shift @ cell`` carry
-latent-lr's strain.  It then runs the modules of the energy network (the
-``SequentialGraphNetwork`` inside ``GraphModel -> ForceStressOutput``) one by
-one, skipping ``ForceStressOutput``: latent-lr differentiates the total energy
-itself, so there is no second force computation and no double backward.  As
-in NequIP, the data fields are float64 whatever the model dtype; energy and
-features are returned in the positions' dtype.
+The adapter builds NequIP's ``AtomicDataDict`` (``pos``, ``edge_index``,
+``edge_cell_shift``, ``cell`` (B, 3, 3), ``batch``, ``num_atoms``,
+``atom_types``; float64 as in NequIP) from positions and cell as given, so
+NequIP's own edge vectors carry latent-lr's strain, and runs the modules of
+the energy network (``GraphModel -> ForceStressOutput -> SequentialGraphNetwork``)
+one by one, skipping ``ForceStressOutput``: latent-lr differentiates the total
+energy itself.  Hosts: eager ``GraphModel`` objects from nequip's builders or
+``ModelFromCheckpoint``; compiled and packaged models are not supported.
 
-Hosts: ``GraphModel`` objects from nequip's model builders
-(``nequip.model.NequIPGNNModel``, ``PresetNequIPGNNModel``,
-``FullNequIPGNNModel``) or from ``nequip.model.ModelFromCheckpoint`` (eager
-mode).  Compiled (``nequip-compile``) and packaged (``nequip-package``) models
-are not supported.  Type names must be chemical symbols unless
-``adapter_options={"chemical_species_to_atom_type_map": {"Cu": "my_Cu", ...}}``
-is given (same meaning as in nequip's ``ChemicalSpeciesToAtomTypeMapper``).
+Adapter options: ``chemical_species_to_atom_type_map`` (``{"Cu": "my_Cu"}``,
+as in nequip's ``ChemicalSpeciesToAtomTypeMapper``; needed when type names are
+not chemical symbols) and ``config`` (nequip's model config, ``_target_`` plus
+builder arguments; needed to save hosts not built by this adapter, which
+records it on the hosts it builds, as nequip keeps no config).
 
-Saving: :meth:`NequipBackbone.host_config` is nequip's own model config (the
-``model:`` block of a nequip training config, ``_target_`` plus builder
-arguments) and the species map.  Hosts built by :meth:`default_host` or
-:meth:`build_host` carry it; for other hosts pass it as
-``adapter_options={"config": {"_target_": "nequip.model.NequIPGNNModel", ...}}``.
-
+Side effects: ``import nequip`` sets environment variables (lightning, torch
+inductor); it runs with the environment restored.  nequip's builders refuse
+to run before ``nequip.utils.global_state.set_global_state()``, which reseeds
+every generator and sets dtype, environment, TorchScript and e3nn settings
+process-wide; instead, while a host is built, the adapter marks nequip's state
+initialised (with the e3nn settings nequip would apply) and puts both back.
 Tested with nequip 0.19.1, e3nn 0.6.0, torch 2.13 (CPU).
-
-Side effects handled:
-
-* ``import nequip`` imports lightning, which sets
-  ``PYTORCH_NVML_BASED_CUDA_CHECK``, and torch inductor, which sets
-  ``TORCHINDUCTOR_CACHE_DIR``; the import runs with the environment restored
-  afterwards.
-* nequip's model builders refuse to run before
-  ``nequip.utils.global_state.set_global_state()``, which reseeds Python's,
-  NumPy's and torch's random generators, sets torch's default dtype to float64,
-  sets environment variables, TorchScript fusion, e3nn, torch._dynamo and
-  multiprocessing settings process-wide.  The adapter does not call it: while
-  a host is built it marks nequip's global state as initialised (and applies
-  the e3nn optimisation settings nequip would), then puts the flag and e3nn's
-  settings back.  The builder itself seeds inside an RNG-isolating context
-  and sets the default dtype only during the build.
-* Everything runs inside :func:`latent_lr.backbone.isolated_global_state`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from ase.data import atomic_numbers as ATOMIC_NUMBERS
-from ase.data import chemical_symbols as CHEMICAL_SYMBOLS
 from torch import nn
 
-from latent_lr.backbone import Backbone, isolated_global_state, reject_unknown_elements
+from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
 
+from .common import atomic_number, chemical_symbol, is_element_symbol, require_json, restored_environment
+from .common import scalar_slices, species_lookup
 
-@contextlib.contextmanager
-def _restored_environment() -> Iterator[None]:
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        for key in set(os.environ) - set(saved):
-            del os.environ[key]
-        for key, value in saved.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
-
-
-with isolated_global_state(), _restored_environment():
+with isolated_global_state(), restored_environment():
     import e3nn
     import nequip
     import nequip.model
@@ -94,26 +55,13 @@ with isolated_global_state(), _restored_environment():
     from nequip.utils import global_state as _nequip_global_state
 
 #: nequip model builders build_host may call (config "_target_").
-BUILDERS = {
-    f"nequip.model.{name}": getattr(nequip.model, name)
-    for name in ("NequIPGNNModel", "PresetNequIPGNNModel", "FullNequIPGNNModel")
-}
+BUILDERS = {f"nequip.model.{n}": getattr(nequip.model, n) for n in ("NequIPGNNModel", "PresetNequIPGNNModel", "FullNequIPGNNModel")}
 
 #: default_host's small model (nequip.model.NequIPGNNModel arguments).
 DEFAULT_OPTIONS = dict(
-    model_dtype="float64",
-    r_max=5.0,
-    num_layers=2,
-    l_max=1,
-    parity=False,
-    num_features=16,
-    radial_mlp_depth=1,
-    radial_mlp_width=32,
-    num_bessels=8,
-    polynomial_cutoff_p=6,
-    avg_num_neighbors=20.0,
-    per_type_energy_scales=1.0,
-    per_type_energy_shifts=0.0,
+    model_dtype="float64", r_max=5.0, num_layers=2, l_max=1, parity=False, num_features=16,
+    radial_mlp_depth=1, radial_mlp_width=32, num_bessels=8, polynomial_cutoff_p=6,
+    avg_num_neighbors=20.0, per_type_energy_scales=1.0, per_type_energy_shifts=0.0,
 )
 
 #: e3nn settings nequip's set_global_state applies (torch >= 2.10).
@@ -123,7 +71,7 @@ _E3NN_SETTINGS = dict(specialized_code=True, optimize_einsums=True, jit_mode="ea
 @contextlib.contextmanager
 def _nequip_builder_state() -> Iterator[None]:
     """Let nequip's model builders run without nequip's process-wide set-up (see module doc)."""
-    with isolated_global_state(), _restored_environment():
+    with isolated_global_state(), restored_environment():
         was_initialised = _nequip_global_state._GLOBAL_STATE_INITIALIZED
         e3nn_settings = e3nn.get_optimization_defaults()
         try:
@@ -134,16 +82,6 @@ def _nequip_builder_state() -> Iterator[None]:
         finally:
             _nequip_global_state._GLOBAL_STATE_INITIALIZED = was_initialised
             e3nn.set_optimization_defaults(**e3nn_settings)
-
-
-def _scalar_slices(irreps: "o3.Irreps") -> list[slice]:
-    slices, offset = [], 0
-    for multiplicity, irrep in o3.Irreps(irreps):
-        width = multiplicity * irrep.dim
-        if irrep.l == 0 and irrep.p == 1:
-            slices.append(slice(offset, offset + width))
-        offset += width
-    return slices
 
 
 def _energy_network(host: nn.Module) -> "SequentialGraphNetwork":
@@ -165,30 +103,19 @@ def _energy_network(host: nn.Module) -> "SequentialGraphNetwork":
 
 def _check_targets(value: Any, where: str = "config") -> None:
     """Refuse non-nequip ``_target_`` entries (hydra would import and call them)."""
-    if isinstance(value, dict):
-        target = value.get("_target_")
-        if target is not None and not str(target).startswith("nequip."):
-            raise ValueError(f"{where} names _target_ {target!r}; only nequip classes are allowed.")
-        for key, item in value.items():
-            _check_targets(item, f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_targets(item, f"{where}[{index}]")
+    target = value.get("_target_") if isinstance(value, dict) else None
+    if target is not None and not str(target).startswith("nequip."):
+        raise ValueError(f"{where} names _target_ {target!r}; only nequip classes are allowed.")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        _check_targets(item, f"{where}[{key!r}]")
 
 
 class NequipBackbone(Backbone):
-    """Adapter for nequip's ``GraphModel`` (NequIP GNN models).
-
-    Args:
-        host: the nequip model.
-        chemical_species_to_atom_type_map: ``{chemical symbol: type name}``;
-            default: the host's saved map, else the identity on its type names.
-        config: nequip model config (``_target_`` + builder arguments) that
-            rebuilds ``host``, needed by :func:`latent_lr.save` for hosts not
-            built by this adapter.
-    """
+    """Adapter for nequip's ``GraphModel``; options as in the module docstring."""
 
     name = "nequip"
+    label = "NequIP"
 
     def __init__(
         self,
@@ -198,33 +125,30 @@ class NequipBackbone(Backbone):
     ):
         super().__init__(host)
         network = _energy_network(host)
-        saved = getattr(host, "_latent_lr_config", None) or {}
-        self.model_config = copy.deepcopy(config if config is not None else saved.get("model"))
+        built = getattr(host, "_latent_lr_config", None) or {}  # recorded by build_host
+        self.model_config = copy.deepcopy(config if config is not None else built.get("model"))
         type_names = [str(name) for name in host.type_names]
-        if not type_names:
-            raise ValueError("this nequip GraphModel has no type_names; build it with a nequip model builder.")
-        species_map = chemical_species_to_atom_type_map or saved.get("chemical_species_to_atom_type_map")
+        species_map = chemical_species_to_atom_type_map or built.get("chemical_species_to_atom_type_map")
         if species_map is None:
-            not_elements = [name for name in type_names if name not in ATOMIC_NUMBERS]
+            not_elements = [name for name in type_names if not is_element_symbol(name)]
             if not_elements:
                 raise ValueError(
                     f"type names {not_elements} of this nequip model are not chemical symbols; pass "
                     "adapter_options={'chemical_species_to_atom_type_map': {'Cu': 'my_Cu', ...}}."
                 )
             species_map = {name: name for name in type_names}
-        lookup = torch.full((119,), -1, dtype=torch.long)
-        for symbol, type_name in species_map.items():
-            if symbol not in ATOMIC_NUMBERS or type_name not in type_names:
-                raise ValueError(
-                    f"chemical_species_to_atom_type_map entry {symbol!r}: {type_name!r} needs a chemical "
-                    f"symbol and one of the model's type names {type_names}."
-                )
-            lookup[ATOMIC_NUMBERS[symbol]] = type_names.index(type_name)
+        bad = {k: v for k, v in species_map.items() if not is_element_symbol(k) or v not in type_names}
+        if bad:
+            raise ValueError(
+                f"chemical_species_to_atom_type_map entries {bad} need chemical symbols mapped to the "
+                f"model's type names {type_names}."
+            )
         self.species_map = dict(species_map)
-        self.atomic_numbers = sorted(ATOMIC_NUMBERS[symbol] for symbol in species_map)
-        self.register_buffer("element_index", lookup, persistent=False)
+        numbers = [atomic_number(symbol) for symbol in species_map]
+        types = [type_names.index(name) for name in species_map.values()]
+        self.register_buffer("element_index", species_lookup(numbers, types), persistent=False)
         self.feature_slices = {
-            name: _scalar_slices(module.irreps_out[AtomicDataDict.NODE_FEATURES_KEY])
+            name: scalar_slices(o3.Irreps(module.irreps_out[AtomicDataDict.NODE_FEATURES_KEY]))
             for name, module in network.named_children()
             if isinstance(module, ConvNetLayer)
         }
@@ -238,17 +162,18 @@ class NequipBackbone(Backbone):
     def cutoff(self) -> float:
         return self._r_max
 
-    def check_elements(self, numbers: torch.Tensor) -> None:
-        reject_unknown_elements(numbers, self.atomic_numbers, "NequIP")
+    @property
+    def known_elements(self) -> list[int]:
+        return sorted(atomic_number(symbol) for symbol in self.species_map)
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         edge_index, unit_shifts = radius_graph(data, self.cutoff)
-        field_dtype = torch.float64  # nequip's data are float64 for every model dtype
+        field = torch.float64  # nequip's data are float64 for every model dtype
         inputs = {
-            AtomicDataDict.POSITIONS_KEY: data.positions.to(field_dtype),
+            AtomicDataDict.POSITIONS_KEY: data.positions.to(field),
             AtomicDataDict.EDGE_INDEX_KEY: edge_index,
-            AtomicDataDict.EDGE_CELL_SHIFT_KEY: unit_shifts.to(field_dtype),
-            AtomicDataDict.CELL_KEY: data.cell.to(field_dtype),
+            AtomicDataDict.EDGE_CELL_SHIFT_KEY: unit_shifts.to(field),
+            AtomicDataDict.CELL_KEY: data.cell.to(field),
             AtomicDataDict.BATCH_KEY: data.batch,
             AtomicDataDict.NUM_NODES_KEY: data.n_atoms,
             AtomicDataDict.ATOM_TYPE_KEY: self.element_index[data.numbers],
@@ -257,11 +182,9 @@ class NequipBackbone(Backbone):
         with isolated_global_state():
             for name, module in _energy_network(self.host).named_children():
                 inputs = module(inputs)
-                for part in self.feature_slices.get(name, ()):
-                    features.append(inputs[AtomicDataDict.NODE_FEATURES_KEY][:, part])
+                features.extend(inputs[AtomicDataDict.NODE_FEATURES_KEY][:, part] for part in self.feature_slices.get(name, ()))
         dtype = data.positions.dtype
-        energy = inputs[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(dtype)
-        return energy, torch.cat(features, dim=1).to(dtype)
+        return inputs[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(dtype), torch.cat(features, dim=1).to(dtype)
 
     def host_config(self) -> dict[str, Any]:
         if self.model_config is None:
@@ -270,11 +193,8 @@ class NequipBackbone(Backbone):
                 "wrap it with adapter_options={'config': <the model block of its nequip config, "
                 "with _target_ and seed, model_dtype, type_names, r_max, ...>}."
             )
-        config = {
-            "model": copy.deepcopy(self.model_config),
-            "chemical_species_to_atom_type_map": dict(self.species_map),
-        }
-        json.dumps(config)  # must be JSON-serialisable
+        config = {"model": copy.deepcopy(self.model_config), "chemical_species_to_atom_type_map": dict(self.species_map)}
+        require_json(config, "the nequip model config")
         return config
 
     @classmethod
@@ -287,28 +207,24 @@ class NequipBackbone(Backbone):
         model_config.pop("compile_mode", None)  # the adapter runs the eager modules
         with _nequip_builder_state():
             host = BUILDERS[target](**model_config)
-        host._latent_lr_config = copy.deepcopy(dict(config))
+        host._latent_lr_config = copy.deepcopy(dict(config))  # the host's build recipe (see module doc)
         return host
 
     @classmethod
-    def default_host(cls, species: Sequence[int], **options: Any) -> nn.Module:
-        """A small random NequIP model; ``options`` are ``NequIPGNNModel`` arguments.
+    def from_config(cls, config: dict[str, Any]) -> "NequipBackbone":
+        host = config["host"]
+        return cls(cls.build_host(host), host["chemical_species_to_atom_type_map"], host["model"])
 
-        The builder's ``seed`` defaults to a draw from torch's global generator,
-        so ``torch.manual_seed`` before this call makes the model reproducible.
+    @classmethod
+    def default_host(cls, species: Sequence[int], **options: Any) -> nn.Module:
+        """A small random ``NequIPGNNModel`` (``options`` override its arguments).
+
+        ``seed`` defaults to a draw from torch's global generator (``torch.manual_seed`` makes it reproducible).
         """
-        species = sorted({int(z) for z in species})
-        unknown = [z for z in species if not 0 < z < len(CHEMICAL_SYMBOLS)]
-        if unknown:
-            raise ValueError(f"atomic numbers {unknown} are not elements.")
-        symbols = [CHEMICAL_SYMBOLS[z] for z in species]
-        settings = dict(DEFAULT_OPTIONS, **options)
-        if "seed" not in settings:
+        symbols = [chemical_symbol(z) for z in sorted({int(z) for z in species})]
+        settings = dict(DEFAULT_OPTIONS, **options, type_names=symbols)
+        if "seed" not in settings:  # drawn only when not given
             settings["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
-        settings["type_names"] = symbols
         model = {"_target_": "nequip.model.NequIPGNNModel", **settings}
-        try:
-            json.dumps(model)
-        except TypeError as error:
-            raise ValueError(f"NequIP host options must be JSON values ({error}).") from error
+        require_json(model, "NequIP host options")
         return cls.build_host({"model": model, "chemical_species_to_atom_type_map": {s: s for s in symbols}})
