@@ -70,6 +70,8 @@ from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
 
+from .common import captured_output, edge_shifts, to_json
+
 with isolated_global_state():
     from chgnet.model.composition_model import AtomRef
     from chgnet.model.model import CHGNet, BatchedGraph
@@ -101,6 +103,7 @@ class ChgnetBackbone(Backbone):
     """Adapter for ``chgnet.model.CHGNet``."""
 
     name = "chgnet"
+    label = "CHGNet"
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
@@ -220,7 +223,7 @@ class ChgnetBackbone(Backbone):
 
         centre_index = topology.atom_graph[:, 0].long()
         neighbour_index = topology.atom_graph[:, 1].long()
-        shifts = torch.einsum("ea,eab->eb", topology.image.to(dtype), cell[data.batch[centre_index]])
+        shifts = edge_shifts(topology.image, cell, data.batch[centre_index])
         centre = positions[centre_index]
         neighbour = positions[neighbour_index] + shifts
         # The lattice term is already in ``neighbour``: zero images against a zero lattice.
@@ -255,12 +258,8 @@ class ChgnetBackbone(Backbone):
             volumes=torch.linalg.det(cell).abs().detach(),
         )
 
-        captured: list[torch.Tensor] = []
-        hook = host.atom_conv_layers[-1].register_forward_hook(lambda module, args, output: captured.append(output))
-        try:
+        with captured_output(host.atom_conv_layers[-1]) as captured:
             prediction = host._compute(graph, compute_force=False, compute_stress=False)
-        finally:
-            hook.remove()
         energy = prediction["e"] + self._composition_energy(data, dtype)
         if host.is_intensive:
             energy = energy * counts.to(dtype)
@@ -296,7 +295,7 @@ class ChgnetBackbone(Backbone):
             args["composition_model"] = {
                 "AtomRef": {"is_intensive": bool(composition.is_intensive), "max_num_elements": int(composition.max_num_elements)}
             }
-        return {key: _to_json(value) for key, value in args.items()}
+        return {key: to_json(value) for key, value in args.items()}
 
     @classmethod
     def build_host(cls, config: dict[str, Any]) -> nn.Module:
@@ -347,16 +346,3 @@ class ChgnetBackbone(Backbone):
         with _quiet_construction():
             return CHGNet(**settings)
 
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_to_json(v) for v in value]
-    if isinstance(value, list):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return value
