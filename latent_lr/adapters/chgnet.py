@@ -1,66 +1,40 @@
 """CHGNet (``chgnet``) adapter.
 
-Features: CHGNet's atom features after its last atom convolution
-(``atom_conv_layers[-1]``'s output, before the read-out norm and MLP; width
-``atom_fea_dim``, 64 for the pretrained model), taken with a forward hook that
-lives only for the duration of one call.  ``return_atom_feas=True`` in CHGNet
-gives the features *before* that layer, which is why it is not used.
+Features: the atom features after CHGNet's last atom convolution (output of
+``atom_conv_layers[-1]``, before the read-out; width ``atom_fea_dim``, 64 for
+the pretrained model), captured with a forward hook for one call
+(``return_atom_feas=True`` would give those *before* that layer).  Host
+energy: CHGNet's total energy per structure in eV (per-atom energy plus its
+``AtomRef`` composition energy, times the number of atoms for intensive models).
 
-Host energy: CHGNet's total energy in eV per structure, i.e. its (per-atom,
-for the usual ``is_intensive`` models) energy plus its composition model
-(``AtomRef``) energy, multiplied by the number of atoms.
+Geometry: CHGNet's own path builds positions as ``fractional @ lattice`` from
+float32 pymatgen data; the adapter instead (1) finds neighbours within
+``atom_graph_cutoff`` with latent-lr's neighbour list (indices and integer
+images only) and numbers bonds and angles with CHGNet's own graph builder
+(``create_graph``, ``adjacency_list``, ``line_graph_adjacency_list``), then
+(2) computes bond vectors in torch from ``data.positions`` and ``data.cell``
+(strain and displacement gradients flow) and runs CHGNet's basis expansions
+and ``_compute`` without CHGNet's force/stress autograd.  Open and mixed
+boundaries need no lattice once neighbours are known; atoms without
+neighbours keep their element embedding only.
 
-How the geometry reaches CHGNet.  CHGNet's own ``forward`` builds Cartesian
-positions as ``fractional @ lattice`` from float32 tensors made from a pymatgen
-``Structure``.  The adapter does not use that path.  For each structure it
+dtype: the geometry is cast to the host's dtype (float32 weights; ``host.double()``
+runs float64); energy and features come back in ``data.positions``' dtype.
 
-1. finds the neighbours within ``atom_graph_cutoff`` with latent-lr's vesin
-   neighbour list (index data and integer image offsets only, from detached
-   float64 coordinates) and hands them to CHGNet's own graph builder
-   (``graph_converter.create_graph``, ``adjacency_list`` and
-   ``line_graph_adjacency_list(bond_graph_cutoff)``), which numbers the
-   directed/undirected bonds and the angles exactly as CHGNet's converter does;
-2. assembles CHGNet's ``BatchedGraph`` for the whole batch itself, with bond
-   vectors ``r_neighbour + image @ cell - r_centre`` computed in torch from
-   ``data.positions`` and ``data.cell`` (so strain and displacement gradients
-   flow), and runs CHGNet's ``bond_basis_expansion``, ``angle_basis_expansion``
-   and ``_compute`` on it without CHGNet's own force/stress autograd.
-
-Open boundaries: CHGNet is trained on crystals, but its graph needs no lattice
-once the neighbours are known, so open structures (``pbc`` False, zero cell)
-run as they are, with no vacuum box; mixed periodicity works the same way.
-Atoms with no neighbour within the cut-off are allowed (CHGNet's converter
-refuses them by default); they keep only their element embedding.  Whether
-CHGNet is any good for molecules is a different question.
-
-dtype: CHGNet's weights are float32.  The adapter casts the input geometry to
-the host's dtype and returns energy and features in the dtype of
-``data.positions``.  ``host.double()`` runs CHGNet in float64 (used by the
-tests for finite differences; the trainer's default ``--dtype float64`` does it
-too).
-
-Hosts: :meth:`ChgnetBackbone.pretrained_host` loads a pretrained model from the
-weights shipped with the ``chgnet`` package (offline; names ``"chgnet"``,
-``"pretrained"``, ``"0.3.0"``, ``"0.2.0"``, ``"r2scan"``; this is what
-``latent-lr train --backbone chgnet --init-model chgnet`` uses).
-:meth:`ChgnetBackbone.default_host` is the from-scratch host of the
-:class:`~latent_lr.backbone.Backbone` contract: a randomly initialised CHGNet
-(CHGNet's default architecture, options override it) *without* CHGNet's
-``AtomRef`` composition model, because the trainer fits per-element reference
-energies itself; fine-tune the pretrained model with ``--init-model`` instead.
-
-Saving stores ``host.model_args`` (CHGNet's own constructor arguments, as in
-``CHGNet.todict``); an ``AtomRef`` composition model object is stored by its
-settings.  CHGNet's constructor prints a line; the adapter silences it and runs
-imports and constructions inside :func:`latent_lr.backbone.isolated_global_state`.
-Tested with chgnet 0.4.2.
+Hosts: :meth:`ChgnetBackbone.pretrained_host` loads the weights shipped with
+``chgnet`` (offline; ``"chgnet"``, ``"0.3.0"``, ``"0.2.0"``, ``"r2scan"``; used by
+``--init-model chgnet``); :meth:`ChgnetBackbone.default_host` is a random CHGNet
+without composition model (the trainer fits reference energies itself).
+Saving stores ``host.model_args`` (as ``CHGNet.todict``), an ``AtomRef`` by its
+settings.  Constructions run silenced inside
+:func:`latent_lr.backbone.isolated_global_state`.  Tested with chgnet 0.4.2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -88,15 +62,14 @@ def _quiet_construction():
         yield
 
 
-class _Topology:
+class _Topology(NamedTuple):
     """Index data of CHGNet's batched atom and bond graphs (no geometry, no gradients)."""
 
-    def __init__(self, atom_graph, image, directed2undirected, undirected2directed, bond_graph):
-        self.atom_graph = atom_graph  # (D, 2) centre, neighbour: batch-global atom indices
-        self.image = image  # (D, 3) integer lattice offsets of the neighbour
-        self.directed2undirected = directed2undirected  # (D,) batch-global undirected index
-        self.undirected2directed = undirected2directed  # (U,) batch-global directed index
-        self.bond_graph = bond_graph  # (A, 5) atom, undirected 1, directed 1, undirected 2, directed 2
+    atom_graph: torch.Tensor  # (D, 2) centre, neighbour: batch-global atom indices
+    image: torch.Tensor  # (D, 3) integer lattice offsets of the neighbour
+    directed2undirected: torch.Tensor  # (D,) batch-global undirected index
+    undirected2directed: torch.Tensor  # (U,) batch-global directed index
+    bond_graph: torch.Tensor  # (A, 5) atom, undirected 1, directed 1, undirected 2, directed 2
 
 
 class ChgnetBackbone(Backbone):
@@ -135,10 +108,6 @@ class ChgnetBackbone(Backbone):
                 f"elements with atomic numbers {unknown} are outside CHGNet's range "
                 f"1..{self.max_atomic_number}; CHGNet has no embedding for them."
             )
-
-    # ------------------------------------------------------------------
-    # Graph topology (CHGNet's own graph builder on vesin neighbours)
-    # ------------------------------------------------------------------
 
     def _topology(self, data: AtomsBatch) -> _Topology:
         atom_cutoff, bond_cutoff = self._graph_cutoffs()
@@ -209,10 +178,6 @@ class ChgnetBackbone(Backbone):
             converter = CrystalGraphConverter(atom_graph_cutoff=atom_cutoff, bond_graph_cutoff=bond_cutoff)
         return converter.create_graph
 
-    # ------------------------------------------------------------------
-    # Forward
-    # ------------------------------------------------------------------
-
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         host = self.host
         out_dtype = data.positions.dtype
@@ -276,10 +241,6 @@ class ChgnetBackbone(Backbone):
         if model.is_intensive:
             counts = counts / data.n_atoms.to(dtype)[:, None]
         return model._get_energy(counts)
-
-    # ------------------------------------------------------------------
-    # Hosts and serialisation
-    # ------------------------------------------------------------------
 
     def host_config(self) -> dict[str, Any]:
         args = dict(getattr(self.host, "model_args", None) or {})
