@@ -41,18 +41,11 @@ from latent_lr.adapters.common import require_json
 from latent_lr.backbone import isolated_global_state
 
 #: Settings of :func:`default_host` (each can be overridden by a keyword of the same name).
-DEFAULT_HOST_SETTINGS: dict[str, Any] = dict(
-    cutoff=5.0,  # Å
-    n_atom_basis=3,
-    n_radial_basis=8,
-    n_rbf=6,
-    max_l=2,
-    max_nu=3,
-    num_message_passing=1,
-    avg_num_neighbors=10.0,
-    n_hidden=[32, 16],
-    n_layers=3,
-)
+DEFAULT_HOST_SETTINGS: dict[str, Any] = {
+    "cutoff": 5.0, "n_atom_basis": 3, "n_radial_basis": 8, "n_rbf": 6,  # cutoff in Å
+    "max_l": 2, "max_nu": 3, "num_message_passing": 1, "avg_num_neighbors": 10.0,
+    "n_hidden": [32, 16], "n_layers": 3,  # Atomwise read-out MLP
+}
 
 
 def _number(value: Any) -> float:
