@@ -1,31 +1,20 @@
 """NequIP (nequip 0.19) adapter.
 
-Features: the invariant (0e) node-feature channels after every
-``ConvNetLayer``, concatenated in layer order (0o channels of ``parity=True``
-models are left out).  Host energy: NequIP's total energy per structure in eV,
-including per-type scales/shifts and any pair potential (ZBL).
+Features: the 0e node-feature channels after every ``ConvNetLayer``, in layer
+order.  Host energy: NequIP's total energy (eV; per-type scales/shifts, ZBL).
+The adapter builds NequIP's float64 ``AtomicDataDict`` from positions and cell
+as given (so NequIP's edge vectors carry latent-lr's strain) and runs the
+energy network's modules one by one, skipping ``ForceStressOutput``.  Hosts:
+eager ``GraphModel`` objects (nequip builders, ``ModelFromCheckpoint``).
 
-The adapter builds NequIP's ``AtomicDataDict`` (``pos``, ``edge_index``,
-``edge_cell_shift``, ``cell`` (B, 3, 3), ``batch``, ``num_atoms``,
-``atom_types``; float64 as in NequIP) from positions and cell as given, so
-NequIP's own edge vectors carry latent-lr's strain, and runs the modules of
-the energy network (``GraphModel -> ForceStressOutput -> SequentialGraphNetwork``)
-one by one, skipping ``ForceStressOutput``: latent-lr differentiates the total
-energy itself.  Hosts: eager ``GraphModel`` objects from nequip's builders or
-``ModelFromCheckpoint``; compiled and packaged models are not supported.
+Options: ``chemical_species_to_atom_type_map`` (as nequip's, for type names
+that are not chemical symbols) and ``config`` (nequip's model config, needed to
+save hosts this adapter did not build; it records the config on those it builds).
 
-Adapter options: ``chemical_species_to_atom_type_map`` (``{"Cu": "my_Cu"}``,
-as in nequip's ``ChemicalSpeciesToAtomTypeMapper``; needed when type names are
-not chemical symbols) and ``config`` (nequip's model config, ``_target_`` plus
-builder arguments; needed to save hosts not built by this adapter, which
-records it on the hosts it builds, as nequip keeps no config).
-
-Side effects: ``import nequip`` sets environment variables (lightning, torch
-inductor); it runs with the environment restored.  nequip's builders refuse
-to run before ``nequip.utils.global_state.set_global_state()``, which reseeds
-every generator and sets dtype, environment, TorchScript and e3nn settings
-process-wide; instead, while a host is built, the adapter marks nequip's state
-initialised (with the e3nn settings nequip would apply) and puts both back.
+Side effects: ``import nequip`` runs with the environment restored; builders run
+with nequip's global state marked initialised instead of calling its
+``set_global_state()`` (which reseeds and sets dtype, environment and e3nn
+settings process-wide), and everything is put back afterwards.
 Tested with nequip 0.19.1, e3nn 0.6.0, torch 2.13 (CPU).
 """
 
@@ -85,18 +74,13 @@ def _nequip_builder_state() -> Iterator[None]:
 
 
 def _energy_network(host: nn.Module) -> "SequentialGraphNetwork":
-    if not isinstance(host, GraphModel):
-        raise ValueError(
-            f"the NequIP adapter takes a nequip GraphModel (from nequip.model builders or "
-            f"ModelFromCheckpoint in eager mode), got {type(host).__name__}."
-        )
-    network = host.model
-    if isinstance(network, ForceStressOutput):
-        network = network.func
+    network = host.model if isinstance(host, GraphModel) else None
+    network = network.func if isinstance(network, ForceStressOutput) else network
     if not isinstance(network, SequentialGraphNetwork):
         raise ValueError(
-            f"expected GraphModel -> [ForceStressOutput ->] SequentialGraphNetwork, found "
-            f"{type(network).__name__} inside; compiled or modified nequip models are not supported."
+            f"the NequIP adapter takes an eager nequip GraphModel (GraphModel -> [ForceStressOutput ->] "
+            f"SequentialGraphNetwork, from nequip.model builders or ModelFromCheckpoint), got "
+            f"{type(host).__name__}; compiled or modified nequip models are not supported."
         )
     return network
 
@@ -114,8 +98,8 @@ def _check_targets(value: Any, where: str = "config") -> None:
 class NequipBackbone(Backbone):
     """Adapter for nequip's ``GraphModel``; options as in the module docstring."""
 
-    name = "nequip"
     label = "NequIP"
+    name = "nequip"
 
     def __init__(
         self,
