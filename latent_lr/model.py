@@ -9,9 +9,11 @@ from torch import nn
 
 from .backbone import Backbone
 from .data import AtomsBatch
-from .electrostatics.slab import unit_normals
+from .derivatives import forces_and_stress, stress_requested
+from .energy_terms import field_energy, reference_energy
 from .long_range import LongRangeModule
-from .properties import born_effective_charges, dipole_moment
+from .properties import born_effective_charges, cell_moment, polarizability_tensor
+from .strain import StrainedGeometry
 
 
 class LongRangeModel(nn.Module):
@@ -102,125 +104,76 @@ class LongRangeModel(nn.Module):
         """
         data = self._prepare(data)
         if compute_polarizability:
-            if self.long_range is None:
-                raise ValueError("the polarisability tensor needs the long-range module (latent charges).")
+            self._require_long_range("the polarisability tensor needs the long-range module (latent charges).")
             data.external_field = data.external_field.detach().requires_grad_(True)
         create_graph = self.training if create_graph is None else create_graph
-        has_volume = torch.linalg.det(data.cell).abs() > 0
-        if compute_stress is None:
-            compute_stress = bool((data.periodic | (data.slab & has_volume)).any())
-        elif compute_stress and bool((data.slab & ~has_volume).any()):
-            raise ValueError(
-                "the stress of a slab is given per cell volume A·c (eV/Å³, ASE convention), but a "
-                "slab's third cell vector is zero; set it to the cell height normal to the plane "
-                "(e.g. atoms.center(vacuum=..., axis=2)) or pass compute_stress=False."
-            )
-        positions = data.positions.detach().requires_grad_(compute_forces or compute_bec)
-        strain = torch.zeros(
-            data.n_structures, 3, 3, dtype=positions.dtype, device=positions.device,
-            requires_grad=compute_stress,
-        )
-        strained_positions = positions + torch.einsum("ni,nij->nj", positions, strain[data.batch])
-        strained_cell = data.cell + torch.bmm(data.cell, strain)
-        geometry = data.with_geometry(strained_positions, strained_cell)
-
-        host_energy, features = self.backbone(geometry)
-        reference = self.reference_energy.to(host_energy.dtype)[data.numbers]
-        host_energy = host_energy + host_energy.new_zeros(data.n_structures).index_add(0, data.batch, reference)
-        out: dict[str, torch.Tensor] = {"host_energy": host_energy}
-        if self.long_range is not None:
-            long_range = self.long_range(features, geometry)
-            out.update(long_range)
-            out["long_range_energy"] = out.pop("energy")
-        else:
-            out["long_range_energy"] = torch.zeros_like(host_energy)
-        out["field_energy"] = self._field_energy(geometry, out)
-        energy = host_energy + out["long_range_energy"] + out["field_energy"]
-        out["energy"] = energy
-
-        inputs = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
-        if inputs:
-            grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=create_graph,
-                retain_graph=create_graph or compute_bec or compute_polarizability, allow_unused=True,
-            )
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-            if compute_forces:
-                out["forces"] = -grads[0]
-            if compute_stress:
-                volume = torch.linalg.det(data.cell).abs()
-                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
-                stress = grads[-1] / safe[:, None, None]
-                stress = 0.5 * (stress + stress.transpose(1, 2))
-                out["stress"] = torch.where(
-                    data.periodic[:, None, None], stress,
-                    torch.where(data.slab[:, None, None], _in_plane(stress, data.cell, data.slab), torch.zeros_like(stress)),
-                )
+        compute_stress = stress_requested(compute_stress, data.cell, data.periodic, data.slab)
+        strained = StrainedGeometry.of(data, positions_grad=compute_forces or compute_bec, strain_grad=compute_stress)
+        out = self._energies(strained.geometry)
+        out.update(forces_and_stress(
+            out["energy"], strained.positions if compute_forces else None, strained.strain if compute_stress else None,
+            data.cell, data.periodic, data.slab, create_graph=create_graph,
+            retain_graph=create_graph or compute_bec or compute_polarizability,
+        ))
         if compute_bec:
-            if self.long_range is None:
-                raise ValueError("Born effective charges need the long-range module (latent charges).")
+            self._require_long_range("Born effective charges need the long-range module (latent charges).")
             out["bec"] = born_effective_charges(
-                out["charges"], positions, data.cell, data.pbc, data.batch, create_graph=create_graph,
+                out["charges"], strained.positions, data.cell, data.pbc, data.batch, create_graph=create_graph,
                 induced_dipoles=out.get("induced_dipoles"),
             )
         if compute_polarizability:
-            out["polarizability"] = self._polarizability(data, out, create_graph)
+            moment = cell_moment(out["dipole"], out["polarization"], data.cell, data.periodic)
+            out["polarizability"] = polarizability_tensor(moment, data.external_field, create_graph)
         if not create_graph:
             out = {key: value.detach() for key, value in out.items()}
         return out
 
+    def _energies(self, geometry: AtomsBatch) -> dict[str, torch.Tensor]:
+        """The energy step: host + reference energies, long-range module, field energy (all (B,) eV).
+
+        Returns the long-range module's outputs (``charges``, ``dipole``, ...) with its
+        ``energy`` renamed ``long_range_energy``, plus ``host_energy``, ``field_energy``
+        and the total ``energy``.
+        """
+        host_energy, features = self.backbone(geometry)
+        host_energy = host_energy + reference_energy(
+            self.reference_energy.to(host_energy.dtype), geometry.numbers, geometry.batch, geometry.n_structures
+        )
+        out: dict[str, torch.Tensor] = {"host_energy": host_energy}
+        out.update(self._long_range_energy(features, geometry, host_energy))
+        out["field_energy"] = self._field_energy(geometry, out)
+        out["energy"] = host_energy + out["long_range_energy"] + out["field_energy"]
+        return out
+
+    def _long_range_energy(
+        self, features: torch.Tensor, geometry: AtomsBatch, host_energy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The long-range module's outputs with ``energy`` renamed ``long_range_energy`` (zeros without one)."""
+        if self.long_range is None:
+            return {"long_range_energy": torch.zeros_like(host_energy)}
+        out = dict(self.long_range(features, geometry))
+        out["long_range_energy"] = out.pop("energy")
+        return out
+
     def _field_energy(self, data: AtomsBatch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """-(Σ_i q_i r_i)·E_ext (eV) in a uniform external field E_ext (V/Å).
+        """(B,) field energy -(Σ_i q_i r_i)·E_ext, eV (see :func:`latent_lr.energy_terms.field_energy`).
 
-        Fixed-field ensemble (the field, not the displacement, is held fixed):
-        the field does work on the latent charges, the force on atom i is
-        q_i E_ext (plus the field's effect through charges that move with the
-        geometry).  The induced dipoles' -Σ p_i·E_ext is part of the induction
-        energy of the long-range module and is not counted here.
-
-        * Open structures: Σ q_i r_i about the coordinate origin (for a charged
-          structure the origin only shifts the energy zero; the force Q E_ext
-          on the net charge is physical).
-        * Periodic structures: the positions *as given* are used (unwrapped
-          trajectory positions: do not wrap atoms back into the cell during a
-          run).  Forces q_i E_ext are well defined; the energy zero depends on
-          the periodic image chosen for each atom, because Ω P = Σ q_i r_i is
-          defined only modulo the polarisation quantum (Berry phase).  This is
-          the electric-enthalpy functional of Nunes & Gonze (PRB 63, 155107,
-          2001) and Umari & Pasquarello (PRL 89, 157602, 2002) with the
-          Berry-phase polarisation replaced by the latent point-charge one; in
-          DFT it is valid below the Zener breakdown field, and here latent
-          charges follow the local environment only (they do not flow across
-          the cell in response to the field).  In a field the stress includes
-          the branch-dependent term -Σ q_i r_iα E_β (the "improper" part).
-
-        With charges independent of E_ext the energy is linear in E_ext apart
-        from the induction energy, and ∂F_iβ/∂E_α = Z*_i,αβ = ∂M_α/∂r_iβ.
+        Zeros when no structure is in a field (and the field is not a differentiation input).
         """
         field = data.external_field
         in_field = (field != 0).any(dim=1)
         if not bool(in_field.any()) and not field.requires_grad:
             return torch.zeros_like(out["host_energy"])
-        if self.long_range is None:
-            raise ValueError(
-                "an external field acts on charges, but this model has no long-range module; "
-                "wrap the host with long_range=True or remove atoms.info['external_field']."
-            )
-        charge_dipole = dipole_moment(out["charges"], data.positions, data.batch, data.n_structures)
-        return -(charge_dipole * field.to(charge_dipole.dtype)).sum(dim=1)
+        self._require_long_range(
+            "an external field acts on charges, but this model has no long-range module; "
+            "wrap the host with long_range=True or remove atoms.info['external_field']."
+        )
+        return field_energy(out["charges"], data.positions, data.batch, field)
 
-    def _polarizability(self, data: AtomsBatch, out: dict[str, torch.Tensor], create_graph: bool) -> torch.Tensor:
-        """(B, 3, 3) ∂M_α/∂E_ext,β, e·Å²/V (M: dipole, or Ω P for periodic structures)."""
-        volume = torch.linalg.det(data.cell).abs()
-        moment = torch.where(data.periodic[:, None], out["polarization"] * volume[:, None], out["dipole"])
-        rows = []
-        for alpha in range(3):
-            (g,) = torch.autograd.grad(
-                moment[:, alpha].sum(), data.external_field, retain_graph=True,
-                create_graph=create_graph, allow_unused=True,
-            ) if moment.requires_grad else (None,)
-            rows.append(torch.zeros_like(data.external_field) if g is None else g)
-        return torch.stack(rows, dim=1)
+    def _require_long_range(self, message: str) -> None:
+        """Raise ValueError(message) when the model has no long-range module."""
+        if self.long_range is None:
+            raise ValueError(message)
 
     def _prepare(self, data: AtomsBatch) -> AtomsBatch:
         if not isinstance(data, AtomsBatch):
@@ -245,21 +198,7 @@ class LongRangeModel(nn.Module):
             "backbone": self.backbone.name,
             "host": self.backbone.host_config(),
             "adapter_options": self.backbone.options(),
-            "long_range": None if self.long_range is None else dict(self.long_range.config),
+            "long_range": None if self.long_range is None else self.long_range.to_dict(),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
-
-def _in_plane(stress: torch.Tensor, cell: torch.Tensor, slab: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3) P σ P with P = 1 - n̂ n̂ᵀ, n̂ the unit normal of each slab's plane (eV/Å³).
-
-    Rows that are not slabs come back unchanged.
-
-    Args:
-        stress: (B, 3, 3) eV/Å³; cell: (B, 3, 3) Å; slab: (B,) bool.
-    """
-    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
-    normal = unit_normals(torch.where(slab[:, None, None], cell, eye.expand_as(cell)).detach())
-    normal = torch.where(slab[:, None], normal, torch.zeros_like(normal))
-    projector = eye - normal[:, :, None] * normal[:, None, :]
-    return projector @ stress @ projector

@@ -188,3 +188,37 @@ def born_effective_charges(
             excess = (total - total_charge[:, None, None] * eye) / counts[:, None, None]
             bec = bec - torch.where(periodic_atom[:, None, None], excess[batch], torch.zeros_like(bec))
     return bec
+
+
+def cell_moment(
+    dipole: torch.Tensor, polarization: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor
+) -> torch.Tensor:
+    """(B, 3) total moment M, e·Å: the dipole (open, slab) or the cell dipole Ω P (periodic).
+
+    Args:
+        dipole: (B, 3) e·Å; polarization: (B, 3) e/Å²; cell: (B, 3, 3) Å; periodic: (B,) bool.
+    """
+    volume = torch.linalg.det(cell).abs()
+    return torch.where(periodic[:, None], polarization * volume[:, None], dipole)
+
+
+def polarizability_tensor(
+    moment: torch.Tensor, external_field: torch.Tensor, create_graph: bool = False
+) -> torch.Tensor:
+    """(B, 3, 3) polarisability ∂M_α/∂E_ext,β, e·Å²/V, by 3 backward passes.
+
+    ``moment`` must have been computed from ``external_field`` (which requires grad)
+    for a non-zero result; the graph is retained for later passes.
+
+    Args:
+        moment: (B, 3) e·Å (see :func:`cell_moment`); external_field: (B, 3) V/Å.
+        create_graph: keep the graph for higher derivatives (training on α).
+    """
+    rows = []
+    for alpha in range(3):
+        (g,) = torch.autograd.grad(
+            moment[:, alpha].sum(), external_field, retain_graph=True,
+            create_graph=create_graph, allow_unused=True,
+        ) if moment.requires_grad else (None,)
+        rows.append(torch.zeros_like(external_field) if g is None else g)
+    return torch.stack(rows, dim=1)
