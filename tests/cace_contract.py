@@ -1,10 +1,12 @@
 """A stand-in for a CACE model that keeps CACE's data contract but not its physics.
 
-CACE (Cartesian Atomic Cluster Expansion, github.com/BingqingCheng/cace) cannot
-be installed in this environment (the PyPI name ``cace`` belongs to an
-unrelated project).  The latent-lr CACE adapter still needs something to run
-against in tests, so this module rebuilds the *interface* of a CACE potential
-from scratch:
+CACE (Cartesian Atomic Cluster Expansion, github.com/BingqingCheng/cace) is
+not on PyPI (the PyPI name ``cace`` belongs to an unrelated project) and is
+licensed CC BY-NC 4.0, so CI cannot install it; ``tests/test_adapter_cace_real.py``
+runs the adapter against the real package where it is installed.  The CI tests
+need something to run against, so this module rebuilds the *interface* of a
+CACE potential from scratch, following the behaviour of the package at commit
+19ae23c (read, not copied):
 
 * the input is a plain ``dict[str, Tensor]`` with CACE's key names, shapes and
   dtypes (what CACE's trainer produces with ``Batch.to_dict()``);
@@ -25,7 +27,7 @@ Where the contract is defined upstream (paths inside BingqingCheng/cace):
 
 ==========================================  ==============================================
 ``cace/data/atomic_data.py``                per-structure tensors built from ``ase.Atoms``
-``cace/data/neighborhood.py``               neighbour list (ase, ``"ijS"``), shift convention
+``cace/data/neighborhood.py``               neighbour list (matscipy, ``"ijS"``), shift convention
 ``cace/tools/torch_geometric/batch.py``     batching: index offsets, ``batch``, ``ptr``
 ``cace/tools/torch_geometric/data.py``      ``to_dict`` keeps only keys whose value is not None
 ``cace/modules/preprocess.py``              strain ("displacement") set-up for stress
@@ -55,6 +57,7 @@ import torch
 from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 from torch import nn
+from torch.nn import functional
 
 __all__ = [
     "CACE_INPUT_KEYS",
@@ -186,7 +189,7 @@ def cace_style_neighbours(
     cell: np.ndarray,
     pbc: Sequence[bool],
     cutoff: float,
-    backend: str = "ase",
+    backend: str = "matscipy",
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Directed neighbour pairs of one structure, following CACE's conventions.
 
@@ -206,7 +209,7 @@ def cace_style_neighbours(
         cell: (3, 3) lattice vectors as rows, Å (zeros for a molecule).
         pbc: three periodicity flags.
         cutoff: search radius, Å.
-        backend: ``"ase"`` (what CACE uses) or ``"vesin"`` (same pairs, faster).
+        backend: ``"matscipy"`` (what CACE uses), ``"ase"`` or ``"vesin"`` (same pairs).
 
     Returns:
         edge_index (2, E) int64, shifts (E, 3) float64 in Å, unit_shifts (E, 3) float64.
@@ -215,7 +218,11 @@ def cace_style_neighbours(
     cell = np.asarray(cell, dtype=float).reshape(3, 3)
     pbc = tuple(bool(flag) for flag in pbc)
     search_cell = cell if np.any(cell != 0.0) else 1000.0 * np.eye(3)
-    if backend == "ase":
+    if backend == "matscipy":
+        from matscipy.neighbours import neighbour_list
+
+        i, j, unit = neighbour_list("ijS", positions=positions, cell=search_cell, pbc=pbc, cutoff=float(cutoff))
+    elif backend == "ase":
         i, j, unit = primitive_neighbor_list(
             "ijS",
             pbc,
@@ -231,7 +238,7 @@ def cace_style_neighbours(
         finder = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
         i, j, unit = finder.compute(positions, search_cell, list(pbc), quantities="ijS")
     else:
-        raise ValueError(f"backend must be 'ase' or 'vesin', got {backend!r}.")
+        raise ValueError(f"backend must be 'matscipy', 'ase' or 'vesin', got {backend!r}.")
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
     unit = np.asarray(unit, dtype=np.int64).reshape(-1, 3)
@@ -249,7 +256,7 @@ def make_cace_batch(
     cutoff: float,
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
-    backend: str = "ase",
+    backend: str = "matscipy",
     with_labels: bool = False,
     include_num_graphs: bool = False,
 ) -> Dict[str, torch.Tensor]:
@@ -386,7 +393,8 @@ class Preprocess(nn.Module):
     With ``compute_stress`` or ``compute_virials`` it creates a zero (B, 3, 3)
     ``displacement`` that requires grad, applies its symmetric part to the
     positions and cells, rebuilds ``shifts`` from ``unit_shifts`` and writes
-    ``positions``, ``cell``, ``shifts`` and ``displacement`` back into the dict.
+    ``positions``, ``cell`` (now (B, 3, 3), as CACE's ``get_symmetric_displacement``
+    returns it), ``shifts`` and ``displacement`` back into the dict.
     Otherwise it only sets ``data["displacement"] = None``.  It mutates and
     returns the same dict, as CACE's does.
     """
@@ -409,8 +417,7 @@ class Preprocess(nn.Module):
         batch = data["batch"]
         data["positions"] = positions + torch.einsum("ni,nij->nj", positions, strain[batch])
         cells = data["cell"].reshape(-1, 3, 3)
-        cells = cells + torch.matmul(cells, strain)
-        data["cell"] = cells.reshape(-1, 3)
+        data["cell"] = cells + torch.matmul(cells, strain)
         data["shifts"] = refresh_shifts(data)
         data["displacement"] = displacement
         return data
@@ -503,15 +510,16 @@ class CaceContractRepresentation(nn.Module):
     def _one_hot(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """Element one-hot (N, nz) with the quirks of CACE's ``NodeEncoder`` (``cace/modules/type.py``).
 
-        * an atomic number not in ``zs`` but below ``max(zs)`` is silently
-          treated as the first element of ``zs``; one above ``max(zs)`` fails
-          with an IndexError.  Callers must check elements themselves;
+        * an atomic number not in ``zs`` but below ``max(zs)`` raises
+          ValueError (CACE has done so since 2024); one above ``max(zs)`` fails
+          with an IndexError from the lookup table;
         * the one-hot is built in torch's *default* dtype and then multiplied
           with the embedding weights, so calling a float64 model while the
           default dtype is float32 raises a dtype error, as CACE does.
         """
-        indices = self.element_index[atomic_numbers].clone()
-        indices[indices < 0] = 0
+        indices = self.element_index[atomic_numbers]
+        if (indices < 0).any():
+            raise ValueError(f"Atomic numbers out of range: {atomic_numbers[indices < 0].tolist()}")
         one_hot = torch.zeros(indices.shape + (self.nz,), device=atomic_numbers.device)
         return one_hot.scatter_(-1, indices.unsqueeze(-1), 1.0)
 
@@ -597,44 +605,72 @@ class CaceContractRepresentation(nn.Module):
         }
 
 
+def _mlp_widths(n_in: int, n_out: int, n_hidden: Union[None, int, Sequence[int]], n_layers: int) -> List[int]:
+    """Layer widths of CACE's read-out MLP: halving from n_in (None), rectangular (int) or as listed."""
+    if n_hidden is None:
+        widths = [n_in]
+        while len(widths) < n_layers:
+            widths.append(max(n_out, widths[-1] // 2))
+        return widths + [n_out]
+    hidden = [int(n_hidden)] * (n_layers - 1) if isinstance(n_hidden, int) else [int(h) for h in n_hidden]
+    return [n_in] + hidden + [n_out]
+
+
 class Atomwise(nn.Module):
     """Role of ``cace.modules.Atomwise``: per-atom MLP on flattened features, summed per structure.
 
     Reads ``data[feature_key]`` (default ``"node_feats"``), flattens it to
-    (N, F), maps it to (N, n_out) and writes ``data[output_key]`` as (B,) when
-    ``n_out == 1`` (else (B, n_out)); with ``per_atom_output_key`` the (N, n_out)
-    per-atom values are written too.  Unlike CACE (which builds its MLP on the
-    first call when ``n_in`` is None) the width is fixed at construction.
+    (N, F), maps it to (N, n_out) with an MLP whose layer widths follow
+    ``n_hidden``/``n_layers`` as CACE's do (plus a linear map of the features
+    with ``add_linear_nn``) and writes ``data[output_key]`` as (B,) when
+    ``n_out == 1`` (else (B, n_out)); ``aggregation_mode="avg"`` divides by the
+    atom count; ``post_process`` is applied to the aggregated result; with
+    ``per_atom_output_key`` the (N, n_out) per-atom values are written too.
+    With ``n_in=None`` the layers (``outnet``, ``linear_nn``) are built on the
+    first call, in torch's default dtype and from the global RNG, as CACE does.
+    Residual and batch-norm variants are not reproduced.
     """
 
     def __init__(
         self,
-        n_in: int,
+        n_in: Optional[int] = None,
         n_out: int = 1,
-        n_hidden: int = 16,
+        n_hidden: Union[None, int, Sequence[int]] = None,
+        n_layers: int = 2,
+        bias: bool = True,
+        activation=functional.silu,
+        aggregation_mode: Optional[str] = "sum",
         feature_key: str = "node_feats",
-        output_key: str = "CACE_energy",
+        output_key: str = "energy",
         per_atom_output_key: Optional[str] = None,
-        seed: int = 1,
+        descriptor_output_key: Optional[str] = None,
+        residual: bool = False,
+        use_batchnorm: bool = False,
+        add_linear_nn: bool = False,
+        post_process=None,
     ):
         super().__init__()
-        self.n_in, self.n_out = int(n_in), int(n_out)
-        self.feature_key = feature_key
-        self.output_key = output_key
-        self.per_atom_output_key = per_atom_output_key
-        self.model_outputs = [output_key] + ([per_atom_output_key] if per_atom_output_key else [])
-        # Weights drawn from a private generator so the global torch RNG is untouched.
-        generator = torch.Generator().manual_seed(seed)
+        if residual or use_batchnorm:
+            raise ValueError("the stand-in Atomwise has no residual or batch-norm variant; leave them False.")
+        if aggregation_mode is None and per_atom_output_key is None:
+            raise ValueError("with aggregation_mode=None set per_atom_output_key, or nothing is returned.")
+        self.n_in, self.n_out, self.n_hidden, self.n_layers = n_in, int(n_out), n_hidden, int(n_layers)
+        self.bias, self.activation, self.aggregation_mode = bias, activation, aggregation_mode
+        self.feature_key, self.output_key = feature_key, output_key
+        self.per_atom_output_key, self.descriptor_output_key = per_atom_output_key, descriptor_output_key
+        self.residual, self.use_batchnorm = residual, use_batchnorm
+        self.add_linear_nn, self.post_process = add_linear_nn, post_process
+        self.model_outputs = [key for key in (output_key, per_atom_output_key, descriptor_output_key) if key]
+        self.outnet: Optional[nn.ModuleList] = None
+        self.linear_nn: Optional[nn.Linear] = None
+        if n_in is not None:
+            self._build(int(n_in))
 
-        def uniform(*shape: int, fan_in: int) -> nn.Parameter:
-            bound = 1.0 / math.sqrt(fan_in)
-            values = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            return nn.Parameter(values.to(torch.get_default_dtype()))
-
-        self.hidden_weight = uniform(n_hidden, self.n_in, fan_in=self.n_in)
-        self.hidden_bias = uniform(n_hidden, fan_in=self.n_in)
-        self.out_weight = uniform(self.n_out, n_hidden, fan_in=n_hidden)
-        self.out_bias = uniform(self.n_out, fan_in=n_hidden)
+    def _build(self, n_in: int) -> None:
+        widths = _mlp_widths(n_in, self.n_out, self.n_hidden, self.n_layers)
+        self.outnet = nn.ModuleList(nn.Linear(a, b, bias=self.bias) for a, b in zip(widths[:-1], widths[1:]))
+        if self.add_linear_nn:
+            self.linear_nn = nn.Linear(n_in, self.n_out, bias=self.bias)
 
     def forward(
         self,
@@ -643,18 +679,32 @@ class Atomwise(nn.Module):
         output_index: Optional[int] = None,
     ) -> Dict[str, torch.Tensor]:
         features = flatten_node_feats(data[self.feature_key])
+        if self.outnet is None:
+            self.n_in = features.shape[1]
+            self._build(self.n_in)
+            self.to(features.device)
         if features.shape[1] != self.n_in:
             raise ValueError(f"expected {self.n_in} features per atom, got {features.shape[1]}.")
-        linear = torch.nn.functional.linear
-        features = features.to(self.hidden_weight.dtype)
-        hidden = torch.nn.functional.silu(linear(features, self.hidden_weight, self.hidden_bias))
-        per_atom = linear(hidden, self.out_weight, self.out_bias)
+        hidden = features
+        for index, layer in enumerate(self.outnet):
+            hidden = layer(hidden)
+            if index < len(self.outnet) - 1:
+                hidden = self.activation(hidden)
+        per_atom = hidden + self.linear_nn(features) if self.linear_nn is not None else hidden
         if self.per_atom_output_key is not None:
             data[self.per_atom_output_key] = per_atom
+        if self.descriptor_output_key is not None:
+            data[self.descriptor_output_key] = features
+        if self.aggregation_mode is None:
+            return data
         batch = data["batch"]
         n_structures = int(batch.max()) + 1 if batch.numel() else 1
-        total = torch.zeros((n_structures, self.n_out), dtype=per_atom.dtype, device=per_atom.device)
-        total = total.index_add(0, batch, per_atom).squeeze(-1)
+        total = per_atom.new_zeros((n_structures, self.n_out)).index_add(0, batch, per_atom)
+        if self.aggregation_mode == "avg":
+            total = total / torch.bincount(batch, minlength=n_structures).unsqueeze(-1)
+        total = total.squeeze(-1)
+        if self.post_process is not None:
+            total = self.post_process(total)
         data[self.output_key] = total[:, output_index] if output_index is not None else total
         return data
 
@@ -676,11 +726,11 @@ class Forces(nn.Module):
     def __init__(
         self,
         calc_forces: bool = True,
-        calc_stress: bool = False,
-        energy_key: str = "CACE_energy",
-        forces_key: str = "CACE_forces",
-        stress_key: str = "CACE_stress",
-        virials_key: str = "CACE_virials",
+        calc_stress: bool = True,
+        energy_key: str = "energy",
+        forces_key: str = "forces",
+        stress_key: str = "stress",
+        virials_key: str = "virials",
     ):
         super().__init__()
         self.calc_forces = calc_forces
@@ -807,7 +857,7 @@ class CaceContractModel(nn.Module):
         self.input_modules = nn.ModuleList([Preprocess()])
         atomwise = Atomwise(
             self.representation.feature_dim,
-            n_hidden=n_hidden,
+            n_hidden=int(n_hidden),
             output_key=energy_key,
             per_atom_output_key=per_atom_energy_key,
         )
@@ -924,13 +974,14 @@ def _self_check() -> None:
     f1 = rep(make_cace_batch([rotated], cutoff))["node_feats"]
     assert torch.allclose(f0, f1, atol=1e-10), (f0 - f1).abs().max()
 
-    # NodeEncoder quirks kept: an unknown Z below max(zs) is silently read as zs[0] ...
+    # NodeEncoder behaviour kept: an unknown Z below max(zs) raises ValueError ...
     fluorine = water.copy()
     fluorine.numbers[0] = 9  # F is not in zs=[1, 8, 11, 17]
-    as_first = water.copy()
-    as_first.numbers[0] = 1
-    f_unknown = rep(make_cace_batch([fluorine], cutoff))["node_feats"]
-    assert torch.equal(f_unknown, rep(make_cace_batch([as_first], cutoff))["node_feats"])
+    try:
+        rep(make_cace_batch([fluorine], cutoff))
+        raise AssertionError("expected a ValueError for an unknown element, as in CACE")
+    except ValueError:
+        pass
     # ... and the one-hot follows the default dtype, so a float64 model fails under float32.
     torch.set_default_dtype(torch.float32)
     try:

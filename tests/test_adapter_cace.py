@@ -11,6 +11,7 @@ References: CACE's own forward (energy, forces, stress of the stand-in),
 finite differences (ASE), rotations, the acoustic sum rule.
 """
 
+import copy
 import json
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_host_dtype_is_the_default_dtype_inside_the_call(host):
         model = latent_lr.wrap(host, backbone="cace").eval()
         model(AtomsBatch.from_atoms(molecule("H2O")))
         assert torch.get_default_dtype() == torch.float32
-    single = latent_lr.wrap(make_host().float(), backbone="cace").eval()
+    single = latent_lr.wrap(copy.deepcopy(host).float(), backbone="cace").eval()
     a = single(AtomsBatch.from_atoms(molecule("CH3CH2OH")))["host_energy"]
     b = cace_forward(host, [molecule("CH3CH2OH")])["CACE_energy"]
     assert a.dtype == torch.float32 and abs(a.item() - b.item()) < 1e-4
@@ -180,10 +181,11 @@ def test_save_load_round_trip_is_exact(host, tmp_path):
 
 def test_unknown_element_is_a_clear_error(model, host):
     fluorine = molecule("CH3CH2OH")
-    fluorine.numbers[0] = 9  # below max(zs): CACE itself would silently read it as H
-    cace_forward(host, [fluorine])  # no error from the host ...
+    fluorine.numbers[0] = 9  # below max(zs): CACE itself raises a bare "out of range" error ...
+    with pytest.raises(ValueError, match="out of range"):
+        cace_forward(host, [fluorine])
     for atoms in (fluorine, Atoms("Au2", positions=[[0, 0, 0], [2.5, 0, 0]])):
-        with pytest.raises(ValueError, match="unknown to this CACE model"):  # ... but from the adapter
+        with pytest.raises(ValueError, match="unknown to this CACE model"):  # ... the adapter names them
             model(AtomsBatch.from_atoms(atoms))
 
 
@@ -202,7 +204,7 @@ def test_training_on_forces_reaches_the_cace_host():
     model(data)["forces"].pow(2).mean().backward()  # double backward through the host
     grads = {name: p.grad for name, p in model.named_parameters()}
     for name in ("representation.sender_embedding", "representation.receiver_embedding",
-                 "output_modules.0.hidden_weight", "output_modules.0.out_weight"):
+                 "output_modules.0.outnet.0.weight", "output_modules.0.outnet.1.weight"):
         assert grads[f"backbone.host.{name}"].abs().sum() > 0, name  # (the energy bias has no force)
     assert grads["long_range.charge_head.mlp.0.weight"].abs().sum() > 0
 
@@ -244,8 +246,8 @@ class FeatureAdd(nn.Module):
 def test_cace_long_range_branch_is_skipped_and_short_range_energy_found():
     host = make_host()
     width = host.representation.feature_dim
-    short_range = Atomwise(width, n_hidden=8, output_key="SR_energy", seed=3).double()
-    charges = Atomwise(width, n_hidden=8, output_key="tot_q", per_atom_output_key="q", seed=4).double()
+    short_range = Atomwise(width, n_hidden=8, output_key="SR_energy").double()
+    charges = Atomwise(width, n_hidden=8, output_key="tot_q", per_atom_output_key="q").double()
     host.output_modules = nn.ModuleList([
         short_range,
         charges,
@@ -267,30 +269,15 @@ def test_cace_long_range_branch_is_skipped_and_short_range_energy_found():
         latent_lr.wrap(host, backbone="cace", adapter_options={"energy_key": "CACE_energy"})
 
 
-class LazyAtomwise(Atomwise):
-    """Atomwise whose MLP is built on the first call, like CACE's Atomwise(n_in=None)."""
-
-    def __init__(self):
-        nn.Module.__init__(self)
-        self.output_key, self.n_out, self.feature_key, self.outnet = "CACE_energy", 1, "node_feats", None
-
-    def forward(self, data, training=False, output_index=None):
-        features = data["node_feats"].reshape(data["node_feats"].shape[0], -1)
-        if self.outnet is None:
-            self.outnet = nn.Linear(features.shape[1], 1)  # default dtype and global RNG, as CACE
-        per_atom = self.outnet(features).squeeze(-1)
-        data[self.output_key] = per_atom.new_zeros(int(data["batch"].max()) + 1).index_add(0, data["batch"], per_atom)
-        return data
-
-
 def test_lazy_layers_are_built_by_a_dry_run_without_touching_the_rng():
     host = make_host()
-    host.output_modules = nn.ModuleList([LazyAtomwise()])
+    host.output_modules = nn.ModuleList([Atomwise(n_hidden=[6, 4], n_layers=3, output_key="CACE_energy",
+                                                  add_linear_nn=True)])
     state = torch.random.get_rng_state()
     model = latent_lr.wrap(host, backbone="cace", long_range=False)  # the head would draw from the RNG
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert host.output_modules[0].outnet.weight.dtype == torch.float64
-    assert any(name.endswith("outnet.weight") for name, _ in model.named_parameters())
+    assert [layer.weight.dtype for layer in host.output_modules[0].outnet] == [torch.float64] * 3
+    assert any(name.endswith("linear_nn.weight") for name, _ in model.named_parameters())
 
 
 def test_combine_potential_and_unknown_hosts_get_clear_errors(host):
@@ -364,37 +351,7 @@ def install_stub_cace_package(monkeypatch):
             self.residual, self.use_batchnorm = residual, use_batchnorm
             self.hnet = None if n_in is None else nn.Linear(n_in, 1)
 
-    @lambda cls: place("cace.modules", cls)
-    class Atomwise(nn.Module):
-        def __init__(self, n_in=None, n_out=1, n_hidden=None, n_layers=2, bias=True,
-                     activation=torch.nn.functional.silu, aggregation_mode="sum", feature_key="node_feats",
-                     output_key="energy", per_atom_output_key=None, descriptor_output_key=None,
-                     residual=False, use_batchnorm=False, add_linear_nn=False, post_process=None):
-            super().__init__()
-            self.n_in, self.n_out, self.n_hidden, self.n_layers, self.bias = n_in, n_out, n_hidden, n_layers, bias
-            self.activation, self.aggregation_mode, self.feature_key = activation, aggregation_mode, feature_key
-            self.output_key, self.per_atom_output_key = output_key, per_atom_output_key
-            self.descriptor_output_key, self.residual = descriptor_output_key, residual
-            self.use_batchnorm = use_batchnorm
-            self.add_linear_nn, self.post_process = add_linear_nn, post_process
-            self.model_outputs = [output_key]
-            self.outnet = None if n_in is None else self._mlp()
-
-        def _mlp(self):
-            return nn.Sequential(nn.Linear(self.n_in, self.n_hidden), nn.Linear(self.n_hidden, self.n_out))
-
-        def forward(self, data, training=None, output_index=None):
-            features = data[self.feature_key].reshape(data[self.feature_key].shape[0], -1)
-            if self.outnet is None:
-                self.n_in = features.shape[1]
-                self.outnet = self._mlp()  # default dtype and global RNG, as CACE
-            hidden = self.activation(self.outnet[0](features))
-            per_atom = self.outnet[1](hidden).squeeze(-1)
-            data[self.output_key] = per_atom.new_zeros(int(data["batch"].max()) + 1).index_add(
-                0, data["batch"], per_atom
-            )
-            return data
-
+    place("cace.modules", type("Atomwise", (cace_contract.Atomwise,), {}))
     place("cace.modules", type("Forces", (cace_contract.Forces,), {}))
     place("cace.modules", type("Preprocess", (cace_contract.Preprocess,), {}))
 
@@ -419,6 +376,8 @@ def install_stub_cace_package(monkeypatch):
                 nn.ModuleList([None, None, MessageBchi(**bchi) if "Bchi" in type_message_passing else None])
                 for _ in range(num_message_passing)
             )
+
+    stub["cace.representations"].Cace = Cace
 
     @lambda cls: place("cace.models.atomistic", cls)
     class NeuralNetworkPotential(nn.Module):
@@ -469,3 +428,23 @@ def test_package_host_code_path_with_a_stub_cace_package(monkeypatch, tmp_path):
     assert loaded.backbone.host.representation.mp_norm_factor == rep.mp_norm_factor
     data = AtomsBatch.from_atoms([molecule("CH3CH2OH"), rattled_salt()])
     assert torch.equal(model(data)["energy"], loaded(data)["energy"])
+
+
+def test_default_host_is_built_from_cace_classes_and_trains(monkeypatch):
+    install_stub_cace_package(monkeypatch)
+    adapter = latent_lr.backbone.adapter_class("cace")
+    with pytest.raises(ValueError, match="unknown CACE host options"):
+        adapter.default_host(ZS, n_layer=2)
+    torch.manual_seed(3)
+    host = adapter.default_host(ZS, cutoff=CUTOFF, n_hidden=[8], n_layers=2)
+    assert type(host).__module__ == "cace.models.atomistic" and host.representation.zs == sorted(ZS)
+    model = latent_lr.wrap(host).double()
+    assert model.backbone.energy_key == "CACE_energy" and host.output_modules[0].outnet is not None
+    data = AtomsBatch.from_atoms([molecule("CH3CH2OH"), rattled_salt()]).to(dtype=torch.float64)
+    out = model.train()(data)
+    loss = out["energy"].pow(2).sum() + out["forces"].pow(2).mean()
+    loss.backward()  # forces' double backward reaches the read-out
+    assert host.output_modules[0].outnet[0].weight.grad.abs().sum() > 0
+    crystal = rattled_salt()
+    crystal.calc = latent_lr.Calculator(model.eval())
+    np.testing.assert_allclose(crystal.get_forces(), calculate_numerical_forces(crystal, 1e-4), atol=1e-7)
