@@ -1,13 +1,15 @@
 """latent-lr: learned long-range electrostatics for short-range ML potentials."""
 
 from .backbone import Backbone
+from .config import LongRangeConfig
 from .data import AtomsBatch
 from .electrostatics import coulomb_energy
 from .long_range import LongRangeModule
-from .linear_solve import ConvergenceError, solve_spd
+from .electrostatics.linear_solve import ConvergenceError, solve_spd
 from .model import LongRangeModel
 from .properties import born_effective_charges, dipole_moment, polarization
-from .qeq import QeqChargeHead, equilibrate_charges
+from .electrostatics.qeq import equilibrate_charges
+from .qeq import QeqChargeHead
 from .adapters.radial import RadialPotential
 from .serialization import load, save
 from .units import COULOMB_CONSTANT
@@ -30,6 +32,7 @@ __all__ = [
     "COULOMB_CONSTANT",
     "Calculator",
     "ConvergenceError",
+    "LongRangeConfig",
     "LongRangeModel",
     "LongRangeModule",
     "QeqChargeHead",

@@ -1,14 +1,23 @@
-"""Latent charges from per-atom invariant features."""
+"""Charge models: per-atom invariant features -> charges and their electrostatic energy.
+
+Every charge model is a :class:`ChargeModel`; :class:`ChargeHead` (latent
+charges from an MLP) lives here, :class:`~latent_lr.qeq.QeqChargeHead` (charge
+equilibration) in :mod:`latent_lr.qeq`.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
-MAX_ATOMIC_NUMBER = 118
+from .config import CHARGE_REDISTRIBUTIONS as REDISTRIBUTIONS
+from .config import LongRangeConfig
+from .data import AtomsBatch
+from .electrostatics import coulomb_energy
 
-#: Accepted ``charge_redistribution`` values of :class:`ChargeHead`.
-REDISTRIBUTIONS = ("learned", "uniform", "none")
+MAX_ATOMIC_NUMBER = 118
 
 
 def feature_mlp(feature_dim: int, hidden_dim: int) -> nn.Module:
@@ -80,7 +89,32 @@ class LearnedChargeRedistribution(nn.Module):
         return raw_charges + weights * ((total_charge - sums) / weight_sums)[batch]
 
 
-class ChargeHead(nn.Module):
+class ChargeModel(nn.Module):
+    """What the long-range module asks of a charge model.
+
+    ``forward(features, data, smearing, accuracy, engine_state)`` returns the
+    charges (N,) in e and the electrostatic energy (B,) in eV of those charges
+    for the batch ``data`` (whose positions and cell may carry gradients).
+    ``from_config(feature_dim, config)`` builds one from a
+    :class:`~latent_lr.config.LongRangeConfig`.
+    """
+
+    @classmethod
+    def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "ChargeModel":
+        raise NotImplementedError
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        data: AtomsBatch,
+        smearing: torch.Tensor,
+        accuracy: float,
+        engine_state: Optional[object] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ChargeHead(ChargeModel):
     """Per-atom latent charges q_i (e) from invariant features.
 
     q_i = MLP(h_i) [+ b(Z_i)], then (unless ``redistribution="none"``) shifted so
@@ -112,7 +146,11 @@ class ChargeHead(nn.Module):
                 f"redistribution must be one of {REDISTRIBUTIONS}, got {redistribution!r}."
             )
 
-    def forward(
+    @classmethod
+    def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "ChargeHead":
+        return cls(feature_dim, config.hidden_dim, config.element_baseline, config.charge_redistribution)
+
+    def charges(
         self,
         features: torch.Tensor,
         numbers: torch.Tensor,
@@ -124,3 +162,19 @@ class ChargeHead(nn.Module):
         if self.element_baseline is not None:
             raw = raw + self.element_baseline(numbers).squeeze(-1)
         return self.constraint(raw, features, batch, total_charge)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        data: AtomsBatch,
+        smearing: torch.Tensor,
+        accuracy: float,
+        engine_state: Optional[object] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Charges (N,) e and their smeared Coulomb energy (B,) eV (Gaussian width ``smearing``, Å)."""
+        charges = self.charges(features, data.numbers, data.batch, data.total_charge)
+        energy = coulomb_energy(
+            data.positions, charges, cell=data.cell, pbc=data.pbc, batch=data.batch,
+            smearing=smearing, accuracy=accuracy,
+        )
+        return charges, energy

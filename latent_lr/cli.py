@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import tomllib
+from pathlib import Path
 from typing import Optional, Sequence
 
-DEMO_OPTIONS = dict(
-    backbone="radial",
-    host_options={"cutoff": 4.0, "hidden_dim": 24, "n_layers": 2},
-    epochs=120,
-    batch_size=8,
-    learning_rate=5e-3,
-    patience=40,
-    dipole_key="ref_dipole",
-    charges_key="ref_charges",
-    dipole_weight=0.0,
-    charges_weight=0.0,
-)
+from .config import LongRangeConfig
+from .demo import DEMO_OPTIONS, run_ablation_demo, run_engine_demo
+from .errors import UserInputError
+from .serialization import load
+from .training import TrainConfig, predict_file, run_ablation, train
+
+#: Source directory of the package: a ValueError raised here is our own validation (a user error).
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-#: Flags that are long-range options (merged into ``long_range_options``, overriding it).
-CHARGE_FLAGS = ("charge_model", "charge_redistribution", "qeq_solver")
+def _add_long_range_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~latent_lr.config.LongRangeConfig` option (``--charge-model``, ``--smearing``, ...)."""
+    group = parser.add_argument_group("long-range settings (override --long-range-options)")
+    for option in dataclasses.fields(LongRangeConfig):
+        kind = {"bool": _on_off, "int": int, "float": float, "Optional[int]": int}.get(str(option.type), str)
+        group.add_argument(
+            "--" + option.name.replace("_", "-"), type=kind, choices=option.metadata["choices"],
+            default=None, dest="long_range." + option.name, metavar=None if option.metadata["choices"] else "VALUE",
+            help=option.metadata["help"] + ("" if option.default is None else f" (default {option.default})"),
+        )
+
+
+def _long_range_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The long-range settings given as flags."""
+    prefix = "long_range."
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
 def _on_off(value: str) -> bool:
@@ -56,15 +69,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--freeze-host", action="store_true", default=None)
     parser.add_argument("--host-options", type=json.loads, help='backbone hyper-parameters as JSON, e.g. \'{"cutoff": 5.0}\'')
     parser.add_argument("--long-range-options", type=json.loads, help='e.g. \'{"smearing": 1.0}\'')
-    parser.add_argument(
-        "--charge-model", choices=["latent", "qeq"],
-        help="latent (MLP charges, default) or qeq (charge equilibration with learned χ and J)",
-    )
-    parser.add_argument(
-        "--charge-redistribution", choices=["learned", "uniform", "none"],
-        help="latent charges: how the total charge is imposed (none: not at all, LES baseline)",
-    )
-    parser.add_argument("--qeq-solver", choices=["auto", "dense", "cg"], help="Qeq linear solver (default auto)")
+    _add_long_range_arguments(parser)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
@@ -82,15 +87,16 @@ def _config_from(args: argparse.Namespace):
     names = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in names}
     config = config.updated(values)
-    charge_flags = {k: getattr(args, k, None) for k in CHARGE_FLAGS}
-    charge_flags = {k: v for k, v in charge_flags.items() if v is not None}
-    if charge_flags:
-        config = config.updated({"long_range_options": {**config.long_range_options, **charge_flags}})
+    flags = _long_range_flags(args)
+    if flags:
+        config = config.updated({"long_range_options": flags})
     return config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latent-lr", description="Learned long-range electrostatics for ML potentials.")
+    debug_help = "show the full Python traceback of errors (default: one line)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a wrapped backbone on extended-XYZ data")
     _add_training_arguments(train_parser, with_long_range=True)
@@ -99,43 +105,89 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_training_arguments(ablate_parser, with_long_range=False)
     ablate_parser.add_argument("--resume", action="store_true", help="continue both twins from their checkpoints")
     predict_parser = commands.add_parser("predict", help="write latent charges, dipoles and BECs to extended XYZ")
-    predict_parser.add_argument("model")
-    predict_parser.add_argument("input")
-    predict_parser.add_argument("output")
+    predict_parser.add_argument("model", help="best_model.pt or checkpoint.pt of a training run")
+    predict_parser.add_argument("input", help="structures, extended XYZ (read lazily: any size)")
+    predict_parser.add_argument("output", help="extended XYZ to write, batch by batch")
+    predict_parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (cuda:N)")
+    predict_parser.add_argument("--batch-size", type=int, default=16, help="structures per forward pass (default 16)")
+    predict_parser.add_argument("--total-charge-key", default="charge", help="info key of net charges, e (default charge)")
+    predict_parser.add_argument("--no-progress", dest="progress", action="store_false")
     demo_parser = commands.add_parser("demo", help="ablation on a built-in synthetic long-range dataset")
     demo_parser.add_argument("--out", default="runs/demo")
     demo_parser.add_argument("--epochs", type=int, default=DEMO_OPTIONS["epochs"])
     demo_parser.add_argument("--no-progress", dest="progress", action="store_false")
-    commands.add_parser("engine-demo", help="Madelung constants and a water box from the engine")
-    args = parser.parse_args(argv)
+    engine_parser = commands.add_parser("engine-demo", help="Madelung constants and a water box from the engine")
+    for sub in (train_parser, ablate_parser, predict_parser, demo_parser, engine_parser):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    return parser
 
+
+def _training_config(args: argparse.Namespace) -> TrainConfig:
+    """:func:`_config_from`, with an unreadable or malformed ``--config`` file as a user error."""
+    try:
+        return _config_from(args)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        detail = getattr(error, "strerror", None) or str(error)
+        raise UserInputError(f"--config {args.config}: cannot read settings ({detail}); give a JSON or TOML file of training settings.") from error
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
-        from .training import train
-
-        trainer = train(_config_from(args), resume=args.resume)
+        trainer = train(_training_config(args), resume=args.resume)
         print(f"best model: {trainer.out / 'best_model.pt'}")
         if trainer.test_frames:
-            from .serialization import load
-
             metrics, _ = trainer.evaluate(load(trainer.out / "best_model.pt"), trainer.test_frames)
             print(json.dumps(metrics, indent=1))
     elif args.command == "ablate":
-        from .training import run_ablation
-
-        run_ablation(_config_from(args), resume=args.resume)
+        run_ablation(_training_config(args), resume=args.resume)
     elif args.command == "predict":
-        from .training import predict_file
-
-        count = predict_file(args.model, args.input, args.output)
+        count = predict_file(
+            args.model, args.input, args.output, batch_size=args.batch_size,
+            total_charge_key=args.total_charge_key, device=args.device, progress=args.progress,
+        )
         print(f"wrote {count} structures to {args.output}")
     elif args.command == "demo":
-        from .demo import run_ablation_demo
-
         run_ablation_demo(args.out, epochs=args.epochs, progress=args.progress)
     elif args.command == "engine-demo":
-        from .demo import run_engine_demo
-
         run_engine_demo()
+
+
+def _raised_by_latent_lr(error: BaseException) -> bool:
+    """True when the innermost frame of ``error``'s traceback is latent-lr's own code (its validation)."""
+    trace = error.__traceback__
+    if trace is None:
+        return False
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return Path(trace.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def user_error_message(error: BaseException) -> Optional[str]:
+    """The one-line message of a user error, or None for a programming error (keep its traceback).
+
+    User errors: :class:`UserInputError`, a missing or unreadable file, and a
+    ValueError raised by latent-lr's own validation.
+    """
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)) and error.filename:
+        message = f"{error.filename}: {error.strerror}; check the path."
+    elif isinstance(error, UserInputError) or (isinstance(error, ValueError) and _raised_by_latent_lr(error)):
+        message = str(error)
+    else:
+        return None
+    return " ".join(message.split())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command; user errors print ``latent-lr: error: ...`` (one line) and return 2."""
+    args = _build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or args.debug:
+            raise
+        print(f"latent-lr: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -53,16 +53,21 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .charges import MAX_ATOMIC_NUMBER
-from .electrostatics.dipole_ewald import DipoleOperator, dipole_operator
-from .electrostatics.dipole_tensor import catastrophe_free_polarizability
+from .charges import MAX_ATOMIC_NUMBER, feature_mlp
+from .config import LongRangeConfig
+from .data import AtomsBatch
+from .electrostatics.field import electric_field
+from .electrostatics.induction import (
+    SAFE_FRACTION,
+    SOLVERS,
+    one_step_induction,
+    per_structure,
+    self_consistent_cap,
+    self_consistent_induction,
+)
 from .units import COULOMB_CONSTANT
 
-MODES = ("none", "one_step", "self_consistent")
-SOLVERS = ("cg", "dense")
-
-#: Fraction of the catastrophe bound 1/c that self-consistent polarisabilities may reach.
-SAFE_FRACTION = 0.9
+__all__ = ["PolarizabilityHead", "OneStepPolarizability", "SelfConsistentPolarizability", "SAFE_FRACTION", "SOLVERS"]
 
 
 class PolarizabilityHead(nn.Module):
@@ -79,10 +84,7 @@ class PolarizabilityHead(nn.Module):
 
     def __init__(self, feature_dim: int, hidden_dim: int = 16, element_baseline: bool = True):
         super().__init__()
-        if hidden_dim > 0:
-            self.mlp: nn.Module = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
-        else:
-            self.mlp = nn.Linear(feature_dim, 1)
+        self.mlp = feature_mlp(feature_dim, hidden_dim)
         self.element_baseline = nn.Embedding(MAX_ATOMIC_NUMBER + 1, 1) if element_baseline else None
         if self.element_baseline is not None:
             nn.init.zeros_(self.element_baseline.weight)
@@ -97,109 +99,102 @@ class PolarizabilityHead(nn.Module):
             alpha = cap * torch.tanh(alpha / cap)
         return alpha
 
+    @classmethod
+    def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "PolarizabilityHead":
+        return cls(feature_dim, config.polarizability_width, config.element_baseline)
 
-def self_consistent_cap(smearing: torch.Tensor) -> torch.Tensor:
-    """α_max = 0.9/c, e·Å²/V (see the module docstring)."""
-    return SAFE_FRACTION * catastrophe_free_polarizability(smearing)
+    def induce(
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Induced dipoles (N, 3) e·Å and induction energies (B,) eV for polarisabilities α and field E⁰."""
+        raise NotImplementedError
+
+    def cap(self, smearing: torch.Tensor) -> Optional[torch.Tensor]:
+        """Largest α (e·Å²/V) the model may predict, or None."""
+        return None
+
+    def check(self, data: AtomsBatch) -> None:
+        """Raise if this model cannot handle some structure of ``data``."""
+
+    def induced_outputs(
+        self,
+        features: torch.Tensor,
+        charges: torch.Tensor,
+        smearing: torch.Tensor,
+        data: AtomsBatch,
+        accuracy: float,
+    ) -> dict[str, torch.Tensor]:
+        """Induced dipoles of the latent charges' field plus the applied field.
+
+        Returns ``induction_energy`` (B,) eV, ``induced_dipoles`` (N, 3) e·Å,
+        ``induced_moment`` (B, 3) e·Å (their sum per structure),
+        ``polarizabilities`` (N,) e·Å²/V and ``electric_field`` (N, 3) V/Å.
+        """
+        self.check(data)
+        alpha = self(features, data.numbers, self.cap(smearing))
+        field = electric_field(
+            data.positions, charges, cell=data.cell, pbc=data.pbc, batch=data.batch, smearing=smearing,
+            accuracy=accuracy,
+        )
+        if data.external_field is not None:
+            field = field + data.external_field.to(field.dtype)[data.batch]
+        induced, energy = self.induce(alpha, field, data, smearing, accuracy)
+        return {
+            "induction_energy": energy,
+            "induced_dipoles": induced,
+            "induced_moment": per_structure(induced, data.batch, data.n_structures),
+            "polarizabilities": alpha,
+            "electric_field": field,
+        }
 
 
-def per_structure(values: torch.Tensor, batch: torch.Tensor, n_structures: int) -> torch.Tensor:
-    """Sum (N, ...) per-atom values into (B, ...) per-structure values."""
-    return values.new_zeros((n_structures,) + values.shape[1:]).index_add(0, batch, values)
+class OneStepPolarizability(PolarizabilityHead):
+    """p_i = α_i E⁰_i, U = -½ Σ α_i |E⁰_i|² (no dipole-dipole coupling); open, periodic and slabs."""
+
+    def induce(
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return one_step_induction(alpha, field, data.batch, data.n_structures)
 
 
-def one_step_induction(
-    alpha: torch.Tensor, field: torch.Tensor, batch: torch.Tensor, n_structures: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """p_i = α_i E⁰_i and U = -½ Σ α_i |E⁰_i|².
+class SelfConsistentPolarizability(PolarizabilityHead):
+    """p = α (E⁰ + T p), variational energy; open and fully periodic structures.
 
-    Args: alpha (N,) e·Å²/V, field E⁰ (N, 3) V/Å, batch (N,).
-    Returns: induced dipoles (N, 3) e·Å and energies (B,) eV.
+    Args: as :class:`PolarizabilityHead`, plus ``solver`` (``"cg"`` or ``"dense"``).
     """
-    dipoles = alpha[:, None] * field
-    energy = -0.5 * per_structure((dipoles * field).sum(dim=1), batch, n_structures)
-    return dipoles, energy
+
+    def __init__(self, feature_dim: int, hidden_dim: int = 16, element_baseline: bool = True, solver: str = "cg"):
+        super().__init__(feature_dim, hidden_dim, element_baseline)
+        if solver not in SOLVERS:
+            raise ValueError(f"polarizability_solver must be one of {SOLVERS}, got {solver!r}.")
+        self.solver = solver
+
+    @classmethod
+    def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "SelfConsistentPolarizability":
+        return cls(feature_dim, config.polarizability_width, config.element_baseline, config.polarizability_solver)
+
+    def cap(self, smearing: torch.Tensor) -> Optional[torch.Tensor]:
+        return self_consistent_cap(smearing)
+
+    def check(self, data: AtomsBatch) -> None:
+        if bool((data.pbc.any(dim=1) & ~data.periodic).any()):
+            raise NotImplementedError(
+                "polarizability='self_consistent' supports open and fully periodic structures; "
+                "the slab correction of the dipolar Ewald sum is not implemented. Use "
+                "polarizability='one_step' for slabs."
+            )
+
+    def induce(
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self_consistent_induction(
+            alpha, field, data.positions, data.batch, data.n_structures, smearing, self.solver,
+            cell=data.cell, periodic=data.periodic, accuracy=accuracy,
+        )
 
 
-def self_consistent_induction(
-    alpha: torch.Tensor,
-    field: torch.Tensor,
-    positions: torch.Tensor,
-    batch: torch.Tensor,
-    n_structures: int,
-    smearing: torch.Tensor,
-    solver: str = "cg",
-    tolerance: float = 1e-10,
-    cell: Optional[torch.Tensor] = None,
-    periodic: Optional[torch.Tensor] = None,
-    accuracy: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve p = α (E⁰ + T p) for open and fully periodic structures; U = -½ Σ p·E⁰.
-
-    Args:
-        alpha: (N,) e·Å²/V, below :func:`catastrophe_free_polarizability`.
-        field: E⁰ (N, 3) V/Å.
-        positions: (N, 3) Å (may carry gradients).
-        batch: (N,) structure index; n_structures: B.
-        smearing: σ (Å), the damping width of T.
-        solver: ``"cg"`` (shared batched conjugate gradients with implicit
-            gradients) or ``"dense"`` (direct solve of the 3N×3N system, the reference).
-        tolerance: relative residual of the CG solve.
-        cell: (B, 3, 3) Å (may carry gradients), needed for periodic structures.
-        periodic: (B,) bool, fully periodic structures (tin-foil Ewald sum of T,
-            :mod:`latent_lr.electrostatics.dipole_ewald`); None: all open.
-        accuracy: Ewald accuracy of the periodic T (the engine's parameters).
-
-    Returns:
-        induced dipoles (N, 3) e·Å and energies (B,) eV.
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
-    if cell is None:
-        cell = positions.new_zeros(n_structures, 3, 3)
-    if periodic is None:
-        periodic = torch.zeros(n_structures, dtype=torch.bool, device=positions.device)
-    operator = dipole_operator(positions, cell, periodic, batch, smearing, accuracy)
-    scale = alpha.clamp_min(1e-30).sqrt()[:, None]
-    rhs = scale * field
-
-    def matvec(x: torch.Tensor) -> torch.Tensor:
-        return x - scale * operator.apply(scale * x)
-
-    if solver == "dense":
-        n_atoms = positions.shape[0]
-        matrix = torch.eye(3 * n_atoms, dtype=field.dtype, device=field.device)
-        flat_scale = scale.expand(n_atoms, 3).reshape(-1)
-        matrix = matrix - flat_scale[:, None] * operator.dense(n_atoms) * flat_scale[None, :]
-        x = torch.linalg.solve(matrix, rhs.reshape(-1)).reshape(n_atoms, 3)
-    else:
-        x = _conjugate_gradients(matvec, scale, rhs, operator, batch, tolerance)
-    atom_energy = (x * (0.5 * matvec(x) - rhs)).sum(dim=1)
-    return scale * x, per_structure(atom_energy, batch, n_structures)
-
-
-def _conjugate_gradients(
-    matvec, scale: torch.Tensor, rhs: torch.Tensor, operator: DipoleOperator, batch: torch.Tensor, tolerance: float
-) -> torch.Tensor:
-    """x = (I - S T S)⁻¹ S E⁰ by the shared batched CG (:func:`latent_lr.linear_solve.solve_spd`).
-
-    The operator is handed to the solver as constants and every dependence on
-    positions, cell, charges and polarisabilities is carried by the right-hand side
-    of one correction solve, x = x̄ + M̄⁻¹(b - M x̄) with x̄ the converged
-    solution: the value is x̄ and the first derivatives are the exact implicit
-    ones, dx = M⁻¹(db - dM x).  Because the energy is evaluated in its
-    variational form (∂U/∂x = 0), first derivatives of x are all that forces,
-    their parameter gradients (training on forces), BECs and the polarisability
-    tensor need.
-    """
-    from .linear_solve import solve_spd
-
-    constant_scale, constant_operator = scale.detach(), operator.detach()
-
-    def constant_matvec(x: torch.Tensor) -> torch.Tensor:
-        return x - constant_scale * constant_operator.apply(constant_scale * x)
-
-    with torch.no_grad():
-        solution = solve_spd(constant_matvec, rhs.detach(), batch=batch, rtol=tolerance)
-    residual = rhs - matvec(solution)
-    return solution + solve_spd(constant_matvec, residual, batch=batch, rtol=tolerance, atol=1e-300)
+#: ``LongRangeConfig.polarizability`` -> model class (``"none"``: no polarisabilities).
+POLARIZABILITY_MODELS: dict[str, type[PolarizabilityHead]] = {
+    "one_step": OneStepPolarizability,
+    "self_consistent": SelfConsistentPolarizability,
+}

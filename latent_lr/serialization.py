@@ -35,7 +35,7 @@ def load(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu")
     # Files written before adapter options were saved have no "adapter_options".
     options = config.get("adapter_options") or {}
     backbone = adapter_class(config["backbone"]).from_config({"host": config["host"], "options": options})
-    long_range = None if config["long_range"] is None else LongRangeModule(**config["long_range"])
+    long_range = None if config["long_range"] is None else LongRangeModule.from_dict(config["long_range"])
     model = LongRangeModel(backbone, long_range).to(getattr(torch, config["dtype"]))
     model.load_state_dict(payload["state_dict"])
     return model

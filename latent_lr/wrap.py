@@ -7,12 +7,9 @@ from typing import Any, Optional
 from torch import nn
 
 from .backbone import Backbone, adapter_class, detect_backbone
+from .config import LongRangeConfig
 from .long_range import LongRangeModule
 from .model import LongRangeModel
-
-LONG_RANGE_OPTIONS = ("hidden_dim", "smearing", "learnable_smearing", "element_baseline", "accuracy", "charge_redistribution", "polarizability", "polarizability_solver",
-    "charge_model", "qeq_solver",
-)
 
 
 def wrap(
@@ -22,6 +19,7 @@ def wrap(
     long_range: bool = True,
     freeze_host: bool = False,
     adapter_options: Optional[dict[str, Any]] = None,
+    config: Optional[LongRangeConfig] = None,
     **long_range_options: Any,
 ) -> LongRangeModel:
     """Wrap a host model (MACE, NequIP, CHGNet, CACE or built-in) with latent Ewald.
@@ -37,22 +35,18 @@ def wrap(
         long_range: False builds the short-range twin (same host, no charges).
         freeze_host: train only the long-range head (post-hoc dipoles/BECs).
         adapter_options: backbone-specific settings passed to the adapter.
-        **long_range_options: :class:`~latent_lr.long_range.LongRangeModule`
-            settings: ``hidden_dim``, ``smearing`` (Å, default 1), ``learnable_smearing``,
-            ``element_baseline``, ``accuracy``, ``charge_redistribution`` ("learned", "uniform" or "none"),
-            ``polarizability`` ("none", "one_step", "self_consistent"), ``polarizability_solver``.
-            ``charge_model`` ("latent" or "qeq", charge equilibration) and ``qeq_solver``
-            ("auto", "dense" or "cg").
+        config: long-range settings (:class:`~latent_lr.config.LongRangeConfig`).
+        **long_range_options: shortcut for single :class:`~latent_lr.config.LongRangeConfig`
+            settings, applied on top of ``config``, e.g. ``wrap(host, smearing=0.8,
+            charge_model="qeq")``.
     """
-    unknown = set(long_range_options) - set(LONG_RANGE_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; long-range options are {LONG_RANGE_OPTIONS}.")
+    config = (config or LongRangeConfig()).replace(**long_range_options)
     if isinstance(host_model, Backbone):
         adapter = host_model
     else:
         name = backbone or detect_backbone(host_model)
         adapter = adapter_class(name)(host_model, **(adapter_options or {}))
-    module = LongRangeModule(adapter.feature_dim, **long_range_options) if long_range else None
+    module = LongRangeModule(adapter.feature_dim, config) if long_range else None
     dtype = next((p.dtype for p in adapter.parameters() if p.dtype.is_floating_point), None)
     model = LongRangeModel(adapter, module)
     if dtype is not None and module is not None:

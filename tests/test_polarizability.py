@@ -359,7 +359,7 @@ def test_calculator_polarizability_and_save_load(sc_model, tmp_path):
     path = tmp_path / "model.pt"
     latent_lr.save(sc_model, path)
     loaded = latent_lr.load(path).eval()
-    assert loaded.long_range.polarizability == "self_consistent"
+    assert loaded.long_range.config.polarizability == "self_consistent"
     np.testing.assert_allclose(latent_lr.Calculator(loaded, external_field=FIELD).get_property("polarizability", atoms), tensor)
 
 

@@ -10,6 +10,7 @@ import torch
 from ase.build import molecule
 
 import latent_lr
+from latent_lr import LongRangeConfig
 from latent_lr import AtomsBatch
 from test_model_radial import make_model, rattled_salt  # the tiny radial test backbone
 
@@ -49,7 +50,7 @@ def spd_problem(sizes=(2, 3), seed=0):
 
 
 def test_constrained_cg_matches_numpy_kkt_and_unconstrained_matches_inverse():
-    from latent_lr.linear_solve import solve_spd
+    from latent_lr.electrostatics.linear_solve import solve_spd
 
     batch, M, b, total, matrix = spd_problem((3, 5, 4), seed=1)
     total = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -66,7 +67,7 @@ def test_constrained_cg_matches_numpy_kkt_and_unconstrained_matches_inverse():
 
 @pytest.mark.parametrize("constrained", [True, False])
 def test_cg_implicit_first_and_second_derivatives_match_finite_differences(constrained):
-    from latent_lr.linear_solve import solve_spd
+    from latent_lr.electrostatics.linear_solve import solve_spd
 
     batch, M, b, total, matrix = spd_problem()
 
@@ -80,7 +81,7 @@ def test_cg_implicit_first_and_second_derivatives_match_finite_differences(const
 
 def test_constrained_cg_ignores_the_multiplier_direction():
     """A right-hand side along 1 is absorbed by the multiplier: x = 0 (regression: round-off blew up)."""
-    from latent_lr.linear_solve import solve_spd
+    from latent_lr.electrostatics.linear_solve import solve_spd
 
     batch, M, b, total, matrix = spd_problem((3, 4))
     ones = torch.full_like(b, 3.7).detach()
@@ -90,7 +91,7 @@ def test_constrained_cg_ignores_the_multiplier_direction():
 
 
 def test_cg_reports_non_convergence_and_non_positive_operators():
-    from latent_lr.linear_solve import ConvergenceError, solve_spd
+    from latent_lr.electrostatics.linear_solve import ConvergenceError, solve_spd
 
     batch, M, b, total, matrix = spd_problem((6,))
     with pytest.raises(ConvergenceError, match="did not converge in 2 iterations"):
@@ -140,7 +141,7 @@ def qeq_inputs(structures, charges, seed=0):
 
 
 def solve(data, chi, hardness, solver, sigma=1.0, positions=None):
-    from latent_lr.qeq import equilibrate_charges, qeq_energy
+    from latent_lr.electrostatics.qeq import equilibrate_charges, qeq_energy
 
     positions = data.positions if positions is None else positions
     sigma = torch.tensor(sigma, dtype=torch.float64)
@@ -323,7 +324,7 @@ def test_qeq_model_save_load_round_trip(qeq_model, tmp_path):
     path = tmp_path / "qeq.pt"
     latent_lr.save(qeq_model, path)
     loaded = latent_lr.load(path).eval()
-    assert loaded.long_range.config["charge_model"] == "qeq"
+    assert loaded.long_range.config.charge_model == "qeq"
     data = AtomsBatch.from_atoms([molecule("CH3CH2OH"), rattled_salt()])
     a, b = qeq_model(data), loaded(data)
     assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["charges"], b["charges"])
@@ -350,7 +351,7 @@ def test_cli_charge_flags_reach_the_model(tmp_path):
     ])
     model = latent_lr.load(out / "best_model.pt")
     assert isinstance(model.long_range.charge_head, QeqChargeHead)
-    assert model.long_range.config["qeq_solver"] == "cg" and model.long_range.config["smearing"] == 0.9
+    assert model.long_range.config.qeq_solver == "cg" and model.long_range.config.smearing == 0.9
 
 
 def test_cli_accepts_no_redistribution_and_rejects_unknown_values():
@@ -361,15 +362,15 @@ def test_cli_accepts_no_redistribution_and_rejects_unknown_values():
     parser = argparse.ArgumentParser()
     _add_training_arguments(parser, with_long_range=True)
     config = _config_from(parser.parse_args(["--charge-redistribution", "none"]))
-    assert config.long_range_options == {"charge_redistribution": "none"}
+    assert config.long_range_options == LongRangeConfig(charge_redistribution="none")
     with pytest.raises(SystemExit):
         parser.parse_args(["--charge-model", "eem"])
 
 
 def test_auto_splits_a_mixed_batch_between_dense_and_cg(monkeypatch):
-    import latent_lr.qeq
+    import latent_lr.electrostatics.qeq
 
-    monkeypatch.setattr(latent_lr.qeq, "DENSE_MAX_ATOMS", 5)
+    monkeypatch.setattr(latent_lr.electrostatics.qeq, "DENSE_MAX_ATOMS", 5)
     structures = [molecule("CH3CH2OH"), molecule("H2O"), rattled_salt(), molecule("NH3")]
     data, chi, hardness = qeq_inputs(structures, [1.0, 0.0, -1.0, 0.5], seed=11)
     positions = data.positions.clone().requires_grad_()

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..config import LongRangeConfig
+
 
 @dataclass
 class TrainConfig:
@@ -24,7 +26,7 @@ class TrainConfig:
     backbone: str = "radial"
     host_options: dict[str, Any] = field(default_factory=dict)
     long_range: bool = True
-    long_range_options: dict[str, Any] = field(default_factory=dict)
+    long_range_options: LongRangeConfig = field(default_factory=LongRangeConfig)
     init_model: Optional[str] = None
     freeze_host: bool = False
     energy_key: str = "energy"
@@ -47,6 +49,14 @@ class TrainConfig:
     out: str = "runs/train"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.long_range_options, dict):
+            self.long_range_options = LongRangeConfig.from_dict(self.long_range_options)
+        elif not isinstance(self.long_range_options, LongRangeConfig):
+            raise ValueError(
+                f"long_range_options must be a table of long-range settings, got {self.long_range_options!r}."
+            )
+
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "TrainConfig":
         """Read settings from a ``.json`` or ``.toml`` file."""
@@ -62,7 +72,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}.")
         merged = asdict(self)
-        merged.update({k: v for k, v in values.items() if v is not None})
+        values = {k: v for k, v in values.items() if v is not None}
+        if isinstance(values.get("long_range_options"), dict):
+            values["long_range_options"] = {**merged["long_range_options"], **values["long_range_options"]}
+        merged.update(values)
         return TrainConfig(**merged)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from ..model import LongRangeModel
 from ..serialization import load, save
 from ..wrap import wrap
 from .config import TrainConfig
-from .dataset import Frame, LabelKeys, collate, read_frames
+from .dataset import Frame, LabelKeys, check_frame_elements, collate, read_frames
 from .metrics import error_metrics, predict_frames
+from .model_files import CHECKPOINT_MODEL_CONFIG, load_model_file
 from .references import fit_reference_energies
 
 CHECKPOINT = "checkpoint.pt"
@@ -63,15 +64,15 @@ def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
     dtype = getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
     if config.init_model:
-        model = load(config.init_model) if Path(config.init_model).exists() else None
+        model = load_model_file(config.init_model) if Path(config.init_model).exists() else None
         if model is None:
             host = adapter_class(config.backbone).pretrained_host(config.init_model)
-            model = wrap(host, backbone=config.backbone, long_range=config.long_range, **config.long_range_options)
+            model = wrap(host, backbone=config.backbone, long_range=config.long_range, config=config.long_range_options)
         elif config.long_range and model.long_range is None:
             raise ValueError(f"{config.init_model} has no long-range module; train with --long-range off.")
     else:
         host = adapter_class(config.backbone).default_host(list(species), **config.host_options)
-        model = wrap(host, backbone=config.backbone, long_range=config.long_range, **config.long_range_options)
+        model = wrap(host, backbone=config.backbone, long_range=config.long_range, config=config.long_range_options)
     if config.freeze_host:
         model.freeze_host()
     return model.to(dtype)
@@ -99,7 +100,7 @@ def _atomic_write(payload: dict, path: Path) -> None:
 class Trainer:
     """Train one model as ``config`` says; every artefact goes to ``config.out``.
 
-    Files: ``checkpoint.pt`` (after every epoch: model, optimiser, scheduler,
+    Files: ``checkpoint.pt`` (after every epoch: model weights and architecture, optimiser, scheduler,
     epoch, best score), ``best_model.pt`` (read it with :func:`latent_lr.load`),
     ``log.csv`` and ``log.json`` (per-epoch losses and validation errors),
     ``config.json``.  A killed run restarted with ``resume=True`` continues
@@ -118,6 +119,8 @@ class Trainer:
         frames = self.train_frames + self.valid_frames + self.test_frames
         self.species = sorted({int(z) for f in frames for z in f.atoms.numbers})
         self.model = build_model(config, self.species)
+        if config.init_model:
+            check_frame_elements(self.model.backbone.check_elements, frames)
         if not config.init_model:
             self._set_reference_energies()
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -158,6 +161,7 @@ class Trainer:
         _atomic_write(
             {
                 "model": self.model.state_dict(),
+                CHECKPOINT_MODEL_CONFIG: self.model.config(),
                 "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch,

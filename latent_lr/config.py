@@ -1,0 +1,119 @@
+"""`LongRangeConfig`: every setting of the long-range module, defined once.
+
+`wrap`, :class:`~latent_lr.long_range.LongRangeModule`, the CLI flags,
+:class:`~latent_lr.training.TrainConfig`, `save`/`load` and the docs all read
+the option names, defaults, choices and help texts from this dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+CHARGE_MODELS = ("latent", "qeq")
+CHARGE_REDISTRIBUTIONS = ("learned", "uniform", "none")
+QEQ_SOLVERS = ("auto", "dense", "cg")
+POLARIZABILITY_MODES = ("none", "one_step", "self_consistent")
+POLARIZABILITY_SOLVERS = ("cg", "dense")
+
+
+def _option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class LongRangeConfig:
+    """Settings of the long-range module (latent charges, smearing, Ewald, polarisabilities).
+
+    Example::
+
+        config = LongRangeConfig(charge_model="qeq", smearing=0.8)
+        model = latent_lr.wrap(host, config=config)
+
+    Every rule between options is checked here, on construction, with an error
+    that names the option and how to fix it.
+    """
+
+    hidden_dim: int = _option(32, "hidden width of the charge MLP (0: linear)")
+    smearing: float = _option(1.0, "Gaussian charge width sigma, Å (LES default 1 Å)")
+    learnable_smearing: bool = _option(False, "train sigma as a parameter (kept positive)")
+    element_baseline: bool = _option(True, "add a learned per-element offset to the charges")
+    accuracy: float = _option(1e-6, "relative accuracy requested from the Ewald/PME engine")
+    charge_model: str = _option(
+        "latent", "latent: charges from an MLP; qeq: charge equilibration with learned χ and J", CHARGE_MODELS
+    )
+    charge_redistribution: str = _option(
+        "learned",
+        "latent charges: how the total charge is imposed (learned Fukui-like weights, uniform shift, "
+        "or none: not imposed, the LES baseline)",
+        CHARGE_REDISTRIBUTIONS,
+    )
+    qeq_solver: str = _option("auto", "Qeq linear solver (auto: dense up to 32 atoms, else CG)", QEQ_SOLVERS)
+    polarizability: str = _option(
+        "none", "latent polarisabilities: none, one_step (p = α E⁰) or self_consistent (p = α(E⁰ + T p))",
+        POLARIZABILITY_MODES,
+    )
+    polarizability_solver: str = _option(
+        "cg", "solver of the self-consistent dipoles", POLARIZABILITY_SOLVERS
+    )
+    polarizability_hidden_dim: Optional[int] = _option(
+        None, "hidden width of the polarisability MLP (default: hidden_dim // 2)"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_dim", "polarizability_hidden_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        for name, value in (("smearing", self.smearing), ("accuracy", self.accuracy)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+        if not self.smearing > 0:
+            raise ValueError(f"smearing must be > 0 Å for latent charges, got {self.smearing}.")
+        if not 0 < self.accuracy < 1:
+            raise ValueError(f"accuracy is a relative error and must lie in (0, 1), got {self.accuracy}.")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}.")
+        if self.charge_model == "qeq" and self.charge_redistribution != "learned":
+            raise ValueError(
+                f"charge_redistribution={self.charge_redistribution!r} applies to charge_model='latent' only; "
+                "Qeq imposes the total charge through its constraint. Leave charge_redistribution at its default."
+            )
+
+    @property
+    def polarizability_width(self) -> int:
+        """Hidden width of the polarisability MLP actually used."""
+        return self.hidden_dim // 2 if self.polarizability_hidden_dim is None else self.polarizability_hidden_dim
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "long-range options") -> "LongRangeConfig":
+        """Build from a mapping; unknown names are an error that lists the known ones."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"unknown {source} {unknown}; known long-range options are {list(cls.names())}.")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "LongRangeConfig":
+        """A copy with ``changes`` applied (checked like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings; ``LongRangeConfig.from_dict(c.to_dict()) == c``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line per option, ``name (default): help [choices]``, for docs and ``--help``."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            choices = f" [{', '.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+            lines.append(f"{f.name} ({f.default!r}): {f.metadata['help']}{choices}")
+        return "\n".join(lines)
