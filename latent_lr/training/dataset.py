@@ -128,8 +128,8 @@ def iter_frames(path: Union[str, Path], keys: LabelKeys) -> Iterator[Frame]:
             atoms = next(structures)
         except StopIteration:
             return
-        except OSError as error:
-            raise UserInputError(f"cannot read {name}: {error.strerror or error}; check the file's permissions.") from error
+        except PermissionError as error:  # (ASE's XYZError is an OSError too: it is a malformed frame, below)
+            raise UserInputError(f"cannot read {name}: {error.strerror}; check the file's permissions.") from error
         except Exception as error:  # ASE's readers raise many types for a malformed file
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise UserInputError(
