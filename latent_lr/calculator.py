@@ -11,6 +11,7 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import all_changes
 
 from .data import AtomsBatch
+from .electrostatics import EngineState
 from .model import LongRangeModel
 
 
@@ -54,6 +55,13 @@ class Calculator(AseCalculator):
         self.charge = None if charge is None else float(charge)
         self.external_field = None if external_field is None else np.asarray(external_field, dtype=float)
         self.model = model.to(device=device, dtype=dtype or model.dtype).eval()
+        #: This calculator's engine state (PME keeps its mesh along a trajectory); never shared.
+        self.engine_state = EngineState()
+
+    def clear_caches(self) -> None:
+        """Forget the kept PME mesh, cached tensors and results (the next call chooses afresh)."""
+        self.engine_state.clear_caches()
+        self.reset()
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         """ASE's checks plus the net charge and external field held in ``atoms.info``."""
@@ -81,7 +89,7 @@ class Calculator(AseCalculator):
         want_polarizability = "polarizability" in properties and self.model.long_range is not None
         out = self.model(
             data, compute_forces=True, compute_stress=with_stress, compute_bec=want_bec,
-            compute_polarizability=want_polarizability,
+            compute_polarizability=want_polarizability, engine_state=self.engine_state,
         )
         energy = float(out["energy"][0])
         self.results["energy"] = energy

@@ -15,7 +15,7 @@ from torch import nn
 from .config import CHARGE_REDISTRIBUTIONS as REDISTRIBUTIONS
 from .config import LongRangeConfig
 from .data import AtomsBatch
-from .electrostatics import coulomb_energy
+from .electrostatics import EngineState, coulomb_energy
 
 MAX_ATOMIC_NUMBER = 118
 
@@ -109,7 +109,7 @@ class ChargeModel(nn.Module):
         data: AtomsBatch,
         smearing: torch.Tensor,
         accuracy: float,
-        engine_state: Optional[object] = None,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -169,12 +169,12 @@ class ChargeHead(ChargeModel):
         data: AtomsBatch,
         smearing: torch.Tensor,
         accuracy: float,
-        engine_state: Optional[object] = None,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Charges (N,) e and their smeared Coulomb energy (B,) eV (Gaussian width ``smearing``, Å)."""
         charges = self.charges(features, data.numbers, data.batch, data.total_charge)
         energy = coulomb_energy(
             data.positions, charges, cell=data.cell, pbc=data.pbc, batch=data.batch,
-            smearing=smearing, accuracy=accuracy,
+            smearing=smearing, accuracy=accuracy, state=engine_state,
         )
         return charges, energy

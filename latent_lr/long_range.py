@@ -11,6 +11,7 @@ from torch import nn
 from .charges import ChargeHead, ChargeModel
 from .config import LongRangeConfig
 from .data import AtomsBatch
+from .electrostatics import EngineState
 from .polarizability import POLARIZABILITY_MODELS, PolarizabilityHead
 from .properties import dipole_moment, polarization, slab_dipole
 from .qeq import QeqChargeHead
@@ -54,6 +55,12 @@ class LongRangeModule(nn.Module):
             None if config.polarizability == "none"
             else POLARIZABILITY_MODELS[config.polarizability].from_config(feature_dim, config)
         )
+        #: The engine's state when the caller passes none (a copy of the module starts empty).
+        self.engine_state = EngineState()
+
+    def clear_caches(self) -> None:
+        """Empty the module's own engine state (kept PME mesh, cached tensors)."""
+        self.engine_state.clear_caches()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable description; :meth:`from_dict` rebuilds the module (untrained)."""
@@ -70,12 +77,15 @@ class LongRangeModule(nn.Module):
         """σ in Å (scalar tensor)."""
         return self.log_smearing.exp()
 
-    def forward(self, features: torch.Tensor, data: AtomsBatch) -> dict[str, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, data: AtomsBatch, engine_state: Optional[EngineState] = None
+    ) -> dict[str, torch.Tensor]:
         """Long-range energy and by-products.
 
         Args:
             features: (N, F) invariant per-atom features (same dtype as positions).
             data: the batch; ``data.positions``/``data.cell`` may carry gradients.
+            engine_state: the engine state of this run (default: the module's own).
 
         Returns:
             dict with ``energy`` (B,) eV, ``charges`` (N,) e, ``dipole`` (B, 3) e·Å
@@ -95,7 +105,8 @@ class LongRangeModule(nn.Module):
             )
         features = features.to(data.positions.dtype)
         sigma = self.smearing.to(data.positions.dtype)
-        charges, energy = self.charge_head(features, data, sigma, self.accuracy)
+        state = self.engine_state if engine_state is None else engine_state
+        charges, energy = self.charge_head(features, data, sigma, self.accuracy, state)
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)
@@ -106,16 +117,16 @@ class LongRangeModule(nn.Module):
         polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
         out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}
         if self.polarizability_head is not None:
-            self._add_induction(features, charges, sigma, data, out)
+            self._add_induction(features, charges, sigma, data, out, state)
         return out
 
     def _add_induction(
         self, features: torch.Tensor, charges: torch.Tensor, sigma: torch.Tensor, data: AtomsBatch,
-        out: dict[str, torch.Tensor],
+        out: dict[str, torch.Tensor], state: EngineState,
     ) -> None:
         """Add the induced dipoles of the latent polarisabilities to ``out`` (in place)."""
         assert self.polarizability_head is not None
-        induced = self.polarizability_head.induced_outputs(features, charges, sigma, data, self.accuracy)
+        induced = self.polarizability_head.induced_outputs(features, charges, sigma, data, self.accuracy, state)
         moment = induced.pop("induced_moment")
         periodic = data.periodic
         volume = torch.linalg.det(data.cell).abs()

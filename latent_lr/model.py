@@ -9,6 +9,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .data import AtomsBatch
+from .electrostatics import EngineState
 from .derivatives import forces_and_stress, stress_requested
 from .energy_terms import field_energy, reference_energy
 from .long_range import LongRangeModule
@@ -77,6 +78,7 @@ class LongRangeModel(nn.Module):
         compute_bec: bool = False,
         create_graph: Optional[bool] = None,
         compute_polarizability: bool = False,
+        engine_state: Optional[EngineState] = None,
     ) -> dict[str, torch.Tensor]:
         """Predict a batch.
 
@@ -93,6 +95,9 @@ class LongRangeModel(nn.Module):
             compute_polarizability: return ``polarizability`` (B, 3, 3) =
                 ∂M_α/∂E_ext,β in e·Å²/V, M the dipole (open) or cell dipole Ω P
                 (periodic), by autograd with the field as an input (3 backward passes).
+            engine_state: the electrostatics engine's state for this run (PME keeps
+                its mesh, caches); default: the long-range module's own
+                (:class:`~latent_lr.electrostatics.EngineState`).
 
         Returns:
             dict with ``energy`` (B,), ``host_energy`` (B,) (host plus per-element
@@ -109,7 +114,7 @@ class LongRangeModel(nn.Module):
         create_graph = self.training if create_graph is None else create_graph
         compute_stress = stress_requested(compute_stress, data.cell, data.periodic, data.slab)
         strained = StrainedGeometry.of(data, positions_grad=compute_forces or compute_bec, strain_grad=compute_stress)
-        out = self._energies(strained.geometry)
+        out = self._energies(strained.geometry, engine_state)
         out.update(forces_and_stress(
             out["energy"], strained.positions if compute_forces else None, strained.strain if compute_stress else None,
             data.cell, data.periodic, data.slab, create_graph=create_graph,
@@ -128,7 +133,7 @@ class LongRangeModel(nn.Module):
             out = {key: value.detach() for key, value in out.items()}
         return out
 
-    def _energies(self, geometry: AtomsBatch) -> dict[str, torch.Tensor]:
+    def _energies(self, geometry: AtomsBatch, engine_state: Optional[EngineState] = None) -> dict[str, torch.Tensor]:
         """The energy step: host + reference energies, long-range module, field energy (all (B,) eV).
 
         Returns the long-range module's outputs (``charges``, ``dipole``, ...) with its
@@ -140,18 +145,19 @@ class LongRangeModel(nn.Module):
             self.reference_energy.to(host_energy.dtype), geometry.numbers, geometry.batch, geometry.n_structures
         )
         out: dict[str, torch.Tensor] = {"host_energy": host_energy}
-        out.update(self._long_range_energy(features, geometry, host_energy))
+        out.update(self._long_range_energy(features, geometry, host_energy, engine_state))
         out["field_energy"] = self._field_energy(geometry, out)
         out["energy"] = host_energy + out["long_range_energy"] + out["field_energy"]
         return out
 
     def _long_range_energy(
-        self, features: torch.Tensor, geometry: AtomsBatch, host_energy: torch.Tensor
+        self, features: torch.Tensor, geometry: AtomsBatch, host_energy: torch.Tensor,
+        engine_state: Optional[EngineState] = None,
     ) -> dict[str, torch.Tensor]:
         """The long-range module's outputs with ``energy`` renamed ``long_range_energy`` (zeros without one)."""
         if self.long_range is None:
             return {"long_range_energy": torch.zeros_like(host_energy)}
-        out = dict(self.long_range(features, geometry))
+        out = dict(self.long_range(features, geometry, engine_state))
         out["long_range_energy"] = out.pop("energy")
         return out
 

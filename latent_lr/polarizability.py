@@ -56,6 +56,7 @@ from torch import nn
 from .charges import MAX_ATOMIC_NUMBER, feature_mlp
 from .config import LongRangeConfig
 from .data import AtomsBatch
+from .electrostatics import EngineState
 from .electrostatics.field import electric_field
 from .electrostatics.induction import (
     SAFE_FRACTION,
@@ -123,6 +124,7 @@ class PolarizabilityHead(nn.Module):
         smearing: torch.Tensor,
         data: AtomsBatch,
         accuracy: float,
+        engine_state: Optional[EngineState] = None,
     ) -> dict[str, torch.Tensor]:
         """Induced dipoles of the latent charges' field plus the applied field.
 
@@ -134,7 +136,7 @@ class PolarizabilityHead(nn.Module):
         alpha = self(features, data.numbers, self.cap(smearing))
         field = electric_field(
             data.positions, charges, cell=data.cell, pbc=data.pbc, batch=data.batch, smearing=smearing,
-            accuracy=accuracy,
+            accuracy=accuracy, state=engine_state,
         )
         if data.external_field is not None:
             field = field + data.external_field.to(field.dtype)[data.batch]

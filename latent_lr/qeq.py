@@ -15,6 +15,7 @@ from torch import nn
 from .charges import MAX_ATOMIC_NUMBER, ChargeModel, feature_mlp
 from .config import LongRangeConfig
 from .data import AtomsBatch
+from .electrostatics import EngineState
 from .electrostatics.qeq import SOLVERS, equilibrate_charges, qeq_energy
 
 #: Smallest hardness J (eV/e²) the head can predict, on top of the Gaussian self-energy.
@@ -84,7 +85,7 @@ class QeqChargeHead(ChargeModel):
         data: AtomsBatch,
         smearing: torch.Tensor,
         accuracy: float = 1e-6,
-        engine_state: Optional[object] = None,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: features (N, F), the batch, σ (Å), Ewald accuracy. Returns (charges (N,) e, energy (B,) eV)."""
         chi, hardness = self.parameters_per_atom(features, data.numbers)
