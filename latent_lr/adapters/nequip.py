@@ -11,18 +11,16 @@ Options: ``chemical_species_to_atom_type_map`` (as nequip's, for type names
 that are not chemical symbols) and ``config`` (nequip's model config, needed to
 save hosts this adapter did not build; it records the config on those it builds).
 
-Side effects: ``import nequip`` runs with the environment restored; builders run
-with nequip's global state marked initialised instead of calling its
-``set_global_state()`` (which reseeds and sets dtype, environment and e3nn
-settings process-wide), and everything is put back afterwards.
+Side effects: ``import nequip`` runs with the environment restored and the host
+runs inside :func:`~latent_lr.backbone.isolated_global_state`; hosts are built
+by :mod:`latent_lr.adapters.nequip_host` without nequip's process-wide set-up.
 Tested with nequip 0.19.1, e3nn 0.6.0, torch 2.13 (CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -31,47 +29,14 @@ from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
 
-from .common import atomic_number, chemical_symbol, is_element_symbol, require_json, restored_environment
+from . import nequip_host
+from .common import atomic_number, is_element_symbol, require_json, restored_environment
 from .common import scalar_slices, species_lookup
 
 with isolated_global_state(), restored_environment():
-    import e3nn
-    import nequip
-    import nequip.model
     from e3nn import o3
     from nequip.data import AtomicDataDict
     from nequip.nn import ConvNetLayer, ForceStressOutput, GraphModel, SequentialGraphNetwork
-    from nequip.utils import global_state as _nequip_global_state
-
-#: nequip model builders build_host may call (config "_target_").
-BUILDERS = {f"nequip.model.{n}": getattr(nequip.model, n) for n in ("NequIPGNNModel", "PresetNequIPGNNModel", "FullNequIPGNNModel")}
-
-#: default_host's small model (nequip.model.NequIPGNNModel arguments).
-DEFAULT_OPTIONS = dict(
-    model_dtype="float64", r_max=5.0, num_layers=2, l_max=1, parity=False, num_features=16,
-    radial_mlp_depth=1, radial_mlp_width=32, num_bessels=8, polynomial_cutoff_p=6,
-    avg_num_neighbors=20.0, per_type_energy_scales=1.0, per_type_energy_shifts=0.0,
-)
-
-#: e3nn settings nequip's set_global_state applies (torch >= 2.10).
-_E3NN_SETTINGS = dict(specialized_code=True, optimize_einsums=True, jit_mode="eager")
-
-
-@contextlib.contextmanager
-def _nequip_builder_state() -> Iterator[None]:
-    """Let nequip's model builders run without nequip's process-wide set-up (see module doc)."""
-    with isolated_global_state(), restored_environment():
-        was_initialised = _nequip_global_state._GLOBAL_STATE_INITIALIZED
-        e3nn_settings = e3nn.get_optimization_defaults()
-        try:
-            if not was_initialised:
-                e3nn.set_optimization_defaults(**_E3NN_SETTINGS)
-                _nequip_global_state._GLOBAL_STATE_INITIALIZED = True
-            yield
-        finally:
-            _nequip_global_state._GLOBAL_STATE_INITIALIZED = was_initialised
-            e3nn.set_optimization_defaults(**e3nn_settings)
-
 
 def _energy_network(host: nn.Module) -> "SequentialGraphNetwork":
     network = host.model if isinstance(host, GraphModel) else None
@@ -83,16 +48,6 @@ def _energy_network(host: nn.Module) -> "SequentialGraphNetwork":
             f"{type(host).__name__}; compiled or modified nequip models are not supported."
         )
     return network
-
-
-def _check_targets(value: Any, where: str = "config") -> None:
-    """Refuse non-nequip ``_target_`` entries (hydra would import and call them)."""
-    target = value.get("_target_") if isinstance(value, dict) else None
-    if target is not None and not str(target).startswith("nequip."):
-        raise ValueError(f"{where} names _target_ {target!r}; only nequip classes are allowed.")
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for key, item in items:
-        _check_targets(item, f"{where}[{key!r}]")
 
 
 class NequipBackbone(Backbone):
@@ -109,7 +64,7 @@ class NequipBackbone(Backbone):
     ):
         super().__init__(host)
         network = _energy_network(host)
-        built = getattr(host, "_latent_lr_config", None) or {}  # recorded by build_host
+        built = getattr(host, nequip_host.RECIPE_ATTRIBUTE, None) or {}  # recorded by build_host
         self.model_config = copy.deepcopy(config if config is not None else built.get("model"))
         type_names = [str(name) for name in host.type_names]
         species_map = chemical_species_to_atom_type_map or built.get("chemical_species_to_atom_type_map")
@@ -183,16 +138,7 @@ class NequipBackbone(Backbone):
 
     @classmethod
     def build_host(cls, config: dict[str, Any]) -> nn.Module:
-        model_config = dict(config["model"])
-        _check_targets(model_config)
-        target = model_config.pop("_target_", None)
-        if target not in BUILDERS:
-            raise ValueError(f"unsupported nequip model builder {target!r}; supported: {sorted(BUILDERS)}.")
-        model_config.pop("compile_mode", None)  # the adapter runs the eager modules
-        with _nequip_builder_state():
-            host = BUILDERS[target](**model_config)
-        host._latent_lr_config = copy.deepcopy(dict(config))  # the host's build recipe (see module doc)
-        return host
+        return nequip_host.build_host(config)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "NequipBackbone":
@@ -201,14 +147,5 @@ class NequipBackbone(Backbone):
 
     @classmethod
     def default_host(cls, species: Sequence[int], **options: Any) -> nn.Module:
-        """A small random ``NequIPGNNModel`` (``options`` override its arguments).
-
-        ``seed`` defaults to a draw from torch's global generator (``torch.manual_seed`` makes it reproducible).
-        """
-        symbols = [chemical_symbol(z) for z in sorted({int(z) for z in species})]
-        settings = dict(DEFAULT_OPTIONS, **options, type_names=symbols)
-        if "seed" not in settings:  # drawn only when not given
-            settings["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
-        model = {"_target_": "nequip.model.NequIPGNNModel", **settings}
-        require_json(model, "NequIP host options")
-        return cls.build_host({"model": model, "chemical_species_to_atom_type_map": {s: s for s in symbols}})
+        """A small random ``NequIPGNNModel`` (see :func:`latent_lr.adapters.nequip_host.default_config`)."""
+        return nequip_host.build_host(nequip_host.default_config(species, **options))
