@@ -57,6 +57,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import torch
+from ase import Atoms
 from torch import nn
 
 from latent_lr.adapters import cace_config
@@ -188,44 +189,6 @@ def _first_tensor(host: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def _has_lazy_layers(host: nn.Module) -> bool:
-    for module in host.modules():
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
-            return True
-        for attribute in ("outnet", "hnet"):  # CACE's Atomwise / MessageBchi with n_in=None
-            if hasattr(module, attribute) and getattr(module, attribute) is None:
-                return True
-    return False
-
-
-def _feature_dim_from_settings(rep: nn.Module) -> int:
-    """F from the representation's attributes (raises AttributeError if some are missing)."""
-    max_nu = int(rep.max_nu)
-    symmetrizer = getattr(rep, "symmetrizer", None)
-    if hasattr(symmetrizer, "n_angular_sym"):
-        n_angular = int(symmetrizer.n_angular_sym)
-    elif isinstance(getattr(symmetrizer, "vec_dict_allnu", None), dict):
-        groups = symmetrizer.vec_dict_allnu
-        n_angular = 1 + sum(len(groups[nu]) for nu in groups if 2 <= nu <= max_nu)
-    else:
-        max_l = int(rep.max_l)
-        n_angular = 1
-        if max_nu >= 2:
-            n_angular += max_l
-        if max_nu >= 3:
-            n_angular += sum(1 for l1 in range(1, max_l + 1) for l2 in range(l1, max_l + 1) if l1 + l2 <= max_l)
-        if max_nu >= 4:
-            n_angular += sum(
-                1
-                for l1 in range(1, max_l + 1)
-                for l2 in range(l1 + 1, max_l + 1)
-                for dl in range(1, max_l + 1)
-                if l2 + dl <= max_l
-            )
-    channels = int(rep.n_atom_basis) ** 2
-    return int(rep.n_radial_basis) * n_angular * channels * (int(rep.num_message_passing) + 1)
-
-
 def cace_inputs(data: AtomsBatch, cutoff: float, dtype: torch.dtype) -> dict[str, Optional[torch.Tensor]]:
     """CACE's input dict for ``data`` (what ``Batch.to_dict()`` gives CACE), geometry in ``dtype``.
 
@@ -316,14 +279,7 @@ class CaceBackbone(Backbone):
                 )
             self.atomic_energies = table
 
-        if _has_lazy_layers(host):
-            self._dry_run()
-        try:
-            self._feature_dim = _feature_dim_from_settings(rep)
-        except (AttributeError, TypeError):
-            self._feature_dim = None
-        if self._feature_dim is None:
-            self._feature_dim = self._dry_run()
+        self._feature_dim = self._dry_run()  # also builds CACE's lazily built layers
 
     # -- Backbone interface ---------------------------------------------------
 
@@ -352,11 +308,6 @@ class CaceBackbone(Backbone):
                 out = self.host.output_modules[index](
                     out, training=self.training, output_index=self.output_index
                 )
-        if features.shape[1] != self._feature_dim and self._feature_dim is not None:
-            raise ValueError(
-                f"CACE returned {features.shape[1]} features per atom, expected {self._feature_dim}; "
-                "the representation's settings do not match its output."
-            )
         energy = out[self.energy_key]
         if energy.dim() == 2 and energy.shape[1] == 1:
             energy = energy[:, 0]
@@ -398,26 +349,11 @@ class CaceBackbone(Backbone):
     # -- internals ------------------------------------------------------------
 
     def _dry_run(self) -> int:
-        """Run the host once on a two-atom molecule (builds lazy layers); returns F."""
+        """Run the host once on a two-atom molecule, RNG state kept (builds lazy layers); returns F."""
         reference = _first_tensor(self.host)
         dtype = reference.dtype if reference is not None else torch.get_default_dtype()
         device = reference.device if reference is not None else torch.device("cpu")
-        distance = 0.5 * self.cutoff
-        data = AtomsBatch(
-            positions=torch.tensor([[0.0, 0.0, 0.0], [distance, 0.0, 0.0]], dtype=dtype, device=device),
-            numbers=torch.tensor([self.zs[0], self.zs[0]], device=device),
-            cell=torch.zeros(1, 3, 3, dtype=dtype, device=device),
-            pbc=torch.zeros(1, 3, dtype=torch.bool, device=device),
-            batch=torch.zeros(2, dtype=torch.long, device=device),
-            total_charge=torch.zeros(1, dtype=dtype, device=device),
-        )
-        saved_feature_dim = getattr(self, "_feature_dim", None)
-        self._feature_dim = None
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                _, features = self.forward(data)
-        finally:
-            self._feature_dim = saved_feature_dim
+        pair = Atoms(numbers=[self.zs[0]] * 2, positions=[[0.0, 0.0, 0.0], [0.5 * self.cutoff, 0.0, 0.0]])
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            _, features = self.forward(AtomsBatch.from_atoms(pair).to(device, dtype))
         return int(features.shape[1])
-
-
