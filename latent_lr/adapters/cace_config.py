@@ -162,41 +162,42 @@ def _resolve_callable(name: str) -> Any:
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def _describe_radial(radial: nn.Module) -> dict[str, Any]:
-    name = type(radial).__name__
-    cutoff = _number(radial.cutoff)
-    n_rbf = int(radial.n_rbf)
-    if name == "BesselRBF":
-        kwargs = dict(cutoff=cutoff, n_rbf=n_rbf, trainable=isinstance(radial.bessel_weights, nn.Parameter))
-    elif name == "GaussianRBF":
-        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, start=_number(radial.offsets[0]),
-                      trainable=isinstance(radial.widths, nn.Parameter))
-    elif name == "GaussianRBFCentered":
-        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, start=_number(radial.widths[0]),
-                      trainable=isinstance(radial.widths, nn.Parameter))
-    elif name == "ExponentialDecayRBF":
-        kwargs = dict(n_rbf=n_rbf, cutoff=cutoff, prefactor=_number(radial.prefactor),
-                      trainable=isinstance(radial.r0, nn.Parameter))
-    else:
-        raise ValueError(f"cannot save CACE radial basis {name}; supported: BesselRBF, GaussianRBF, "
-                         "GaussianRBFCentered, ExponentialDecayRBF.")
-    return {"class": name, "kwargs": kwargs}
+def _first(attribute: str) -> Any:
+    """Reader of a module's number (or the first entry of a tensor) ``attribute``."""
+    return lambda module: _number(getattr(module, attribute))
 
 
-def _describe_cutoff_fn(cutoff_fn: nn.Module) -> dict[str, Any]:
-    name = type(cutoff_fn).__name__
-    if name == "CosineCutoff":
-        kwargs = dict(cutoff=_number(cutoff_fn.cutoff))
-    elif name == "PolynomialCutoff":
-        kwargs = dict(cutoff=_number(cutoff_fn.cutoff), p=_number(cutoff_fn.p))
-    elif name == "MollifierCutoff":
-        kwargs = dict(cutoff=_number(cutoff_fn.cutoff), eps=_number(cutoff_fn.eps))
-    elif name == "SwitchFunction":
-        kwargs = dict(switch_on=_number(cutoff_fn.switch_on), switch_off=_number(cutoff_fn.switch_off))
-    else:
-        raise ValueError(f"cannot save CACE cut-off function {name}; supported: CosineCutoff, "
-                         "PolynomialCutoff, MollifierCutoff, SwitchFunction.")
-    return {"class": name, "kwargs": kwargs}
+def _trainable(attribute: str) -> Any:
+    """Reader of whether ``attribute`` is a trainable parameter."""
+    return lambda module: isinstance(getattr(module, attribute), nn.Parameter)
+
+
+def _n_rbf(module: nn.Module) -> int:
+    return int(module.n_rbf)
+
+
+#: Constructor arguments of CACE's radial bases and cut-off functions, each read from the module.
+_PART_SETTINGS: dict[str, dict[str, Any]] = {
+    "BesselRBF": {"cutoff": _first("cutoff"), "n_rbf": _n_rbf, "trainable": _trainable("bessel_weights")},
+    "GaussianRBF": {"n_rbf": _n_rbf, "cutoff": _first("cutoff"), "start": _first("offsets"),
+                    "trainable": _trainable("widths")},
+    "GaussianRBFCentered": {"n_rbf": _n_rbf, "cutoff": _first("cutoff"), "start": _first("widths"),
+                            "trainable": _trainable("widths")},
+    "ExponentialDecayRBF": {"n_rbf": _n_rbf, "cutoff": _first("cutoff"), "prefactor": _first("prefactor"),
+                            "trainable": _trainable("r0")},
+    "CosineCutoff": {"cutoff": _first("cutoff")},
+    "PolynomialCutoff": {"cutoff": _first("cutoff"), "p": _first("p")},
+    "MollifierCutoff": {"cutoff": _first("cutoff"), "eps": _first("eps")},
+    "SwitchFunction": {"switch_on": _first("switch_on"), "switch_off": _first("switch_off")},
+}
+
+
+def _describe_part(module: nn.Module, what: str, supported: tuple[str, ...]) -> dict[str, Any]:
+    """Class name and constructor arguments of a radial basis or cut-off function."""
+    name = type(module).__name__
+    if name not in supported:
+        raise ValueError(f"cannot save CACE {what} {name}; supported: {', '.join(supported)}.")
+    return {"class": name, "kwargs": {key: read(module) for key, read in _PART_SETTINGS[name].items()}}
 
 
 def _describe_output_module(module: nn.Module) -> dict[str, Any]:
@@ -278,8 +279,8 @@ def _describe_cace_host(host: nn.Module) -> dict[str, Any]:
         "kind": "cace",
         "representation": representation,
         "mp_norm_factor": mp_norm_factor,  # restored exactly (avg_num_neighbors round-trips inexactly)
-        "radial_basis": _describe_radial(rep.radial_basis),
-        "cutoff_fn": _describe_cutoff_fn(rep.cutoff_fn),
+        "radial_basis": _describe_part(rep.radial_basis, "radial basis", tuple(_PART_SETTINGS)[:4]),
+        "cutoff_fn": _describe_part(rep.cutoff_fn, "cut-off function", tuple(_PART_SETTINGS)[4:]),
         "n_input_modules": len(getattr(host, "input_modules", None) or []),
         "output_modules": [_describe_output_module(m) for m in host.output_modules],
     }
