@@ -157,14 +157,14 @@ def _plan(output_modules, energy_key: Optional[str]) -> tuple[list[int], str, li
     candidates = []
     for index in kept:
         module = output_modules[index]
-        key = getattr(module, "output_key", None)
-        if not isinstance(key, str) or not type(module).__name__.endswith("Atomwise"):
+        output_key = getattr(module, "output_key", None)
+        if not isinstance(output_key, str) or not type(module).__name__.endswith("Atomwise"):
             continue
         if int(getattr(module, "n_out", 1)) != 1:
             continue
         if _outputs(module) & long_range_inputs:  # e.g. latent charges for CACE's Ewald
             continue
-        candidates.append(key)
+        candidates.append(output_key)
     if len(candidates) == 1:
         return kept, candidates[0], skipped
     raise ValueError(
@@ -183,9 +183,9 @@ def _first_tensor(host: nn.Module) -> Optional[torch.Tensor]:
     for tensor in host.parameters():
         if tensor.dtype.is_floating_point:
             return tensor
-    for tensor in host.buffers():
-        if tensor.dtype.is_floating_point:
-            return tensor
+    for buffer in host.buffers():
+        if buffer.dtype.is_floating_point:
+            return buffer
     return None
 
 
@@ -265,6 +265,7 @@ class CaceBackbone(Backbone):
                     "Preprocess does)."
                 )
         self.zs = [int(z) for z in rep.zs]
+        self._cutoff = float(rep.cutoff)
         self.output_index = None if output_index is None else int(output_index)
         self._run, self.energy_key, self.skipped_modules = _plan(host.output_modules, energy_key)
 
@@ -289,7 +290,7 @@ class CaceBackbone(Backbone):
 
     @property
     def cutoff(self) -> float:
-        return float(self.host.representation.cutoff)
+        return float(self._cutoff)
 
     @property
     def known_elements(self) -> list[int]:
@@ -299,13 +300,14 @@ class CaceBackbone(Backbone):
         reference = _first_tensor(self.host)
         dtype = reference.dtype if reference is not None else data.positions.dtype
         inputs = cace_inputs(data, self.cutoff, dtype)
+        host: Any = self.host  # a CACE model (untyped)
         with isolated_global_state():
             torch.set_default_dtype(dtype)
-            out = self.host.representation(inputs)
+            out = host.representation(inputs)
             node_feats = out["node_feats"]
             features = node_feats.reshape(node_feats.shape[0], -1)
             for index in self._run:
-                out = self.host.output_modules[index](
+                out = host.output_modules[index](
                     out, training=self.training, output_index=self.output_index
                 )
         energy = out[self.energy_key]

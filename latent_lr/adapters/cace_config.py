@@ -172,7 +172,7 @@ def _trainable(attribute: str) -> Any:
     return lambda module: isinstance(getattr(module, attribute), nn.Parameter)
 
 
-def _n_rbf(module: nn.Module) -> int:
+def _n_rbf(module: Any) -> int:
     return int(module.n_rbf)
 
 
@@ -192,7 +192,7 @@ _PART_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _describe_part(module: nn.Module, what: str, supported: tuple[str, ...]) -> dict[str, Any]:
+def _describe_part(module: Any, what: str, supported: tuple[str, ...]) -> dict[str, Any]:
     """Class name and constructor arguments of a radial basis or cut-off function."""
     name = type(module).__name__
     if name not in supported:
@@ -200,7 +200,7 @@ def _describe_part(module: nn.Module, what: str, supported: tuple[str, ...]) -> 
     return {"class": name, "kwargs": {key: read(module) for key, read in _PART_SETTINGS[name].items()}}
 
 
-def _describe_output_module(module: nn.Module) -> dict[str, Any]:
+def _describe_output_module(module: Any) -> dict[str, Any]:
     name = type(module).__name__
     if name == "Atomwise":
         if getattr(module, "post_process", None) is not None:
@@ -238,7 +238,7 @@ def _describe_output_module(module: nn.Module) -> dict[str, Any]:
     return {"class": name, "kwargs": kwargs}
 
 
-def _describe_cace_host(host: nn.Module) -> dict[str, Any]:
+def _describe_cace_host(host: Any) -> dict[str, Any]:
     if type(host).__name__ != "NeuralNetworkPotential":
         raise ValueError(f"cannot save CACE model class {type(host).__name__}; only NeuralNetworkPotential.")
     rep = host.representation
@@ -286,7 +286,7 @@ def _describe_cace_host(host: nn.Module) -> dict[str, Any]:
     }
 
 
-def _call_with_known_arguments(cls: type, kwargs: dict[str, Any]) -> Any:
+def _call_with_known_arguments(cls: Any, kwargs: dict[str, Any]) -> Any:
     """cls(**kwargs), dropping arguments this cace version does not take if they are unset."""
     parameters = inspect.signature(cls.__init__).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
