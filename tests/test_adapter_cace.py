@@ -448,3 +448,14 @@ def test_default_host_is_built_from_cace_classes_and_trains(monkeypatch):
     crystal = rattled_salt()
     crystal.calc = latent_lr.Calculator(model.eval())
     np.testing.assert_allclose(crystal.get_forces(), calculate_numerical_forces(crystal, 1e-4), atol=1e-7)
+
+
+def test_files_written_before_adapter_options_still_load(host):
+    model = latent_lr.wrap(host, backbone="cace", adapter_options={"atomic_energies": {z: -z / 3 for z in ZS}})
+    adapter = type(model.backbone)
+    old_layout = {"host": {"host": model.backbone.host_config(), "adapter": model.backbone.options()}, "options": {}}
+    rebuilt = adapter.from_config(old_layout)
+    rebuilt.load_state_dict(model.backbone.state_dict())
+    assert rebuilt.atomic_energies == model.backbone.atomic_energies
+    data = AtomsBatch.from_atoms(molecule("CH3CH2OH"))
+    assert torch.equal(rebuilt(data)[0], model.backbone(data)[0])

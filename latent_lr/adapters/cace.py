@@ -341,6 +341,13 @@ class CaceBackbone(Backbone):
         return cace_config.describe_host(self.host)
 
     @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "CaceBackbone":
+        host = config["host"]
+        if "adapter" in host:  # files written before options(): {"host": description, "adapter": options}
+            config = {"host": host["host"], "options": {**host["adapter"], **(config.get("options") or {})}}
+        return cls(cls.build_host(config["host"]), **(config.get("options") or {}))
+
+    @classmethod
     def build_host(cls, config: dict[str, Any]) -> nn.Module:
         return cace_config.build_host(config)
 
