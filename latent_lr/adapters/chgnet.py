@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
-from latent_lr.neighbors import radius_graph
-
+from .chgnet_graph import topology as graph_topology
 from .common import captured_output, edge_shifts, to_json
 
 with isolated_global_state():
@@ -60,16 +58,6 @@ def _quiet_construction():
     """CHGNet prints on construction/load; keep the library quiet and torch's state intact."""
     with isolated_global_state(), contextlib.redirect_stdout(io.StringIO()):
         yield
-
-
-class _Topology(NamedTuple):
-    """Index data of CHGNet's batched atom and bond graphs (no geometry, no gradients)."""
-
-    atom_graph: torch.Tensor  # (D, 2) centre, neighbour: batch-global atom indices
-    image: torch.Tensor  # (D, 3) integer lattice offsets of the neighbour
-    directed2undirected: torch.Tensor  # (D,) batch-global undirected index
-    undirected2directed: torch.Tensor  # (U,) batch-global directed index
-    bond_graph: torch.Tensor  # (A, 5) atom, undirected 1, directed 1, undirected 2, directed 2
 
 
 class ChgnetBackbone(Backbone):
@@ -109,66 +97,6 @@ class ChgnetBackbone(Backbone):
                 f"1..{self.max_atomic_number}; CHGNet has no embedding for them."
             )
 
-    def _topology(self, data: AtomsBatch) -> _Topology:
-        atom_cutoff, bond_cutoff = self._graph_cutoffs()
-        edge_index, unit_shifts = radius_graph(data, atom_cutoff)
-        edge_index = edge_index.cpu().numpy()
-        unit_shifts = np.rint(unit_shifts.detach().cpu().double().numpy()).astype(np.int64)
-        positions = data.positions.detach().cpu().double().numpy()
-        cells = data.cell.detach().cpu().double().numpy()
-        batch = data.batch.cpu().numpy()
-        counts = data.n_atoms.tolist()
-        create_graph = self._graph_builder()
-
-        atom_graphs, images, d2u, u2d, bond_graphs = [], [], [], [], []
-        atom_offset = directed_offset = undirected_offset = 0
-        sender_structure = batch[edge_index[0]]
-        for index, count in enumerate(counts):
-            mask = sender_structure == index
-            centre = edge_index[0, mask] - atom_offset
-            neighbour = edge_index[1, mask] - atom_offset
-            image = np.ascontiguousarray(unit_shifts[mask])
-            if centre.size:
-                block = positions[atom_offset : atom_offset + count]
-                vectors = block[neighbour] - block[centre] + image @ cells[index]
-                distance = np.linalg.norm(vectors, axis=1)
-                graph = create_graph(count, centre, neighbour, image, distance)
-                adjacency, directed2undirected = graph.adjacency_list()
-                line_graph, undirected2directed = graph.line_graph_adjacency_list(cutoff=bond_cutoff)
-                # Directed edge k is input pair k (CHGNet's converter relies on this too,
-                # keeping the neighbour list's images as they are); checked, it is cheap.
-                adjacency = np.asarray(adjacency, dtype=np.int64).reshape(-1, 2)
-                if not (np.array_equal(adjacency[:, 0], centre) and np.array_equal(adjacency[:, 1], neighbour)):
-                    raise RuntimeError("CHGNet's graph builder reordered the bonds; this chgnet version is unsupported.")
-                directed2undirected = np.asarray(directed2undirected, dtype=np.int64)
-                undirected2directed = np.asarray(undirected2directed, dtype=np.int64)
-                line_graph = np.asarray(line_graph, dtype=np.int64).reshape(-1, 5)
-                atom_graphs.append(adjacency + atom_offset)
-                images.append(image)
-                d2u.append(directed2undirected + undirected_offset)
-                u2d.append(undirected2directed + directed_offset)
-                offsets = np.array([atom_offset, undirected_offset, directed_offset, undirected_offset, directed_offset])
-                bond_graphs.append(line_graph + offsets)
-                directed_offset += len(adjacency)
-                undirected_offset += len(undirected2directed)
-            atom_offset += count
-
-        def cat(parts, width):
-            return np.concatenate(parts) if parts else np.zeros((0,) if width == 0 else (0, width), dtype=np.int64)
-
-        device = data.positions.device
-
-        def tensor(array):
-            return torch.as_tensor(array, dtype=torch.int32, device=device)
-
-        return _Topology(
-            atom_graph=tensor(cat(atom_graphs, 2)),
-            image=torch.as_tensor(cat(images, 3), device=device),
-            directed2undirected=tensor(cat(d2u, 0)),
-            undirected2directed=tensor(cat(u2d, 0)),
-            bond_graph=tensor(cat(bond_graphs, 5)),
-        )
-
     def _graph_builder(self):
         converter = getattr(self.host, "graph_converter", None)
         if converter is None:
@@ -184,7 +112,7 @@ class ChgnetBackbone(Backbone):
         dtype = next(host.parameters()).dtype
         positions = data.positions.to(dtype)
         cell = data.cell.to(dtype)
-        topology = self._topology(data)
+        topology = graph_topology(data, self._graph_builder(), *self._graph_cutoffs())
 
         centre_index = topology.atom_graph[:, 0].long()
         neighbour_index = topology.atom_graph[:, 1].long()

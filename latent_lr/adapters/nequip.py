@@ -56,12 +56,8 @@ class NequipBackbone(Backbone):
     label = "NequIP"
     name = "nequip"
 
-    def __init__(
-        self,
-        host: nn.Module,
-        chemical_species_to_atom_type_map: Optional[dict[str, str]] = None,
-        config: Optional[dict[str, Any]] = None,
-    ):
+    def __init__(self, host: nn.Module, chemical_species_to_atom_type_map: Optional[dict[str, str]] = None,
+                 config: Optional[dict[str, Any]] = None):
         super().__init__(host)
         network = _energy_network(host)
         built = getattr(host, nequip_host.RECIPE_ATTRIBUTE, None) or {}  # recorded by build_host
