@@ -1,16 +1,16 @@
 """latent-lr: learned long-range electrostatics for short-range ML potentials."""
 
+from .adapters.radial import RadialPotential
 from .backbone import Backbone
 from .config import LongRangeConfig
 from .data import AtomsBatch
 from .electrostatics import coulomb_energy
-from .long_range import LongRangeModule
 from .electrostatics.linear_solve import ConvergenceError, solve_spd
+from .electrostatics.qeq import equilibrate_charges
+from .long_range import LongRangeModule
 from .model import LongRangeModel
 from .properties import born_effective_charges, dipole_moment, polarization
-from .electrostatics.qeq import equilibrate_charges
 from .qeq import QeqChargeHead
-from .adapters.radial import RadialPotential
 from .serialization import load, save
 from .units import COULOMB_CONSTANT
 from .wrap import wrap

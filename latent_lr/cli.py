@@ -8,7 +8,7 @@ import json
 import sys
 import tomllib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .config import LongRangeConfig
 from .demo import DEMO_OPTIONS, run_ablation_demo, run_engine_demo
@@ -24,7 +24,8 @@ def _add_long_range_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`~latent_lr.config.LongRangeConfig` option (``--charge-model``, ``--smearing``, ...)."""
     group = parser.add_argument_group("long-range settings (override --long-range-options)")
     for option in dataclasses.fields(LongRangeConfig):
-        kind = {"bool": _on_off, "int": int, "float": float, "Optional[int]": int}.get(str(option.type), str)
+        converters: dict[str, Callable[[str], object]] = {"bool": _on_off, "int": int, "float": float, "Optional[int]": int}
+        kind = converters.get(str(option.type), str)
         group.add_argument(
             "--" + option.name.replace("_", "-"), type=kind, choices=option.metadata["choices"],
             default=None, dest="long_range." + option.name, metavar=None if option.metadata["choices"] else "VALUE",

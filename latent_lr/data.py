@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class AtomsBatch:
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "AtomsBatch":
         """Copy to a device, casting floating-point fields to ``dtype``."""
-        moved = {}
+        moved: dict[str, Any] = {}  # field name -> tensor or None (fields differ in optionality)
         for field in fields(self):
             value = getattr(self, field.name)
             if value is None:

@@ -57,7 +57,9 @@ class QeqChargeHead(ChargeModel):
         self.electronegativity_net = feature_mlp(feature_dim, hidden_dim)
         self.hardness_net = feature_mlp(feature_dim, hidden_dim)
         offset = math.log(math.expm1(max(INITIAL_HARDNESS - hardness_floor, 1e-3)))
-        nn.init.constant_(self.hardness_net[-1].bias if hidden_dim > 0 else self.hardness_net.bias, offset)
+        output_layer = self.hardness_net[-1] if isinstance(self.hardness_net, nn.Sequential) else self.hardness_net
+        assert isinstance(output_layer, nn.Linear), "feature_mlp ends with a Linear layer"
+        nn.init.constant_(output_layer.bias, offset)
         if element_baseline:
             self.electronegativity_baseline: Optional[nn.Embedding] = nn.Embedding(MAX_ATOMIC_NUMBER + 1, 1)
             self.hardness_baseline: Optional[nn.Embedding] = nn.Embedding(MAX_ATOMIC_NUMBER + 1, 1)
@@ -74,7 +76,7 @@ class QeqChargeHead(ChargeModel):
         """(χ (N,) eV/e, J (N,) eV/e²) before any field shift."""
         chi = self.electronegativity_net(features).squeeze(-1)
         raw_hardness = self.hardness_net(features).squeeze(-1)
-        if self.electronegativity_baseline is not None:
+        if self.electronegativity_baseline is not None and self.hardness_baseline is not None:  # set together
             chi = chi + self.electronegativity_baseline(numbers).squeeze(-1)
             raw_hardness = raw_hardness + self.hardness_baseline(numbers).squeeze(-1)
         return chi, nn.functional.softplus(raw_hardness) + self.hardness_floor

@@ -45,7 +45,7 @@ def reference_energy_forces(atoms: Atoms) -> tuple[float, np.ndarray]:
             if molecule[i] == molecule[j]:
                 continue
             vector = positions[j] - positions[i]
-            r = np.linalg.norm(vector)
+            r = float(np.linalg.norm(vector))
             repulsion = BORN_MAYER_A * np.exp(-r / BORN_MAYER_RHO)
             coulomb = COULOMB_CONSTANT * charges[i] * charges[j] / r
             energy += repulsion + coulomb
@@ -54,7 +54,7 @@ def reference_energy_forces(atoms: Atoms) -> tuple[float, np.ndarray]:
             forces[j] -= d_energy_dr * vector / r
     for i, j, k, r0 in BONDS:
         vector = positions[j] - positions[i]
-        r = np.linalg.norm(vector)
+        r = float(np.linalg.norm(vector))
         energy += k * (r - r0) ** 2
         d_energy_dr = 2 * k * (r - r0)
         forces[i] += d_energy_dr * vector / r

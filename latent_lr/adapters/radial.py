@@ -33,6 +33,9 @@ class RadialPotential(nn.Module):
         n_layers: message-passing rounds.
     """
 
+    species_index: torch.Tensor  # buffer (Z_max + 1,): atomic number -> row of the embedding
+    centres: torch.Tensor  # buffer (n_radial,): radial basis centres, Å
+
     def __init__(
         self,
         species: Sequence[int],
@@ -88,6 +91,7 @@ class RadialBackbone(Backbone):
 
     name = "radial"
     label = "built-in radial"
+    host: RadialPotential
 
     @property
     def feature_dim(self) -> int:

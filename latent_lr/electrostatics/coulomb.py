@@ -28,10 +28,10 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .kernels import screened_pair_kernel, switched_real_space_kernel
-from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
-from .parameters import EwaldParameters, smearing_alpha
 from .mesh import spme_reciprocal_energy
 from .mesh_parameters import MeshParameters, mesh_parameters
+from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
+from .parameters import EwaldParameters
 from .reciprocal import reciprocal_energy
 from .setup_cache import ewald_setup
 from .slab import extend_slabs, slab_correction
@@ -240,7 +240,7 @@ def _ewald_energy(
 
     energy, alpha_rows = _real_space_energy(structures, rows, parameters, alpha_smear)
     k_cutoffs = torch.tensor(
-        [[p.k_switch, p.k_cut] for p in map(parameters.get, rows.tolist())],
+        [[parameters[i].k_switch, parameters[i].k_cut] for i in rows.tolist()],
         dtype=positions.dtype,
         device=positions.device,
     ).reshape(-1, 2)

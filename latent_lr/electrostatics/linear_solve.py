@@ -261,7 +261,7 @@ def _conjugate_gradients(
 
     def precondition(residual: torch.Tensor) -> torch.Tensor:
         scaled = inverse_diagonal * residual
-        if total is None:
+        if inverse_weight is None:  # no total constraint
             return scaled
         return scaled - inverse_diagonal * (_group_sum(scaled, spec) / inverse_weight)[spec.batch]
 
@@ -277,7 +277,7 @@ def _conjugate_gradients(
         return _group_dot(projected, projected, spec).sqrt()
 
     x = precondition(rhs)
-    if total is not None:
+    if total is not None and inverse_weight is not None:
         x = x + inverse_diagonal * (total / inverse_weight)[spec.batch]
     # Only the projected residual matters (its component along 1 is absorbed by the
     # multiplier), so it is kept projected: r·z then has no round-off from that part.

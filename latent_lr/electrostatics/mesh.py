@@ -280,16 +280,16 @@ def spme_reciprocal_energy(
     below = torch.floor(scaled.detach())
     weights = bspline_weights(scaled - below, order)  # (M, 3, p)
     steps = torch.arange(order, device=device)
-    index = torch.remainder(below.long().unsqueeze(-1) - steps, atom_mesh.unsqueeze(-1))
+    point = torch.remainder(below.long().unsqueeze(-1) - steps, atom_mesh.unsqueeze(-1))
     strides = torch.stack(
         [atom_mesh[:, 1] * atom_mesh[:, 2], atom_mesh[:, 2], torch.ones_like(atom_mesh[:, 2])], dim=1
     )
-    index = index * strides.unsqueeze(-1)
+    point = point * strides.unsqueeze(-1)
     flat = (
         offset[atom_row][:, None, None, None]
-        + index[:, 0, :, None, None]
-        + index[:, 1, None, :, None]
-        + index[:, 2, None, None, :]
+        + point[:, 0, :, None, None]
+        + point[:, 1, None, :, None]
+        + point[:, 2, None, None, :]
     )
     # Outer products by bmm: their backward is bmm too, cheaper than broadcast reductions.
     spread = torch.bmm((charges[:, None] * weights[:, 0]).unsqueeze(2), weights[:, 1].unsqueeze(1))

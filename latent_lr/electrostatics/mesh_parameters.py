@@ -185,10 +185,8 @@ def _cheapest(
         alpha = float(alpha)
         r_switch = 0.0 if alpha >= alpha_smear else s / alpha
         r_cut = (1.0 + SWITCH_WIDTH) * r_switch
-        mesh = tuple(
-            max(fft_size(minimum_mesh(alpha, length, accuracy, order)), order) for length in cell_lengths
-        )
-        parameters = MeshParameters(alpha, r_switch, r_cut, mesh, order)
+        n1, n2, n3 = (max(fft_size(minimum_mesh(alpha, length, accuracy, order)), order) for length in cell_lengths)
+        parameters = MeshParameters(alpha, r_switch, r_cut, (n1, n2, n3), order)
         cost = mesh_cost(parameters, n_atoms, volume)
         if cost < best[0]:
             best = (cost, parameters)

@@ -213,6 +213,11 @@ def _subset(mask: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torc
     return atoms, structures, renumber[batch[atoms]]
 
 
+def _pick(values: torch.Tensor, structures: torch.Tensor | None) -> torch.Tensor:
+    """Rows of the per-structure ``values`` for ``structures`` (all rows when None)."""
+    return values if structures is None else values[structures]
+
+
 def equilibrate_charges(
     electronegativity: torch.Tensor,
     hardness: torch.Tensor,
@@ -274,9 +279,9 @@ def equilibrate_charges(
             atoms, structures, sub_batch = torch.arange(len(batch), device=batch.device), None, batch
         else:
             atoms, structures, sub_batch = _subset(mask, batch)
-        pick = (lambda t: t) if structures is None else (lambda t: t[structures])
-        geometry = _Geometry(pick(pbc), sub_batch, int(mask.sum()), accuracy)
-        args = (electronegativity[atoms], hardness[atoms], geometry, positions[atoms], pick(cell), pick(total_charge), smearing)
+        geometry = _Geometry(_pick(pbc, structures), sub_batch, int(mask.sum()), accuracy)
+        picked = (_pick(cell, structures), _pick(total_charge, structures))
+        args = (electronegativity[atoms], hardness[atoms], geometry, positions[atoms], *picked, smearing)
         charges = _dense_charges(*args) if use_dense else _cg_charges(*args, rtol, max_iter)
         parts.append(charges)
         order.append(atoms)

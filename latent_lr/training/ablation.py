@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from .config import TrainConfig
 from .dataset import Frame
 from .trainer import Trainer
+
+#: Per twin name: (test frames, predictions by quantity), as :meth:`Trainer.evaluate` returns them.
+Evaluations = Mapping[str, tuple[Sequence[Frame], dict]]
 
 TWINS = {"short_range": False, "long_range": True}
 TABLE_ROWS = [
@@ -71,7 +74,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot_ablation(evaluations: dict[str, tuple[Sequence[Frame], dict]], out: Path) -> None:
+def plot_ablation(evaluations: Evaluations, out: Path) -> None:
     """Parity plots (energy, forces) and energy vs ``distance`` when frames carry it."""
     import matplotlib
 
@@ -103,7 +106,7 @@ def plot_ablation(evaluations: dict[str, tuple[Sequence[Frame], dict]], out: Pat
         _plot_against_distance(plt, evaluations, frames, out)
 
 
-def _plot_against_distance(plt, evaluations: dict, frames: Sequence[Frame], out: Path) -> None:
+def _plot_against_distance(plt, evaluations: Evaluations, frames: Sequence[Frame], out: Path) -> None:
     """Energy error vs ``distance`` (any data); also energy vs distance when all
     frames share one composition (otherwise their total energies are not comparable)."""
     distance = np.array([f.info["distance"] for f in frames])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..model import LongRangeModel
 from .dataset import Frame, collate
@@ -68,7 +67,7 @@ def error_metrics(frames: Sequence[Frame], predictions: dict[str, list[np.ndarra
     metrics["mean_abs_host_energy_eV_per_atom"] = float(np.mean(np.abs(host)))
     metrics["mean_abs_long_range_energy_meV_per_atom"] = 1e3 * float(np.mean(np.abs(long_range)))
     if "dipole" in predictions and all(f.dipole is not None for f in frames):
-        reference = np.stack([f.dipole for f in frames])
+        reference = np.stack([f.dipole for f in frames if f.dipole is not None])  # all are, checked above
         predicted = np.stack(predictions["dipole"])
         metrics.update(_vector_metrics("dipole", predicted, reference, "eA"))
     if "charges" in predictions and all(f.charges is not None for f in frames):
