@@ -2,6 +2,7 @@
 
 from .adapters.radial import RadialPotential
 from .backbone import Backbone
+from .calculator import Calculator
 from .config import LongRangeConfig
 from .data import AtomsBatch
 from .electrostatics import coulomb_energy
@@ -16,14 +17,6 @@ from .units import COULOMB_CONSTANT
 from .wrap import wrap
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    if name == "Calculator":
-        from .calculator import Calculator
-
-        return Calculator
-    raise AttributeError(name)
 
 
 __all__ = [

@@ -81,9 +81,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
-def _config_from(args: argparse.Namespace):
-    from .training import TrainConfig
-
+def _config_from(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     names = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in names}
