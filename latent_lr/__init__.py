@@ -5,6 +5,7 @@ from .backbone import Backbone
 from .calculator import Calculator
 from .config import LongRangeConfig
 from .data import AtomsBatch
+from .derivatives import forces_and_stress
 from .electrostatics import coulomb_energy
 from .electrostatics.linear_solve import ConvergenceError, solve_spd
 from .electrostatics.qeq import equilibrate_charges
@@ -34,6 +35,7 @@ __all__ = [
     "coulomb_energy",
     "dipole_moment",
     "equilibrate_charges",
+    "forces_and_stress",
     "load",
     "polarization",
     "save",
