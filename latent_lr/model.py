@@ -9,8 +9,8 @@ from torch import nn
 
 from .backbone import Backbone
 from .data import AtomsBatch
-from .electrostatics import EngineState
 from .derivatives import forces_and_stress, stress_requested
+from .electrostatics import EngineState
 from .energy_terms import field_energy, reference_energy
 from .long_range import LongRangeModule
 from .properties import born_effective_charges, cell_moment, polarizability_tensor
@@ -43,6 +43,8 @@ class LongRangeModel(nn.Module):
         backbone: adapter around the host model.
         long_range: the long-range module, or None for the short-range twin.
     """
+
+    reference_energy: torch.Tensor  # buffer (119,) float64, eV: E_ref(Z) by atomic number
 
     def __init__(self, backbone: Backbone, long_range: Optional[LongRangeModule]):
         super().__init__()
@@ -108,6 +110,7 @@ class LongRangeModel(nn.Module):
             polarisabilities, see :class:`LongRangeModule`), plus requested derivatives.
         """
         data = self._prepare(data)
+        assert data.external_field is not None, "_prepare fills the external field"
         if compute_polarizability:
             self._require_long_range("the polarisability tensor needs the long-range module (latent charges).")
             data.external_field = data.external_field.detach().requires_grad_(True)
@@ -167,6 +170,7 @@ class LongRangeModel(nn.Module):
         Zeros when no structure is in a field (and the field is not a differentiation input).
         """
         field = data.external_field
+        assert field is not None, "_prepare fills the external field"
         in_field = (field != 0).any(dim=1)
         if not bool(in_field.any()) and not field.requires_grad:
             return torch.zeros_like(out["host_energy"])

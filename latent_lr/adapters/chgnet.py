@@ -41,12 +41,13 @@ from torch import nn
 
 from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
+
 from .chgnet_graph import topology as graph_topology
 from .common import captured_output, edge_shifts, to_json
 
 with isolated_global_state():
     from chgnet.model.composition_model import AtomRef
-    from chgnet.model.model import CHGNet, BatchedGraph
+    from chgnet.model.model import BatchedGraph, CHGNet
 
 #: ``pretrained_host`` names -> ``CHGNet.load(model_name=...)``.
 PRETRAINED_ALIASES = {"chgnet": "0.3.0", "pretrained": "0.3.0", "default": "0.3.0"}
@@ -65,6 +66,7 @@ class ChgnetBackbone(Backbone):
 
     name = "chgnet"
     label = "CHGNet"
+    host: CHGNet
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
@@ -147,7 +149,7 @@ class ChgnetBackbone(Backbone):
             atom_owners=data.batch.to(torch.int32),
             directed2undirected=topology.directed2undirected,
             atom_positions=list(torch.split(positions, counts.tolist())),
-            strains=[None] * data.n_structures,
+            strains=[None] * data.n_structures,  # type: ignore[list-item]  # chgnet's own no-stress value, annotated list[Tensor]
             volumes=torch.linalg.det(cell).abs().detach(),
         )
 
@@ -160,7 +162,8 @@ class ChgnetBackbone(Backbone):
 
     def _composition_energy(self, data: AtomsBatch, dtype: torch.dtype) -> torch.Tensor | float:
         """CHGNet's composition-model energy (per atom for intensive models), in ``dtype``."""
-        model = self.host.composition_model
+        # Duck-typed like CHGNet itself does (an AtomRef or any module with these members); typed nn.Module there.
+        model: Any = self.host.composition_model
         if model is None:
             return 0.0
         width = int(model.max_num_elements)

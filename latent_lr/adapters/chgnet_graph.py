@@ -36,9 +36,9 @@ def topology(data: AtomsBatch, create_graph: Callable[..., Any], atom_cutoff: fl
         create_graph: CHGNet's ``graph_converter.create_graph``, which numbers bonds and angles.
         atom_cutoff, bond_cutoff: CHGNet's atom- and bond-graph cut-offs, Å.
     """
-    edge_index, unit_shifts = radius_graph(data, atom_cutoff)
-    edge_index = edge_index.cpu().numpy()
-    unit_shifts = np.rint(unit_shifts.detach().cpu().double().numpy()).astype(np.int64)
+    edge_tensor, shift_tensor = radius_graph(data, atom_cutoff)
+    edge_index = edge_tensor.cpu().numpy()
+    unit_shifts = np.rint(shift_tensor.detach().cpu().double().numpy()).astype(np.int64)
     positions = data.positions.detach().cpu().double().numpy()
     cells = data.cell.detach().cpu().double().numpy()
     batch = data.batch.cpu().numpy()

@@ -13,7 +13,7 @@ happens inside :func:`latent_lr.backbone.isolated_global_state`, which undoes it
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -49,12 +49,17 @@ class MaceBackbone(Backbone):
 
     name = "mace"
     label = "MACE"
+    host: mace.modules.MACE
+    scalar_index: torch.Tensor  # buffer (F,): indices of the 0e channels in the concatenated node features
+    element_index: torch.Tensor  # buffer (Z_max + 1,): atomic number -> MACE's element index, -1 unknown
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
-        layers = [o3.Irreps(str(product.linear.irreps_out)) for product in host.products]
+        # MACE's submodules and buffers read as Tensor | Module to mypy (nn.Module.__getattr__).
+        mace_model: Any = host
+        layers = [o3.Irreps(str(product.linear.irreps_out)) for product in mace_model.products]
         self.register_buffer("scalar_index", scalar_index(layers), persistent=False)
-        self.atomic_numbers = [int(z) for z in host.atomic_numbers]
+        self.atomic_numbers = [int(z) for z in mace_model.atomic_numbers]
         self.register_buffer("element_index", species_lookup(self.atomic_numbers), persistent=False)
 
     @property
@@ -63,7 +68,7 @@ class MaceBackbone(Backbone):
 
     @property
     def cutoff(self) -> float:
-        return float(self.host.r_max)
+        return float(cast(torch.Tensor, self.host.r_max))  # a buffer of MACE's
 
     @property
     def known_elements(self) -> list[int]:

@@ -30,8 +30,7 @@ from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
 
 from . import nequip_host
-from .common import atomic_number, is_element_symbol, require_json, restored_environment
-from .common import scalar_slices, species_lookup
+from .common import atomic_number, is_element_symbol, require_json, restored_environment, scalar_slices, species_lookup
 
 with isolated_global_state(), restored_environment():
     from e3nn import o3
@@ -55,14 +54,16 @@ class NequipBackbone(Backbone):
 
     label = "NequIP"
     name = "nequip"
+    element_index: torch.Tensor  # buffer (Z_max + 1,): atomic number -> nequip atom type, -1 unknown
 
     def __init__(self, host: nn.Module, chemical_species_to_atom_type_map: Optional[dict[str, str]] = None,
                  config: Optional[dict[str, Any]] = None):
         super().__init__(host)
         network = _energy_network(host)
+        graph_model: Any = host  # a nequip GraphModel (checked just above); nequip is untyped
         built = getattr(host, nequip_host.RECIPE_ATTRIBUTE, None) or {}  # recorded by build_host
         self.model_config = copy.deepcopy(config if config is not None else built.get("model"))
-        type_names = [str(name) for name in host.type_names]
+        type_names = [str(name) for name in graph_model.type_names]
         species_map = chemical_species_to_atom_type_map or built.get("chemical_species_to_atom_type_map")
         if species_map is None:
             not_elements = [name for name in type_names if not is_element_symbol(name)]
@@ -87,7 +88,7 @@ class NequipBackbone(Backbone):
             for name, module in network.named_children()
             if isinstance(module, ConvNetLayer)
         }
-        self._r_max = float(host.metadata["r_max"])
+        self._r_max = float(graph_model.metadata["r_max"])
 
     @property
     def feature_dim(self) -> int:
@@ -113,7 +114,7 @@ class NequipBackbone(Backbone):
             AtomicDataDict.NUM_NODES_KEY: data.n_atoms,
             AtomicDataDict.ATOM_TYPE_KEY: self.element_index[data.numbers],
         }
-        features = []
+        features: list[torch.Tensor] = []
         with isolated_global_state():
             for name, module in _energy_network(self.host).named_children():
                 inputs = module(inputs)
