@@ -98,6 +98,7 @@ class QeqChargeHead(ChargeModel):
             shifted = chi - (data.positions * field.to(chi.dtype)[data.batch]).sum(1)
         geometry = (data.positions, data.cell, data.pbc, data.batch)
         charges = equilibrate_charges(
-            shifted, hardness, *geometry, data.total_charge, smearing, accuracy=accuracy, solver=self.solver
+            shifted, hardness, *geometry, data.total_charge, smearing, accuracy=accuracy, solver=self.solver,
+            state=engine_state,
         )
-        return charges, qeq_energy(charges, chi, hardness, *geometry, smearing, accuracy)
+        return charges, qeq_energy(charges, chi, hardness, *geometry, smearing, accuracy, engine_state)

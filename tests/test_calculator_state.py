@@ -52,3 +52,14 @@ def test_two_calculators_on_one_model_never_influence_each_other():
     a.clear_caches()
     assert not a.engine_state.kept_meshes
     assert energy(a, final) == energy_b
+
+
+def test_qeq_charges_use_the_calculators_engine_state():
+    model = make_model(accuracy=1e-4, charge_model="qeq", qeq_solver="cg")
+    calc = latent_lr.Calculator(model)
+    atoms = salt(0.0)
+    with_state = energy(calc, atoms)
+    assert calc.engine_state.kept_meshes, "the Qeq solve should have kept its PME mesh in the calculator's state"
+    data = latent_lr.AtomsBatch.from_atoms([atoms])
+    stateless = model(data, compute_forces=False, engine_state=latent_lr.electrostatics.EngineState())
+    assert abs(float(stateless["energy"][0]) - with_state) < 1e-8 * abs(with_state)

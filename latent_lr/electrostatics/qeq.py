@@ -45,6 +45,7 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .coulomb import coulomb_energy
 from .linear_solve import solve_spd
+from .state import EngineState
 
 #: Accepted ``solver`` values.
 SOLVERS = ("auto", "dense", "cg")
@@ -66,16 +67,21 @@ class _Geometry:
     :meth:`frozen` is its fast form at fixed geometry.
     """
 
-    def __init__(self, pbc: torch.Tensor, batch: torch.Tensor, n_structures: int, accuracy: float):
+    def __init__(
+        self, pbc: torch.Tensor, batch: torch.Tensor, n_structures: int, accuracy: float,
+        state: Optional[EngineState] = None,
+    ):
         self.pbc = pbc
         self.batch = batch
         self.n_structures = n_structures
         self.accuracy = accuracy
+        self.state = state
 
     def coulomb(self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> torch.Tensor:
         """(B,) smeared Coulomb energy, eV, self-interaction excluded."""
         return coulomb_energy(
-            positions, charges, cell=cell, pbc=self.pbc, batch=self.batch, smearing=smearing, accuracy=self.accuracy
+            positions, charges, cell=cell, pbc=self.pbc, batch=self.batch, smearing=smearing, accuracy=self.accuracy,
+            state=self.state,
         )
 
     def __call__(
@@ -232,6 +238,7 @@ def equilibrate_charges(
     solver: str = "auto",
     rtol: Optional[float] = None,
     max_iter: int = 1000,
+    state: Optional[EngineState] = None,
 ) -> torch.Tensor:
     """Qeq charges q* = argmin E(q) subject to Σ_{i∈b} q_i = Q_b, (N,) e.
 
@@ -247,6 +254,7 @@ def equilibrate_charges(
         rtol, max_iter: CG tolerance and iteration cap (see
             :func:`latent_lr.electrostatics.linear_solve.solve_spd`; CG raises
             :class:`~latent_lr.electrostatics.linear_solve.ConvergenceError` if not converged).
+        state: the run's :class:`~.state.EngineState` for the engine calls (None: no mutable state).
 
     Differentiable (first and second derivatives) in χ, J, positions, cell, σ
     and Q.
@@ -279,7 +287,7 @@ def equilibrate_charges(
             atoms, structures, sub_batch = torch.arange(len(batch), device=batch.device), None, batch
         else:
             atoms, structures, sub_batch = _subset(mask, batch)
-        geometry = _Geometry(_pick(pbc, structures), sub_batch, int(mask.sum()), accuracy)
+        geometry = _Geometry(_pick(pbc, structures), sub_batch, int(mask.sum()), accuracy, state)
         picked = (_pick(cell, structures), _pick(total_charge, structures))
         args = (electronegativity[atoms], hardness[atoms], geometry, positions[atoms], *picked, smearing)
         charges = _dense_charges(*args) if use_dense else _cg_charges(*args, rtol, max_iter)
@@ -301,10 +309,11 @@ def qeq_energy(
     batch: torch.Tensor,
     smearing: torch.Tensor,
     accuracy: float = 1e-6,
+    state: Optional[EngineState] = None,
 ) -> torch.Tensor:
     """E(q) = Σ χ q + ½ Σ (J + k_e√(2/π)/σ) q² + E_coul(q) per structure, (B,) eV."""
     smearing = torch.as_tensor(smearing, dtype=positions.dtype, device=positions.device)
     n_structures = cell.shape[0]
     local = electronegativity * charges + 0.5 * (hardness + gaussian_self_hardness(smearing)) * charges**2
-    geometry = _Geometry(pbc, batch, n_structures, accuracy)
+    geometry = _Geometry(pbc, batch, n_structures, accuracy, state)
     return positions.new_zeros(n_structures).index_add(0, batch, local) + geometry.coulomb(positions, charges, cell, smearing)
