@@ -14,7 +14,7 @@ from .config import LongRangeConfig
 from .demo import DEMO_OPTIONS, run_ablation_demo, run_engine_demo
 from .errors import UserInputError
 from .serialization import load
-from .training import TrainConfig, predict_file, run_ablation, train
+from .training import TrainConfig, distributed, predict_file, run_ablation, train
 
 #: Source directory of the package: a ValueError raised here is our own validation (a user error).
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -76,7 +76,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--patience", type=int, help="early-stopping patience, epochs")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--dtype", choices=["float32", "float64"])
+    parser.add_argument("--dtype", choices=["float32", "float64"], help="training precision (default float64)")
+    parser.add_argument("--eval-dtype", choices=["float32", "float64"], help="validation/evaluation precision (default: --dtype)")
+    parser.add_argument("--device", help="cpu (default), cuda or cuda:N; under --distributed cuda is each rank's local GPU")
+    parser.add_argument(
+        "--distributed", action="store_true", default=None,
+        help="data-parallel over the processes torchrun or SLURM srun started (gloo on CPU, NCCL on CUDA); --batch-size is per rank",
+    )
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
@@ -133,12 +139,15 @@ def _training_config(args: argparse.Namespace) -> TrainConfig:
 def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         trainer = train(_training_config(args), resume=args.resume)
-        print(f"best model: {trainer.out / 'best_model.pt'}")
-        if trainer.test_frames:
-            metrics, _ = trainer.evaluate(load(trainer.out / "best_model.pt"), trainer.test_frames)
-            print(json.dumps(metrics, indent=1))
+        if trainer.ranks.is_main:
+            print(f"best model: {trainer.out / 'best_model.pt'}")
+            if trainer.test_frames:
+                metrics, _ = trainer.evaluate(load(trainer.out / "best_model.pt"), trainer.test_frames)
+                print(json.dumps(metrics, indent=1))
+        distributed.stop()
     elif args.command == "ablate":
         run_ablation(_training_config(args), resume=args.resume)
+        distributed.stop()
     elif args.command == "predict":
         count = predict_file(
             args.model, args.input, args.output, batch_size=args.batch_size,

@@ -81,6 +81,7 @@ class LongRangeModel(nn.Module):
         create_graph: Optional[bool] = None,
         compute_polarizability: bool = False,
         engine_state: Optional[EngineState] = None,
+        check_inputs: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Predict a batch.
 
@@ -100,6 +101,10 @@ class LongRangeModel(nn.Module):
             engine_state: the electrostatics engine's state for this run (PME keeps
                 its mesh, caches); default: the long-range module's own
                 (:class:`~latent_lr.electrostatics.EngineState`).
+            check_inputs: check for empty structures, non-finite positions and unknown
+                elements; each check waits for the device (a host synchronisation), so
+                callers that checked their structures already (the trainer does when it
+                reads them) pass False.
 
         Returns:
             dict with ``energy`` (B,), ``host_energy`` (B,) (host plus per-element
@@ -109,7 +114,7 @@ class LongRangeModel(nn.Module):
             ``polarization`` (B, 3) (plus ``induced_dipoles`` etc. with
             polarisabilities, see :class:`LongRangeModule`), plus requested derivatives.
         """
-        data = self._prepare(data)
+        data = self._prepare(data, check_inputs)
         assert data.external_field is not None, "_prepare fills the external field"
         if compute_polarizability:
             self._require_long_range("the polarisability tensor needs the long-range module (latent charges).")
@@ -167,12 +172,12 @@ class LongRangeModel(nn.Module):
     def _field_energy(self, data: AtomsBatch, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) field energy -(Σ_i q_i r_i)·E_ext, eV (see :func:`latent_lr.energy_terms.field_energy`).
 
-        Zeros when no structure is in a field (and the field is not a differentiation input).
+        With the long-range module it is always computed (exact zeros without a field), which
+        needs no host synchronisation; without one it is zero unless a field is given (an error).
         """
         field = data.external_field
         assert field is not None, "_prepare fills the external field"
-        in_field = (field != 0).any(dim=1)
-        if not bool(in_field.any()) and not field.requires_grad:
+        if self.long_range is None and not bool((field != 0).any()) and not field.requires_grad:
             return torch.zeros_like(out["host_energy"])
         self._require_long_range(
             "an external field acts on charges, but this model has no long-range module; "
@@ -185,21 +190,23 @@ class LongRangeModel(nn.Module):
         if self.long_range is None:
             raise ValueError(message)
 
-    def _prepare(self, data: AtomsBatch) -> AtomsBatch:
+    def _prepare(self, data: AtomsBatch, check_inputs: bool = True) -> AtomsBatch:
         if not isinstance(data, AtomsBatch):
             raise ValueError(
                 f"expected a latent_lr.AtomsBatch, got {type(data).__name__}; build one with "
                 "AtomsBatch.from_atoms(list_of_ase_atoms)."
             )
         data = data.to(device=self.device, dtype=self.dtype)
+        if data.external_field is None:
+            data.external_field = data.positions.new_zeros(data.n_structures, 3)
+        if not check_inputs:
+            return data
         counts = data.n_atoms
         if data.positions.shape[0] == 0 or bool((counts == 0).any()):
             raise ValueError("a structure has no atoms; every structure needs at least one atom.")
         if not torch.isfinite(data.positions).all():
             raise ValueError("positions contain NaN or inf; every coordinate must be finite.")
         self.backbone.check_elements(data.numbers)
-        if data.external_field is None:
-            data.external_field = data.positions.new_zeros(data.n_structures, 3)
         return data
 
     def config(self) -> dict[str, Any]:

@@ -39,17 +39,23 @@ def run_ablation(config: TrainConfig, plots: bool = True, resume: bool = False) 
     """Train both twins, evaluate on the test set (or validation set), write results.json.
 
     With ``resume`` an interrupted ablation continues from each twin's checkpoint.
+    Under ``config.distributed`` the twins train data-parallel and rank 0 alone
+    evaluates and writes the results.
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
     evaluations = {}
+    is_main = True
     for name, long_range in TWINS.items():
         twin = replace(config, long_range=long_range, out=str(out / name))
         trainer = Trainer(twin)
         if resume:
             trainer.resume()
         model = trainer.fit()
+        is_main = trainer.ranks.is_main
+        if not is_main:
+            continue
         frames = trainer.test_frames or trainer.valid_frames
         metrics, predictions = trainer.evaluate(model, frames)
         metrics["n_test_structures"] = len(frames)
@@ -57,6 +63,8 @@ def run_ablation(config: TrainConfig, plots: bool = True, resume: bool = False) 
         metrics["epochs_run"] = trainer.epoch
         results[name] = metrics
         evaluations[name] = (frames, predictions)
+    if not is_main:
+        return results
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     if plots:

@@ -16,7 +16,14 @@ class TrainConfig:
     """Everything a training run needs.  Units: energies eV, forces eV/Å.
 
     Loss = energy_weight·MSE(E/N) + forces_weight·MSE(F) + dipole_weight·MSE(μ)
-    + charges_weight·MSE(q) (optional terms only when the key is given).
+    + charges_weight·MSE(q) (optional terms only when the key is given), averaged over
+    the global batch (see :mod:`latent_lr.training.loss`).
+
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (under ``distributed``, ``cuda`` is each
+    rank's local GPU).  ``dtype`` is the training precision; ``eval_dtype`` (default: the
+    same) the precision of validation and final evaluation, e.g. float32 training with
+    float64 evaluation.  ``distributed``: data-parallel over the processes a launcher
+    (torchrun, SLURM srun) started, ``batch_size`` structures per rank and step.
     """
 
     train: str = ""
@@ -46,10 +53,17 @@ class TrainConfig:
     patience: int = 20
     seed: int = 0
     dtype: str = "float64"
+    eval_dtype: Optional[str] = None
+    device: str = "cpu"
+    distributed: bool = False
     out: str = "runs/train"
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("dtype", "eval_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in ("float32", "float64"):
+                raise ValueError(f"{name} must be float32 or float64, got {value!r}.")
         if isinstance(self.long_range_options, dict):
             self.long_range_options = LongRangeConfig.from_dict(self.long_range_options)
         elif not isinstance(self.long_range_options, LongRangeConfig):

@@ -15,19 +15,9 @@ from tqdm.auto import tqdm
 from ..errors import UserInputError
 from ..model import LongRangeModel
 from .dataset import Frame, LabelKeys, check_frame_elements, iter_frames
+from .devices import resolve_device
 from .metrics import predict_frames
 from .model_files import load_model_file
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, …; a CUDA device that is not there is a user error."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UserInputError(f"unknown device {name!r}; use cpu or cuda (cuda:N).") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
-    return device
 
 
 def _batches(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.futures import Future
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..backbone import adapter_class
@@ -19,10 +23,13 @@ from ..model import LongRangeModel
 from ..serialization import load, save
 from ..wrap import wrap
 from .config import TrainConfig
+from . import distributed
 from .dataset import Frame, LabelKeys, check_frame_elements, collate, read_frames
+from .loss import TERMS, common_labels, label_counts, squared_error_sums, weighted_loss
 from .metrics import error_metrics, predict_frames
 from .model_files import CHECKPOINT_MODEL_CONFIG, load_model_file
 from .references import fit_reference_energies
+from .shards import Plan, fixed_count_plan
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.pt"
@@ -78,23 +85,26 @@ def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
     return model.to(dtype)
 
 
-def loss_function(config: TrainConfig, out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], n_atoms: torch.Tensor) -> torch.Tensor:
-    loss = out["energy"].new_zeros(())
-    if "energy" in targets and config.energy_weight:
-        loss = loss + config.energy_weight * (((out["energy"] - targets["energy"]) / n_atoms) ** 2).mean()
-    if "forces" in targets and config.forces_weight:
-        loss = loss + config.forces_weight * ((out["forces"] - targets["forces"]) ** 2).mean()
-    if "dipole" in targets and config.dipole_weight and "dipole" in out:
-        loss = loss + config.dipole_weight * ((out["dipole"] - targets["dipole"]) ** 2).mean()
-    if "charges" in targets and config.charges_weight and "charges" in out:
-        loss = loss + config.charges_weight * ((out["charges"] - targets["charges"]) ** 2).mean()
-    return loss
-
-
 def _atomic_write(payload: dict, path: Path) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)
+
+
+class BucketClock:
+    """When DDP last handed a gradient bucket to the all-reduce: the end of this rank's own backward work.
+
+    Installed as DDP's communication hook (the default all-reduce, time-stamped), so
+    a step's busy time (work) and wait time (for the slowest rank and the reduction)
+    can be told apart.
+    """
+
+    def __init__(self) -> None:
+        self.last_bucket = 0.0
+
+    def __call__(self, state: Any, bucket: torch.distributed.GradBucket) -> Future[torch.Tensor]:
+        self.last_bucket = time.perf_counter()
+        return allreduce_hook(state, bucket)
 
 
 class Trainer:
@@ -102,17 +112,25 @@ class Trainer:
 
     Files: ``checkpoint.pt`` (after every epoch: model weights and architecture, optimiser, scheduler,
     epoch, best score), ``best_model.pt`` (read it with :func:`latent_lr.load`),
-    ``log.csv`` and ``log.json`` (per-epoch losses and validation errors),
+    ``log.csv`` and ``log.json`` (per-epoch losses, validation errors and throughput),
     ``config.json``.  A killed run restarted with ``resume=True`` continues
     from the last completed epoch, with the same data order.
+
+    With ``config.distributed`` (a launcher started several processes) the model is
+    wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`; each rank trains on
+    its shard of every step's global batch, the loss is normalised over the global
+    batch, validation sums are all-reduced (so the schedule and early stopping decide
+    alike everywhere), and rank 0 alone writes files.
     """
 
     def __init__(self, config: TrainConfig):
         if not config.train:
             raise ValueError("no training data: set train (--train FILE).")
         self.config = config
+        self.ranks = distributed.start(config.device, config.distributed)
         self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.ranks.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
         self.train_frames, self.valid_frames = split_frames(config)
         self.test_frames = read_frames(config.test, label_keys(config)) if config.test else []
@@ -123,6 +141,15 @@ class Trainer:
             check_frame_elements(self.model.backbone.check_elements, frames)
         if not config.init_model:
             self._set_reference_energies()
+        self.model.to(self.ranks.device)
+        self.network: torch.nn.Module = self.model
+        self.clock = BucketClock()
+        if self.ranks.distributed:
+            self.network = DistributedDataParallel(
+                self.model, device_ids=[self.ranks.device.index] if self.ranks.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+            self.network.register_comm_hook(None, self.clock)
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimiser, factor=0.5, patience=max(1, config.patience // 4))
@@ -130,9 +157,20 @@ class Trainer:
         self.best = float("inf")
         self.stale_epochs = 0
         self.history: list[dict] = []
-        (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if self.ranks.is_main:
+            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    @property
+    def eval_dtype(self) -> torch.dtype:
+        """Precision of validation and evaluation (``config.eval_dtype``, default the training dtype)."""
+        return getattr(torch, self.config.eval_dtype or self.config.dtype)
 
     def _set_reference_energies(self) -> None:
+        """Per-element reference energies, fitted on the whole training set.
+
+        Every rank holds every training frame and fits the same least-squares
+        problem; DDP's start-up broadcast of rank 0's buffers then makes them equal bit for bit.
+        """
         given = self.config.reference_energies
         if given == "fit":
             references = fit_reference_energies(self.train_frames, self.species)
@@ -144,17 +182,18 @@ class Trainer:
             self.model.reference_energy[z] = energy
 
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` if present; True when resumed."""
+        """Load ``checkpoint.pt`` if present (every rank reads rank 0's file); True when resumed."""
         path = self.out / CHECKPOINT
+        distributed.barrier()
         if not path.exists():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location=self.ranks.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.best, self.stale_epochs = state["epoch"], state["best"], state["stale_epochs"]
         self.history = state["history"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         return True
 
     def _checkpoint(self) -> None:
@@ -173,46 +212,88 @@ class Trainer:
             self.out / CHECKPOINT,
         )
 
-    def _batches(self, frames: Sequence[Frame], shuffle_seed: Optional[int]):
-        order = np.arange(len(frames))
-        if shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(len(frames))
-        size = self.config.batch_size
-        for start in range(0, len(frames), size):
-            yield [frames[i] for i in order[start : start + size]]
+    def epoch_plan(self, epoch: int) -> Plan:
+        """``plan[rank][step]``: training-frame indices of each rank's batch at each step of ``epoch``."""
+        return fixed_count_plan(len(self.train_frames), self.config.batch_size, self.ranks.world_size, self.config.seed * 100_003 + epoch)
+
+    def _step(self, chunk: Sequence[Frame], step_frames: Sequence[Frame]) -> torch.Tensor:
+        """One optimiser step on this rank's ``chunk`` of the global batch ``step_frames``; the step's loss (0-d, on the device).
+
+        The loss is normalised by the global batch's counts (known from the plan, no
+        communication) and multiplied by the number of ranks, because DDP averages the
+        gradients over ranks: the gradient is that of one process with the whole batch.
+        """
+        labels = common_labels(step_frames)
+        data, targets = collate(chunk, self.model.dtype, self.ranks.device)
+        targets = {name: value for name, value in targets.items() if name in labels}
+        self.optimiser.zero_grad(set_to_none=True)
+        out = self.network(data, compute_forces="forces" in labels, compute_stress=False, check_inputs=False)
+        n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
+        sums = squared_error_sums(self.config, out, targets, n_atoms)
+        loss = weighted_loss(self.config, sums, label_counts(step_frames), out["energy"])
+        (loss * self.ranks.world_size).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+        self.optimiser.step()
+        return loss.detach()
 
     def _run_epoch(self) -> float:
-        self.model.train()
-        total, count = 0.0, 0
-        batches = list(self._batches(self.train_frames, self.config.seed * 100_003 + self.epoch))
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not self.config.progress)
-        for chunk in bar:
-            data, targets = collate(chunk, self.model.dtype, self.model.device)
-            self.optimiser.zero_grad(set_to_none=True)
-            out = self.model(data, compute_forces="forces" in targets, compute_stress=False)
-            loss = loss_function(self.config, out, targets, data.n_atoms.to(out["energy"].dtype))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
-            self.optimiser.step()
-            total += loss.item() * len(chunk)
-            count += len(chunk)
-            bar.set_postfix(loss=f"{loss.item():.3g}")
-        return total / max(count, 1)
+        """Train one epoch; the mean loss per structure.  Appends throughput figures to ``self.epoch_report``."""
+        self.network.train()
+        plan = self.epoch_plan(self.epoch)
+        mine = plan[self.ranks.rank]
+        running = torch.zeros((), dtype=torch.float64, device=self.ranks.device)
+        busy = 0.0
+        started = time.perf_counter()
+        bar = tqdm(range(len(mine)), desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not (self.config.progress and self.ranks.is_main))
+        for step in bar:
+            step_frames = [self.train_frames[i] for shard in plan for i in shard[step]]
+            step_started = time.perf_counter()
+            loss = self._step([self.train_frames[i] for i in mine[step]], step_frames)
+            busy += (self.clock.last_bucket if self.ranks.distributed else time.perf_counter()) - step_started
+            running += loss.to(torch.float64) * len(step_frames)
+        seconds = time.perf_counter() - started
+        totals = distributed.sum_over_ranks(running)
+        structures = len(self.train_frames)
+        atoms = sum(len(f.atoms) for f in self.train_frames)
+        self.epoch_report = {"train_seconds": seconds, "structures_per_s": structures / seconds, "atoms_per_s": atoms / seconds}
+        if self.ranks.distributed:
+            shares = distributed.gather_over_ranks(busy / seconds, self.ranks)
+            self.epoch_report.update({f"rank{rank}_busy_fraction": share for rank, share in enumerate(shares)})
+            self.epoch_report["idle_fraction"] = 1.0 - sum(shares) / len(shares)
+        return float(totals) / structures
 
     def validation_loss(self) -> float:
-        self.model.eval()
-        total, count = 0.0, 0
-        for chunk in self._batches(self.valid_frames, None):
-            data, targets = collate(chunk, self.model.dtype, self.model.device)
-            out = self.model(data, compute_forces="forces" in targets, compute_stress=False)
-            total += loss_function(self.config, out, targets, data.n_atoms.to(out["energy"].dtype)).item() * len(chunk)
-            count += len(chunk)
-        return total / max(count, 1)
+        """The loss (see :mod:`~latent_lr.training.loss`) over all validation frames, in ``eval_dtype``.
+
+        Each rank takes every ``world_size``-th frame; the sums and counts are all-reduced,
+        so every rank gets the same value.
+        """
+        model = self.model if self.eval_dtype == self.model.dtype else copy.deepcopy(self.model).to(self.eval_dtype)
+        model.eval()
+        sums = torch.zeros(2 * len(TERMS), dtype=torch.float64, device=self.ranks.device)
+        frames = self.valid_frames[self.ranks.rank :: self.ranks.world_size]
+        for start in range(0, len(frames), self.config.batch_size):
+            chunk = frames[start : start + self.config.batch_size]
+            labels = common_labels(chunk)
+            data, targets = collate(chunk, model.dtype, self.ranks.device)
+            out = model(data, compute_forces="forces" in labels, compute_stress=False, check_inputs=False)
+            n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
+            counts = label_counts(chunk)
+            for term, total in squared_error_sums(self.config, out, targets, n_atoms).items():
+                index = TERMS.index(term)
+                sums[index] += total.detach().to(torch.float64)
+                sums[len(TERMS) + index] += counts[term]
+        totals = distributed.sum_over_ranks(sums).tolist()
+        loss = 0.0
+        for index, term in enumerate(TERMS):
+            if totals[len(TERMS) + index]:
+                loss += getattr(self.config, f"{term}_weight") * totals[index] / totals[len(TERMS) + index]
+        return loss
 
     def fit(self) -> LongRangeModel:
-        """Train until ``epochs`` or early stopping; return the best model."""
+        """Train until ``epochs`` or early stopping; return the best model (in ``eval_dtype``)."""
         start_epoch = self.epoch
-        bar = tqdm(range(start_epoch, self.config.epochs), desc="training", initial=start_epoch, total=self.config.epochs, disable=not self.config.progress)
+        bar = tqdm(range(start_epoch, self.config.epochs), desc="training", initial=start_epoch, total=self.config.epochs, disable=not (self.config.progress and self.ranks.is_main))
         for _ in bar:
             if self.stale_epochs >= self.config.patience:
                 break
@@ -224,7 +305,8 @@ class Trainer:
             improved = valid_loss < self.best
             if improved:
                 self.best, self.stale_epochs = valid_loss, 0
-                save(self.model, self.out / BEST_MODEL)
+                if self.ranks.is_main:
+                    save(self.model, self.out / BEST_MODEL)
             else:
                 self.stale_epochs += 1
             row = {
@@ -233,23 +315,27 @@ class Trainer:
                 "valid_loss": valid_loss,
                 "learning_rate": self.optimiser.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
+                **self.epoch_report,
             }
             self.history.append(row)
-            self._write_logs()
-            self._checkpoint()
+            if self.ranks.is_main:
+                self._write_logs()
+                self._checkpoint()
             bar.set_postfix(train=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}")
-        return load(self.out / BEST_MODEL)
+        distributed.barrier()
+        return load(self.out / BEST_MODEL).to(self.ranks.device, self.eval_dtype)
 
     def _write_logs(self) -> None:
         with open(self.out / LOG_CSV, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
+            writer = csv.DictWriter(handle, fieldnames=list(self.history[-1]), restval="")
             writer.writeheader()
             writer.writerows(self.history)
         (self.out / "log.json").write_text(json.dumps(self.history, indent=1))
 
     def evaluate(self, model: LongRangeModel, frames: Sequence[Frame]) -> tuple[dict[str, float], dict]:
-        """Errors on ``frames`` plus the raw predictions."""
+        """Errors on ``frames`` plus the raw predictions (the model cast to ``eval_dtype``)."""
         want_bec = any(f.bec is not None for f in frames)
+        model = model.to(self.ranks.device, self.eval_dtype)
         predictions = predict_frames(model, frames, self.config.batch_size, compute_bec=want_bec)
         return error_metrics(frames, predictions), predictions
 
@@ -257,7 +343,7 @@ class Trainer:
 def train(config: TrainConfig, resume: bool = False) -> Trainer:
     """Train (or resume) as ``config`` says; return the trainer (``.model`` is the last state)."""
     trainer = Trainer(config)
-    if resume and trainer.resume():
+    if resume and trainer.resume() and trainer.ranks.is_main:
         print(f"resumed from {trainer.out / CHECKPOINT} after epoch {trainer.epoch}")
     trainer.fit()
     return trainer

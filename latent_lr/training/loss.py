@@ -1,0 +1,69 @@
+"""The training loss as sums over a batch divided by counts, so that it can be normalised over a global batch.
+
+Loss = energy_weight·Σ_s ((E_s − E_s^ref)/N_s)² / S + forces_weight·Σ_iα (F_iα − F_iα^ref)² / (3 N)
++ dipole_weight·Σ_sα (μ_sα − μ_sα^ref)² / (3 S) + charges_weight·Σ_i (q_i − q_i^ref)² / N,
+with S structures and N atoms.  In one process S and N are the batch's; under
+data-parallel training they are the *global* batch's (all ranks' shards of a step),
+so that N ranks with batch b give exactly the gradient of one process with batch N·b.
+Units: eV, eV/Å, e·Å, e.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .config import TrainConfig
+from .dataset import Frame
+
+#: Loss terms, in the order their sums are packed for reductions over ranks.
+TERMS = ("energy", "forces", "dipole", "charges")
+
+
+def common_labels(frames: Iterable[Frame]) -> set[str]:
+    """The labels every frame carries (a term is in a batch's loss only if all its frames have it)."""
+    frames = list(frames)
+    return {name for name in TERMS if all(getattr(frame, name) is not None for frame in frames)}
+
+
+def label_counts(frames: Sequence[Frame]) -> dict[str, int]:
+    """How many values each term averages over in ``frames``: structures, 3·atoms, 3·structures, atoms."""
+    atoms = sum(len(frame.atoms) for frame in frames)
+    return {"energy": len(frames), "forces": 3 * atoms, "dipole": 3 * len(frames), "charges": atoms}
+
+
+def _weight(config: TrainConfig, term: str) -> float:
+    return float(getattr(config, f"{term}_weight"))
+
+
+def squared_error_sums(
+    config: TrainConfig, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], n_atoms: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Per term with a label, a non-zero weight and a prediction: the sum of squared errors (0-d tensors).
+
+    ``n_atoms`` (B,) atoms per structure, in the energies' dtype (per-atom energy errors).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for term in TERMS:
+        if term not in targets or term not in out or not _weight(config, term):
+            continue
+        error = out[term] - targets[term]
+        if term == "energy":
+            error = error / n_atoms
+        sums[term] = (error**2).sum()
+    return sums
+
+
+def weighted_loss(config: TrainConfig, sums: Mapping[str, torch.Tensor], counts: Mapping[str, int], like: torch.Tensor) -> torch.Tensor:
+    """Σ_term weight · sum / count (see the module docstring); zero (like ``like``) without terms."""
+    loss = like.new_zeros(())
+    for term, total in sums.items():
+        loss = loss + _weight(config, term) * total / counts[term]
+    return loss
+
+
+def loss_function(config: TrainConfig, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], frames: Sequence[Frame]) -> torch.Tensor:
+    """The loss of one batch of ``frames`` in one process (counts are the batch's own)."""
+    n_atoms = out["energy"].new_tensor([len(frame.atoms) for frame in frames])
+    return weighted_loss(config, squared_error_sums(config, out, targets, n_atoms), label_counts(frames), out["energy"])
