@@ -94,17 +94,24 @@ def _atomic_write(payload: dict, path: Path) -> None:
 class BucketClock:
     """When DDP last handed a gradient bucket to the all-reduce: the end of this rank's own backward work.
 
-    Installed as DDP's communication hook (the default all-reduce, time-stamped), so
-    a step's busy time (work) and wait time (for the slowest rank and the reduction)
-    can be told apart.
+    The state of :func:`timed_allreduce`, DDP's communication hook, so that a step's
+    busy time (this rank's work) and its wait (for the slowest rank and the
+    reduction) can be told apart.
     """
 
     def __init__(self) -> None:
         self.last_bucket = 0.0
 
-    def __call__(self, state: Any, bucket: torch.distributed.GradBucket) -> Future[torch.Tensor]:
-        self.last_bucket = time.perf_counter()
-        return allreduce_hook(state, bucket)
+
+def timed_allreduce(clock: BucketClock, bucket: torch.distributed.GradBucket) -> Future[torch.Tensor]:
+    """DDP's default all-reduce (mean over ranks) of one gradient bucket, time-stamped in ``clock``."""
+    clock.last_bucket = time.perf_counter()
+    return allreduce_hook(None, bucket)  # type: ignore[arg-type]  # None: the default process group
+
+
+# DDP checks a hook's annotations as objects; this module's are strings (postponed evaluation).
+timed_allreduce.__annotations__.update(bucket=torch.distributed.GradBucket, clock=BucketClock)
+timed_allreduce.__annotations__["return"] = Future[torch.Tensor]
 
 
 class Trainer:
@@ -147,9 +154,9 @@ class Trainer:
         if self.ranks.distributed:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[self.ranks.device.index] if self.ranks.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                forward_sync_buffers=False,  # buffers (reference energies) are equal: synced once, at start
             )
-            self.network.register_comm_hook(None, self.clock)
+            self.network.register_comm_hook(self.clock, timed_allreduce)
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimiser, factor=0.5, patience=max(1, config.patience // 4))
