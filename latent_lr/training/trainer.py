@@ -15,14 +15,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbone import adapter_class
+from ..errors import UserInputError
 from ..model import LongRangeModel
+from ..neighbors import edge_count
 from ..serialization import load, save
 from ..wrap import wrap
 from .config import TrainConfig
-from .dataset import Frame, LabelKeys, check_frame_elements, collate, read_frames
+from .data_files import open_frames
+from .dataset import Frame, LabelKeys, check_frame_elements, collate
+from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
 from .metrics import error_metrics, predict_frames
 from .model_files import CHECKPOINT_MODEL_CONFIG, load_model_file
 from .references import fit_reference_energies
+from .sampler import oversized_structures, plan_epoch
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.pt"
@@ -46,17 +51,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def split_frames(config: TrainConfig) -> tuple[list[Frame], list[Frame]]:
-    """Training and validation frames; a seeded split when no --valid file is given."""
+def split_frames(config: TrainConfig) -> tuple[FrameSet, FrameSet]:
+    """Training and validation frames; a seeded split when no --valid file is given.
+
+    Prepared (HDF5) files stay on disk: the sets read frames when asked for.
+    """
     keys = label_keys(config)
-    frames = read_frames(config.train, keys)
+    frames = open_frames(config.train, keys)
     if config.valid:
-        return frames, read_frames(config.valid, keys)
+        return frames, open_frames(config.valid, keys)
     order = np.random.default_rng(config.seed).permutation(len(frames))
     n_valid = max(1, int(round(config.valid_fraction * len(frames))))
     if n_valid >= len(frames):
         raise ValueError(f"{config.train} has too few structures ({len(frames)}) to split off a validation set.")
-    return [frames[i] for i in order[n_valid:]], [frames[i] for i in order[:n_valid]]
+    return FrameSubset(frames, order[n_valid:]), FrameSubset(frames, order[:n_valid])
 
 
 def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
@@ -115,12 +123,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
         self.train_frames, self.valid_frames = split_frames(config)
-        self.test_frames = read_frames(config.test, label_keys(config)) if config.test else []
-        frames = self.train_frames + self.valid_frames + self.test_frames
-        self.species = sorted({int(z) for f in frames for z in f.atoms.numbers})
+        self.test_frames: FrameSet = open_frames(config.test, label_keys(config)) if config.test else FrameList([])
+        frame_sets = (self.train_frames, self.valid_frames, self.test_frames)
+        self.species = sorted(set().union(*(part.species() for part in frame_sets)))
         self.model = build_model(config, self.species)
         if config.init_model:
-            check_frame_elements(self.model.backbone.check_elements, frames)
+            for part in frame_sets:
+                check_frame_elements(self.model.backbone.check_elements, part)
+        self._sizes: dict[int, tuple[np.ndarray, Optional[np.ndarray]]] = {}
+        self._batch_sizes(self.train_frames)
         if not config.init_model:
             self._set_reference_energies()
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -173,18 +184,45 @@ class Trainer:
             self.out / CHECKPOINT,
         )
 
-    def _batches(self, frames: Sequence[Frame], shuffle_seed: Optional[int]):
-        order = np.arange(len(frames))
-        if shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(len(frames))
-        size = self.config.batch_size
-        for start in range(0, len(frames), size):
-            yield [frames[i] for i in order[start : start + size]]
+    def _batch_sizes(self, frames: FrameSet) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(S,) atoms and, with an edge budget, (S,) directed edges per structure of ``frames`` (computed once)."""
+        key = id(frames)
+        if key not in self._sizes:
+            n_atoms = frames.n_atoms
+            n_edges = None
+            if self.config.max_edges_per_batch is not None:
+                cutoff = self.model.backbone.cutoff
+                n_edges = np.array([edge_count(frame.atoms, cutoff) for frame in frames], dtype=np.int64)
+            too_big = oversized_structures(n_atoms, n_edges, self.config.max_atoms_per_batch, self.config.max_edges_per_batch)
+            if too_big:
+                frame = frames[too_big[0]]
+                edges = "" if n_edges is None else f", {n_edges[too_big[0]]} edges"
+                raise UserInputError(
+                    f"{frame.location}: {len(frame.atoms)} atoms{edges} exceed the per-batch budget "
+                    f"({len(too_big)} structures do); raise --max-atoms-per-batch / --max-edges-per-batch."
+                )
+            self._sizes[key] = (n_atoms, n_edges)
+        return self._sizes[key]
+
+    def _batches(self, frames: FrameSet, epoch: Optional[int], rank: int = 0, world_size: int = 1) -> BatchReader:
+        """Rank ``rank``'s batches of ``frames``: shuffled for training epoch ``epoch``, in order when None.
+
+        Fixed ``batch_size`` or an atom/edge budget, as the config says (:func:`~latent_lr.training.sampler.plan_epoch`);
+        the frames of a batch are read when the iteration reaches it.
+        """
+        n_atoms, n_edges = self._batch_sizes(frames)
+        budget = self.config.max_atoms_per_batch is not None or self.config.max_edges_per_batch is not None
+        plan = plan_epoch(
+            n_atoms, n_edges, batch_size=None if budget else self.config.batch_size,
+            max_atoms=self.config.max_atoms_per_batch, max_edges=self.config.max_edges_per_batch,
+            world_size=world_size, seed=self.config.seed, epoch=epoch or 0, shuffle=epoch is not None,
+        )
+        return BatchReader(frames, plan[rank])
 
     def _run_epoch(self) -> float:
         self.model.train()
         total, count = 0.0, 0
-        batches = list(self._batches(self.train_frames, self.config.seed * 100_003 + self.epoch))
+        batches = self._batches(self.train_frames, self.epoch)
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not self.config.progress)
         for chunk in bar:
             data, targets = collate(chunk, self.model.dtype, self.model.device)
