@@ -1,4 +1,4 @@
-"""Command-line interface: ``latent-lr train | ablate | predict | demo | engine-demo``."""
+"""Command-line interface: ``latent-lr train | ablate | predict | prepare-data | demo | engine-demo``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from .demo import DEMO_OPTIONS, run_ablation_demo, run_engine_demo
 from .errors import UserInputError
 from .serialization import load
 from .training import TrainConfig, distributed, predict_file, run_ablation, train
+from .training.dataset import LabelKeys
+from .training.store import prepare_data
 
 #: Source directory of the package: a ValueError raised here is our own validation (a user error).
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -50,16 +52,12 @@ def _on_off(value: str) -> bool:
 def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bool) -> None:
     parser.add_argument("--config", help="JSON or TOML file with any of these settings (flags override it)")
     parser.add_argument("--backbone", choices=["mace", "nequip", "chgnet", "cace", "radial"])
-    parser.add_argument("--train", help="training data, extended XYZ")
-    parser.add_argument("--valid", help="validation data (default: split --valid-fraction off --train)")
+    data = "extended XYZ or prepared HDF5 (latent-lr prepare-data); several files, shard folders or globs allowed"
+    parser.add_argument("--train", nargs="+", metavar="FILE", help=f"training data: {data}")
+    parser.add_argument("--valid", nargs="+", metavar="FILE", help="validation data (default: split --valid-fraction off --train)")
     parser.add_argument("--valid-fraction", type=float)
-    parser.add_argument("--test", help="test data for the final evaluation")
-    parser.add_argument("--energy-key", help="info key of energies, eV (default energy)")
-    parser.add_argument("--forces-key", help="arrays key of forces, eV/Å (default forces; SPICE: force)")
-    parser.add_argument("--dipole-key", help="info key of dipoles, e·Å (adds a dipole loss)")
-    parser.add_argument("--charges-key", help="arrays key of reference charges, e (adds a charge loss)")
-    parser.add_argument("--total-charge-key", help="info key of each structure's net charge, e")
-    parser.add_argument("--bec-key", help="arrays key of reference BECs (N×9), e, for evaluation")
+    parser.add_argument("--test", nargs="+", metavar="FILE", help="test data for the final evaluation")
+    _add_label_key_arguments(parser)
     parser.add_argument("--energy-weight", type=float)
     parser.add_argument("--forces-weight", type=float)
     parser.add_argument("--dipole-weight", type=float)
@@ -72,7 +70,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--long-range-options", type=json.loads, help='e.g. \'{"smearing": 1.0}\'')
     _add_long_range_arguments(parser)
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="structures per batch (default 8; ignored with a budget below)")
+    parser.add_argument("--max-atoms-per-batch", type=int, help="size-balanced batches: at most this many atoms per batch")
+    parser.add_argument("--max-edges-per-batch", type=int, help="size-balanced batches: at most this many directed edges within the cut-off per batch")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--patience", type=int, help="early-stopping patience, epochs")
     parser.add_argument("--seed", type=int)
@@ -87,10 +87,22 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
+def _add_label_key_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--energy-key", help="info key of energies, eV (default energy)")
+    parser.add_argument("--forces-key", help="arrays key of forces, eV/Å (default forces; SPICE: force)")
+    parser.add_argument("--dipole-key", help="info key of dipoles, e·Å (adds a dipole loss)")
+    parser.add_argument("--charges-key", help="arrays key of reference charges, e (adds a charge loss)")
+    parser.add_argument("--total-charge-key", help="info key of each structure's net charge, e")
+    parser.add_argument("--bec-key", help="arrays key of reference BECs (N×9), e, for evaluation")
+
+
 def _config_from(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     names = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in names}
+    for name in ("train", "valid", "test"):  # one file stays a plain path (as config.json has always shown it)
+        if isinstance(values.get(name), list) and len(values[name]) == 1:
+            values[name] = values[name][0]
     config = config.updated(values)
     flags = _long_range_flags(args)
     if flags:
@@ -117,12 +129,17 @@ def _build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--batch-size", type=int, default=16, help="structures per forward pass (default 16)")
     predict_parser.add_argument("--total-charge-key", default="charge", help="info key of net charges, e (default charge)")
     predict_parser.add_argument("--no-progress", dest="progress", action="store_false")
+    prepare_parser = commands.add_parser("prepare-data", help="convert extended XYZ to the on-disk HDF5 format, read lazily by train")
+    prepare_parser.add_argument("paths", nargs="+", metavar="PATH", help="IN.xyz [IN2.xyz ...] OUT (OUT: a .h5 file, or a folder with --shard-size)")
+    prepare_parser.add_argument("--shard-size", type=int, help="structures per shard: OUT becomes a folder of shard-NNNNN.h5")
+    _add_label_key_arguments(prepare_parser)
+    prepare_parser.add_argument("--no-progress", dest="progress", action="store_false")
     demo_parser = commands.add_parser("demo", help="ablation on a built-in synthetic long-range dataset")
     demo_parser.add_argument("--out", default="runs/demo")
     demo_parser.add_argument("--epochs", type=int, default=DEMO_OPTIONS["epochs"])
     demo_parser.add_argument("--no-progress", dest="progress", action="store_false")
     engine_parser = commands.add_parser("engine-demo", help="Madelung constants and a water box from the engine")
-    for sub in (train_parser, ablate_parser, predict_parser, demo_parser, engine_parser):
+    for sub in (train_parser, ablate_parser, predict_parser, prepare_parser, demo_parser, engine_parser):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
@@ -154,6 +171,16 @@ def _run(args: argparse.Namespace) -> None:
             total_charge_key=args.total_charge_key, device=args.device, progress=args.progress,
         )
         print(f"wrote {count} structures to {args.output}")
+    elif args.command == "prepare-data":
+        if len(args.paths) < 2:
+            raise UserInputError("prepare-data needs IN.xyz [IN2.xyz ...] OUT: at least one input and the output.")
+        defaults = TrainConfig()
+        keys = LabelKeys(
+            energy=args.energy_key or defaults.energy_key, forces=args.forces_key or defaults.forces_key,
+            dipole=args.dipole_key, charges=args.charges_key, total_charge=args.total_charge_key, bec=args.bec_key,
+        )
+        written = prepare_data(args.paths[:-1], args.paths[-1], keys, shard_size=args.shard_size, progress=args.progress)
+        print(f"wrote {len(written)} file{'s' if len(written) > 1 else ''}: {', '.join(str(p) for p in written)}")
     elif args.command == "demo":
         run_ablation_demo(args.out, epochs=args.epochs, progress=args.progress)
     elif args.command == "engine-demo":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import vesin
+from ase import Atoms
 
 from .data import AtomsBatch
 
@@ -24,10 +25,7 @@ def radius_graph(data: AtomsBatch, cutoff: float) -> tuple[torch.Tensor, torch.T
     senders, receivers, shifts = [], [], []
     start = 0
     for index, count in enumerate(counts):
-        block = positions[start : start + count]
-        box = cells[index] if pbc[index].any() else np.zeros((3, 3))
-        neighbours = vesin.NeighborList(cutoff=cutoff, full_list=True)
-        i, j, s = neighbours.compute(block, box, pbc[index].tolist(), quantities="ijS")
+        i, j, s = _neighbours(positions[start : start + count], cells[index], pbc[index], cutoff, "ijS")
         senders.append(i.astype(np.int64) + start)
         receivers.append(j.astype(np.int64) + start)
         shifts.append(s)
@@ -36,6 +34,19 @@ def radius_graph(data: AtomsBatch, cutoff: float) -> tuple[torch.Tensor, torch.T
     edge_index = torch.from_numpy(np.stack([np.concatenate(senders), np.concatenate(receivers)]))
     unit_shifts = torch.from_numpy(np.concatenate(shifts)).to(dtype)
     return edge_index.to(device), unit_shifts.to(device)
+
+
+def _neighbours(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, quantities: str) -> list:
+    """vesin's full neighbour list of one structure (positions (n, 3) Å, cell (3, 3) Å, pbc (3,))."""
+    box = cell if pbc.any() else np.zeros((3, 3))
+    neighbours = vesin.NeighborList(cutoff=cutoff, full_list=True)
+    return neighbours.compute(positions, box, pbc.tolist(), quantities=quantities)
+
+
+def edge_count(atoms: Atoms, cutoff: float) -> int:
+    """Number of directed edges of one structure within ``cutoff`` (Å), as :func:`radius_graph` builds them."""
+    (senders,) = _neighbours(atoms.positions.astype(np.float64), atoms.cell.array, np.asarray(atoms.pbc), cutoff, "i")
+    return int(len(senders))
 
 
 def edge_vectors(

@@ -19,7 +19,6 @@ from latent_lr.synthetic import make_structure, reference_energy_forces
 from latent_lr.training import TrainConfig, Trainer, distributed
 from latent_lr.training.dataset import collate
 from latent_lr.training.loss import loss_function
-from latent_lr.training.shards import fixed_count_plan
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TINY_HOST = {"cutoff": 4.0, "hidden_dim": 8}
@@ -143,19 +142,6 @@ def test_cli_torchrun_distributed_train_writes_once_and_matches_one_process(two_
     single.fit()
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     _assert_same_weights(single.model.state_dict(), saved, 1e-10)
-
-
-def test_fixed_count_plan_covers_every_frame_once_with_equal_steps():
-    for n_frames, batch, world in [(36, 4, 2), (37, 4, 2), (33, 4, 2), (50, 3, 4), (9, 8, 1)]:
-        plan = fixed_count_plan(n_frames, batch, world, seed=5)
-        assert len(plan) == world and len({len(steps) for steps in plan}) == 1
-        seen = sorted(i for steps in plan for batch_indices in steps for i in batch_indices)
-        assert seen == list(range(n_frames))
-        assert all(0 < len(b) <= batch + 1 for steps in plan for b in steps)  # the merged last step may add one
-    single = fixed_count_plan(20, 8, 1, seed=None)[0]
-    assert single == [list(range(0, 8)), list(range(8, 16)), list(range(16, 20))]  # a single process's batches
-    with pytest.raises(UserInputError, match="cannot feed 4 ranks"):
-        fixed_count_plan(3, 8, 4, seed=0)
 
 
 def test_launcher_environments_torchrun_and_slurm():

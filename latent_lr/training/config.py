@@ -23,13 +23,20 @@ class TrainConfig:
     rank's local GPU).  ``dtype`` is the training precision; ``eval_dtype`` (default: the
     same) the precision of validation and final evaluation, e.g. float32 training with
     float64 evaluation.  ``distributed``: data-parallel over the processes a launcher
-    (torchrun, SLURM srun) started, ``batch_size`` structures per rank and step.
+    (torchrun, SLURM srun) started, ``batch_size`` structures (or the budgets below) per rank and step.
+
+    Data (``train``, ``valid``, ``test``): a file or a list of files, folders of
+    shards or globs (extended XYZ, or HDF5 from ``latent-lr prepare-data``).
+    Batches: ``batch_size`` structures each, or, when ``max_atoms_per_batch``
+    and/or ``max_edges_per_batch`` (directed edges within the backbone's
+    cut-off) are set, as many structures as fit that budget (``batch_size`` is
+    then ignored; see :mod:`latent_lr.training.sampler`).
     """
 
-    train: str = ""
-    valid: Optional[str] = None
+    train: Union[str, list[str]] = ""
+    valid: Optional[Union[str, list[str]]] = None
     valid_fraction: float = 0.1
-    test: Optional[str] = None
+    test: Optional[Union[str, list[str]]] = None
     backbone: str = "radial"
     host_options: dict[str, Any] = field(default_factory=dict)
     long_range: bool = True
@@ -49,6 +56,8 @@ class TrainConfig:
     reference_energies: Union[str, dict[str, float]] = "fit"
     epochs: int = 100
     batch_size: int = 8
+    max_atoms_per_batch: Optional[int] = None
+    max_edges_per_batch: Optional[int] = None
     learning_rate: float = 3e-3
     patience: int = 20
     seed: int = 0

@@ -147,17 +147,24 @@ def read_frames(path: Union[str, Path], keys: LabelKeys) -> list[Frame]:
     frames = list(iter_frames(path, keys))
     if not frames:
         raise UserInputError(f"{path} holds no structures; give a non-empty extended-XYZ file.")
-    if keys.energy and all(f.energy is None for f in frames):
+    require_labels(
+        path, keys, any(f.energy is not None for f in frames), any(f.forces is not None for f in frames), sorted(frames[0].info)
+    )
+    return frames
+
+
+def require_labels(path: Union[str, Path], keys: LabelKeys, any_energy: bool, any_forces: bool, info_keys: Sequence[str]) -> None:
+    """Raise when a file asked for energies (forces) has none in any frame; ``info_keys``: its first frame's."""
+    if keys.energy and not any_energy:
         raise UserInputError(
             f"{frame_location(path, 0)}: no energy under info key {keys.energy!r} (nor in any other frame); "
-            f"available info keys: {sorted(frames[0].info)}; set --energy-key."
+            f"available info keys: {list(info_keys)}; set --energy-key."
         )
-    if keys.forces and all(f.forces is None for f in frames):
+    if keys.forces and not any_forces:
         raise UserInputError(
             f"{frame_location(path, 0)}: no forces under arrays key {keys.forces!r} (nor in any other frame); "
             f"set --forces-key (SPICE uses 'force')."
         )
-    return frames
 
 
 def check_frame_elements(check: Callable[[torch.Tensor], None], frames: Sequence[Frame]) -> None:

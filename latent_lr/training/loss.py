@@ -10,8 +10,9 @@ Units: eV, eV/Å, e·Å, e.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -21,16 +22,19 @@ from .dataset import Frame
 TERMS = ("energy", "forces", "dipole", "charges")
 
 
-def common_labels(frames: Iterable[Frame]) -> set[str]:
-    """The labels every frame carries (a term is in a batch's loss only if all its frames have it)."""
-    frames = list(frames)
-    return {name for name in TERMS if all(getattr(frame, name) is not None for frame in frames)}
+def common_labels(masks: Mapping[str, np.ndarray]) -> set[str]:
+    """The labels every structure of a batch carries (``masks``: term -> (S,) bool per structure).
+
+    A term is in a batch's loss only if all its structures have the label, as :func:`~latent_lr.training.dataset.collate` does.
+    """
+    return {term for term, mask in masks.items() if bool(np.all(mask))}
 
 
-def label_counts(frames: Sequence[Frame]) -> dict[str, int]:
-    """How many values each term averages over in ``frames``: structures, 3·atoms, 3·structures, atoms."""
-    atoms = sum(len(frame.atoms) for frame in frames)
-    return {"energy": len(frames), "forces": 3 * atoms, "dipole": 3 * len(frames), "charges": atoms}
+def label_counts(n_atoms: np.ndarray) -> dict[str, int]:
+    """How many values each term averages over in a batch of structures with ``n_atoms`` (S,) atoms:
+    S, 3·N, 3·S and N (N = Σ n_atoms)."""
+    structures, atoms = len(n_atoms), int(np.sum(n_atoms))
+    return {"energy": structures, "forces": 3 * atoms, "dipole": 3 * structures, "charges": atoms}
 
 
 def _weight(config: TrainConfig, term: str) -> float:
@@ -65,5 +69,5 @@ def weighted_loss(config: TrainConfig, sums: Mapping[str, torch.Tensor], counts:
 
 def loss_function(config: TrainConfig, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], frames: Sequence[Frame]) -> torch.Tensor:
     """The loss of one batch of ``frames`` in one process (counts are the batch's own)."""
-    n_atoms = out["energy"].new_tensor([len(frame.atoms) for frame in frames])
-    return weighted_loss(config, squared_error_sums(config, out, targets, n_atoms), label_counts(frames), out["energy"])
+    sizes = np.array([len(frame.atoms) for frame in frames])
+    return weighted_loss(config, squared_error_sums(config, out, targets, out["energy"].new_tensor(sizes)), label_counts(sizes), out["energy"])

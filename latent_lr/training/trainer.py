@@ -19,17 +19,21 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..backbone import adapter_class
+from ..errors import UserInputError
 from ..model import LongRangeModel
+from ..neighbors import edge_count
 from ..serialization import load, save
 from ..wrap import wrap
 from .config import TrainConfig
 from . import distributed
-from .dataset import Frame, LabelKeys, check_frame_elements, collate, read_frames
+from .data_files import open_frames
+from .dataset import Frame, LabelKeys, check_frame_elements, collate
+from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
 from .loss import TERMS, common_labels, label_counts, squared_error_sums, weighted_loss
 from .metrics import error_metrics, predict_frames
 from .model_files import CHECKPOINT_MODEL_CONFIG, load_model_file
 from .references import fit_reference_energies
-from .shards import Plan, fixed_count_plan
+from .sampler import EpochPlan, oversized_structures, plan_epoch
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.pt"
@@ -53,17 +57,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def split_frames(config: TrainConfig) -> tuple[list[Frame], list[Frame]]:
-    """Training and validation frames; a seeded split when no --valid file is given."""
+def split_frames(config: TrainConfig) -> tuple[FrameSet, FrameSet]:
+    """Training and validation frames; a seeded split when no --valid file is given.
+
+    Prepared (HDF5) files stay on disk: the sets read frames when asked for.
+    """
     keys = label_keys(config)
-    frames = read_frames(config.train, keys)
+    frames = open_frames(config.train, keys)
     if config.valid:
-        return frames, read_frames(config.valid, keys)
+        return frames, open_frames(config.valid, keys)
     order = np.random.default_rng(config.seed).permutation(len(frames))
     n_valid = max(1, int(round(config.valid_fraction * len(frames))))
     if n_valid >= len(frames):
         raise ValueError(f"{config.train} has too few structures ({len(frames)}) to split off a validation set.")
-    return [frames[i] for i in order[n_valid:]], [frames[i] for i in order[:n_valid]]
+    return FrameSubset(frames, order[n_valid:]), FrameSubset(frames, order[:n_valid])
 
 
 def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
@@ -140,12 +147,16 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
         self.train_frames, self.valid_frames = split_frames(config)
-        self.test_frames = read_frames(config.test, label_keys(config)) if config.test else []
-        frames = self.train_frames + self.valid_frames + self.test_frames
-        self.species = sorted({int(z) for f in frames for z in f.atoms.numbers})
+        self.test_frames: FrameSet = open_frames(config.test, label_keys(config)) if config.test else FrameList([])
+        frame_sets = (self.train_frames, self.valid_frames, self.test_frames)
+        self.species = sorted(set().union(*(part.species() for part in frame_sets)))
         self.model = build_model(config, self.species)
         if config.init_model:
-            check_frame_elements(self.model.backbone.check_elements, frames)
+            for part in frame_sets:
+                check_frame_elements(self.model.backbone.check_elements, part)
+        self._sizes: dict[int, tuple[np.ndarray, Optional[np.ndarray]]] = {}
+        self._batch_sizes(self.train_frames)
+        self._train_labels = {term: self.train_frames.label_mask(term) for term in TERMS}
         if not config.init_model:
             self._set_reference_energies()
         self.model.to(self.ranks.device)
@@ -219,49 +230,90 @@ class Trainer:
             self.out / CHECKPOINT,
         )
 
-    def epoch_plan(self, epoch: int) -> Plan:
-        """``plan[rank][step]``: training-frame indices of each rank's batch at each step of ``epoch``."""
-        return fixed_count_plan(len(self.train_frames), self.config.batch_size, self.ranks.world_size, self.config.seed * 100_003 + epoch)
+    def _batch_sizes(self, frames: FrameSet) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(S,) atoms and, with an edge budget, (S,) directed edges per structure of ``frames`` (computed once)."""
+        key = id(frames)
+        if key not in self._sizes:
+            n_atoms = frames.n_atoms
+            n_edges = None
+            if self.config.max_edges_per_batch is not None:
+                cutoff = self.model.backbone.cutoff
+                n_edges = np.array([edge_count(frame.atoms, cutoff) for frame in frames], dtype=np.int64)
+            too_big = oversized_structures(n_atoms, n_edges, self.config.max_atoms_per_batch, self.config.max_edges_per_batch)
+            if too_big:
+                frame = frames[too_big[0]]
+                edges = "" if n_edges is None else f", {n_edges[too_big[0]]} edges"
+                raise UserInputError(
+                    f"{frame.location}: {len(frame.atoms)} atoms{edges} exceed the per-batch budget "
+                    f"({len(too_big)} structures do); raise --max-atoms-per-batch / --max-edges-per-batch."
+                )
+            self._sizes[key] = (n_atoms, n_edges)
+        return self._sizes[key]
 
-    def _step(self, chunk: Sequence[Frame], step_frames: Sequence[Frame]) -> torch.Tensor:
-        """One optimiser step on this rank's ``chunk`` of the global batch ``step_frames``; the step's loss (0-d, on the device).
+    def _plan(self, frames: FrameSet, epoch: Optional[int], world_size: int) -> EpochPlan:
+        """``plan[rank][step]``: indices into ``frames`` of each rank's batches, shuffled for epoch ``epoch``, in order when None.
 
-        The loss is normalised by the global batch's counts (known from the plan, no
-        communication) and multiplied by the number of ranks, because DDP averages the
-        gradients over ranks: the gradient is that of one process with the whole batch.
+        Fixed ``batch_size`` or an atom/edge budget, as the config says (:func:`~latent_lr.training.sampler.plan_epoch`).
         """
-        labels = common_labels(step_frames)
+        n_atoms, n_edges = self._batch_sizes(frames)
+        budget = self.config.max_atoms_per_batch is not None or self.config.max_edges_per_batch is not None
+        return plan_epoch(
+            n_atoms, n_edges, batch_size=None if budget else self.config.batch_size,
+            max_atoms=self.config.max_atoms_per_batch, max_edges=self.config.max_edges_per_batch,
+            world_size=world_size, seed=self.config.seed, epoch=epoch or 0, shuffle=epoch is not None,
+        )
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """The training plan of ``epoch`` for this run's ranks (every rank computes the same)."""
+        return self._plan(self.train_frames, epoch, self.ranks.world_size)
+
+    def _batches(self, frames: FrameSet, epoch: Optional[int], rank: int = 0, world_size: int = 1) -> BatchReader:
+        """Rank ``rank``'s batches of ``frames`` (see :meth:`_plan`); a batch's frames are read when the iteration reaches it."""
+        return BatchReader(frames, self._plan(frames, epoch, world_size)[rank])
+
+    def _step(self, chunk: Sequence[Frame], step: Sequence[int]) -> torch.Tensor:
+        """One optimiser step on this rank's ``chunk`` of the global batch (training-frame indices ``step``).
+
+        The loss is normalised by the global batch's counts (atom counts and label masks
+        known on every rank, no communication) and multiplied by the number of ranks,
+        because DDP averages the gradients over ranks: the gradient is that of one
+        process with the whole batch.  Returns the global batch's loss share of this
+        rank (0-d, on the device; summed over ranks it is the step's loss).
+        """
+        labels = common_labels({term: mask[step] for term, mask in self._train_labels.items()})
         data, targets = collate(chunk, self.model.dtype, self.ranks.device)
         targets = {name: value for name, value in targets.items() if name in labels}
         self.optimiser.zero_grad(set_to_none=True)
         out = self.network(data, compute_forces="forces" in labels, compute_stress=False, check_inputs=False)
         n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
         sums = squared_error_sums(self.config, out, targets, n_atoms)
-        loss = weighted_loss(self.config, sums, label_counts(step_frames), out["energy"])
+        loss = weighted_loss(self.config, sums, label_counts(self.train_frames.n_atoms[step]), out["energy"])
         (loss * self.ranks.world_size).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
         self.optimiser.step()
         return loss.detach()
 
     def _run_epoch(self) -> float:
-        """Train one epoch; the mean loss per structure.  Appends throughput figures to ``self.epoch_report``."""
+        """Train one epoch; the mean loss per structure.  Sets ``self.epoch_report`` (throughput, ranks' busy shares)."""
         self.network.train()
         plan = self.epoch_plan(self.epoch)
         mine = plan[self.ranks.rank]
         running = torch.zeros((), dtype=torch.float64, device=self.ranks.device)
         busy = 0.0
         started = time.perf_counter()
-        bar = tqdm(range(len(mine)), desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not (self.config.progress and self.ranks.is_main))
-        for step in bar:
-            step_frames = [self.train_frames[i] for shard in plan for i in shard[step]]
-            step_started = time.perf_counter()
-            loss = self._step([self.train_frames[i] for i in mine[step]], step_frames)
+        batches = BatchReader(self.train_frames, mine)
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not (self.config.progress and self.ranks.is_main))
+        step_started = time.perf_counter()
+        for index, chunk in enumerate(bar):
+            step = np.concatenate([shard[index] for shard in plan]).astype(np.int64)
+            loss = self._step(chunk, step)
             busy += (self.clock.last_bucket if self.ranks.distributed else time.perf_counter()) - step_started
-            running += loss.to(torch.float64) * len(step_frames)
+            running += loss.to(torch.float64) * len(step)
+            step_started = time.perf_counter()
         seconds = time.perf_counter() - started
         totals = distributed.sum_over_ranks(running)
         structures = len(self.train_frames)
-        atoms = sum(len(f.atoms) for f in self.train_frames)
+        atoms = int(self.train_frames.n_atoms.sum())
         self.epoch_report = {"train_seconds": seconds, "structures_per_s": structures / seconds, "atoms_per_s": atoms / seconds}
         if self.ranks.distributed:
             shares = distributed.gather_over_ranks(busy / seconds, self.ranks)
@@ -272,20 +324,17 @@ class Trainer:
     def validation_loss(self) -> float:
         """The loss (see :mod:`~latent_lr.training.loss`) over all validation frames, in ``eval_dtype``.
 
-        Each rank takes every ``world_size``-th frame; the sums and counts are all-reduced,
-        so every rank gets the same value.
+        Each rank takes its share of the frames (in order); the sums and counts are
+        all-reduced, so every rank gets the same value.
         """
         model = self.model if self.eval_dtype == self.model.dtype else copy.deepcopy(self.model).to(self.eval_dtype)
         model.eval()
         sums = torch.zeros(2 * len(TERMS), dtype=torch.float64, device=self.ranks.device)
-        frames = self.valid_frames[self.ranks.rank :: self.ranks.world_size]
-        for start in range(0, len(frames), self.config.batch_size):
-            chunk = frames[start : start + self.config.batch_size]
-            labels = common_labels(chunk)
+        for chunk in self._batches(self.valid_frames, None, self.ranks.rank, self.ranks.world_size):
             data, targets = collate(chunk, model.dtype, self.ranks.device)
-            out = model(data, compute_forces="forces" in labels, compute_stress=False, check_inputs=False)
+            out = model(data, compute_forces="forces" in targets, compute_stress=False, check_inputs=False)
             n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
-            counts = label_counts(chunk)
+            counts = label_counts(np.array([len(f.atoms) for f in chunk]))
             for term, total in squared_error_sums(self.config, out, targets, n_atoms).items():
                 index = TERMS.index(term)
                 sums[index] += total.detach().to(torch.float64)
