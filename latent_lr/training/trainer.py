@@ -1,14 +1,15 @@
-"""Training loop: seeded, checkpointed every epoch, resumable, early-stopped."""
+"""Training loop: seeded, checkpointed every epoch, resumable, early-stopped, guarded against non-finite steps."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,17 @@ from ..wrap import wrap
 from .config import TrainConfig
 from .dataset import Frame, LabelKeys, check_frame_elements, collate, read_frames
 from .metrics import error_metrics, predict_frames
-from .model_files import CHECKPOINT_MODEL_CONFIG, load_model_file
+from .model_files import CHECKPOINT_EMA, CHECKPOINT_MODEL_CONFIG, load_model_file
+from .recipe import (
+    LearningRateSchedule,
+    NonFiniteGuard,
+    StageTwo,
+    TimeBudget,
+    WeightAverage,
+    build_optimiser,
+    clip_gradients,
+    parameters_finite,
+)
 from .references import fit_reference_energies
 
 CHECKPOINT = "checkpoint.pt"
@@ -100,11 +111,13 @@ def _atomic_write(payload: dict, path: Path) -> None:
 class Trainer:
     """Train one model as ``config`` says; every artefact goes to ``config.out``.
 
-    Files: ``checkpoint.pt`` (after every epoch: model weights and architecture, optimiser, scheduler,
-    epoch, best score), ``best_model.pt`` (read it with :func:`latent_lr.load`),
-    ``log.csv`` and ``log.json`` (per-epoch losses and validation errors),
+    Files: ``checkpoint.pt`` (after every epoch: model weights and architecture, the weight
+    average, optimiser, schedule, stage-two and guard state, epoch, best score), ``best_model.pt``
+    (read it with :func:`latent_lr.load`; the weight average when ``ema_decay`` is set),
+    ``log.csv`` and ``log.json`` (per-epoch losses, learning rate, stage, non-finite events),
     ``config.json``.  A killed run restarted with ``resume=True`` continues
-    from the last completed epoch, with the same data order.
+    from the last completed epoch, with the same data order.  The recipe's pieces live in
+    :mod:`latent_lr.training.recipe`.
     """
 
     def __init__(self, config: TrainConfig):
@@ -123,9 +136,15 @@ class Trainer:
             check_frame_elements(self.model.backbone.check_elements, frames)
         if not config.init_model:
             self._set_reference_energies()
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimiser, factor=0.5, patience=max(1, config.patience // 4))
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimiser = build_optimiser(self.trainable_parameters, config)
+        self.stage_two = StageTwo(config)
+        main_epochs = config.epochs if self.stage_two.start is None else self.stage_two.start
+        self.scheduler = LearningRateSchedule(self.optimiser, config, main_epochs)
+        self.ema = None if config.ema_decay is None else WeightAverage(self.model, config.ema_decay)
+        self.guard = NonFiniteGuard(self.optimiser, config.nonfinite_lr_factor)
+        self.budget = TimeBudget(None if config.time_budget is None else float(config.time_budget))
+        self.validation_seconds = 0.0
         self.epoch = 0
         self.best = float("inf")
         self.stale_epochs = 0
@@ -143,6 +162,11 @@ class Trainer:
         for z, energy in references.items():
             self.model.reference_energy[z] = energy
 
+    @property
+    def evaluated_model(self) -> LongRangeModel:
+        """The model that validation scores and ``best_model.pt`` holds: the weight average when ``ema_decay`` is set."""
+        return self.model if self.ema is None else self.ema.model()
+
     def resume(self) -> bool:
         """Load ``checkpoint.pt`` if present; True when resumed."""
         path = self.out / CHECKPOINT
@@ -152,6 +176,13 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "stage_two" in state:
+            self.stage_two.load_state_dict(state["stage_two"])
+            self.guard.load_state_dict(state["guard"])
+        if self.ema is not None and state.get(CHECKPOINT_EMA) is not None:
+            self.ema.load_state_dict(state[CHECKPOINT_EMA])
+        elif self.ema is not None:  # a run without a weight average continues with one, started now
+            self.ema = WeightAverage(self.model, self.ema.decay)
         self.epoch, self.best, self.stale_epochs = state["epoch"], state["best"], state["stale_epochs"]
         self.history = state["history"]
         torch.set_rng_state(state["torch_rng"])
@@ -164,6 +195,9 @@ class Trainer:
                 CHECKPOINT_MODEL_CONFIG: self.model.config(),
                 "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                CHECKPOINT_EMA: None if self.ema is None else self.ema.state_dict(),
+                "stage_two": self.stage_two.state_dict(),
+                "guard": self.guard.state_dict(),
                 "epoch": self.epoch,
                 "best": self.best,
                 "stale_epochs": self.stale_epochs,
@@ -181,68 +215,146 @@ class Trainer:
         for start in range(0, len(frames), size):
             yield [frames[i] for i in order[start : start + size]]
 
-    def _run_epoch(self) -> float:
+    def _run_epoch(self) -> tuple[float, bool]:
+        """Train one epoch: the mean loss of its finite steps (NaN if none) and whether it ran to
+        its end (False: the time budget ran out, keeping time for one validation pass)."""
         self.model.train()
+        loss_config = self.stage_two.loss_config(self.epoch)
         total, count = 0.0, 0
         batches = list(self._batches(self.train_frames, self.config.seed * 100_003 + self.epoch))
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not self.config.progress)
-        for chunk in bar:
+        for index, chunk in enumerate(bar):
             data, targets = collate(chunk, self.model.dtype, self.model.device)
             self.optimiser.zero_grad(set_to_none=True)
             out = self.model(data, compute_forces="forces" in targets, compute_stress=False)
-            loss = loss_function(self.config, out, targets, data.n_atoms.to(out["energy"].dtype))
+            loss = loss_function(loss_config, out, targets, data.n_atoms.to(out["energy"].dtype))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
-            self.optimiser.step()
-            total += loss.item() * len(chunk)
-            count += len(chunk)
-            bar.set_postfix(loss=f"{loss.item():.3g}")
-        return total / max(count, 1)
+            gradient_norm = clip_gradients(self.trainable_parameters, self.config.gradient_clip)
+            loss_value, finite = self.guard.check(loss, gradient_norm)
+            if finite:
+                self.optimiser.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                total += loss_value * len(chunk)
+                count += len(chunk)
+            else:
+                frames = ", ".join(frame.location for frame in chunk)
+                self.guard.skipped(f"epoch {self.epoch + 1}, batch {index + 1} ({frames})", loss_value)
+                self.optimiser.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss_value:.3g}")
+            if self.budget.expired(reserve=self.validation_seconds):
+                return (total / count if count else float("nan")), False
+        return (total / count if count else float("nan")), True
 
     def validation_loss(self) -> float:
-        self.model.eval()
+        """Mean loss over the validation frames, of :attr:`evaluated_model`, with this epoch's loss weights."""
+        model = self.evaluated_model
+        model.eval()
+        loss_config = self.stage_two.loss_config(self.epoch)
         total, count = 0.0, 0
         for chunk in self._batches(self.valid_frames, None):
-            data, targets = collate(chunk, self.model.dtype, self.model.device)
-            out = self.model(data, compute_forces="forces" in targets, compute_stress=False)
-            total += loss_function(self.config, out, targets, data.n_atoms.to(out["energy"].dtype)).item() * len(chunk)
+            data, targets = collate(chunk, model.dtype, model.device)
+            out = model(data, compute_forces="forces" in targets, compute_stress=False)
+            total += loss_function(loss_config, out, targets, data.n_atoms.to(out["energy"].dtype)).item() * len(chunk)
             count += len(chunk)
         return total / max(count, 1)
+
+    def _training_state(self) -> dict[str, Any]:
+        """A copy of the weights, optimiser and weight average (what a roll-back restores)."""
+        return copy.deepcopy({
+            "model": self.model.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+        })
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def _weights_finite(self) -> bool:
+        return parameters_finite(self.model) and (self.ema is None or parameters_finite(self.ema.model()))
+
+    def _begin_stage_two(self) -> None:
+        """Switch the loss weights (and the rate, if given); scores of stage one are not comparable, so forget them."""
+        self.scheduler.begin_stage_two(self.config.stage_two_learning_rate)
+        self.best, self.stale_epochs = float("inf"), 0
+        weights = self.stage_two.loss_config(self.epoch)
+        print(f"stage two from epoch {self.epoch + 1}: energy weight {weights.energy_weight}, forces weight {weights.forces_weight}, "
+              f"learning rate {self.optimiser.param_groups[0]['lr']:.3g}")
+
+    def _save_if_best(self, valid_loss: float) -> bool:
+        """Write ``best_model.pt`` when ``valid_loss`` beats the best so far (or no best model exists yet); True if it did."""
+        improved = valid_loss < self.best
+        if improved or not (self.out / BEST_MODEL).exists():
+            save(self.evaluated_model, self.out / BEST_MODEL)
+        if improved:
+            self.best = valid_loss
+        return improved
 
     def fit(self) -> LongRangeModel:
         """Train until ``epochs`` or early stopping; return the best model."""
+        """Train until ``epochs``, early stopping or the time budget; return the best model.
+
+        Early stopping during stage one starts stage two instead (when one is set).  When the
+        time budget runs out mid-epoch, the partial epoch is validated and may become the best
+        model, but is not checkpointed (``--resume`` repeats it).  Weights that turn non-finite
+        are rolled back to the end of the previous epoch before anything is saved.
+        """
+        self.budget.start()
+        last_good = self._training_state()
         start_epoch = self.epoch
         bar = tqdm(range(start_epoch, self.config.epochs), desc="training", initial=start_epoch, total=self.config.epochs, disable=not self.config.progress)
         for _ in bar:
             if self.stale_epochs >= self.config.patience:
-                break
+                if not self.stage_two.start_now(self.epoch):
+                    break
+                print(f"no improvement for {self.stale_epochs} epochs: stage two starts early")
+            if self.stage_two.begins(self.epoch):
+                self._begin_stage_two()
             started = time.perf_counter()
-            train_loss = self._run_epoch()
+            skipped, rollbacks = self.guard.skipped_steps, self.guard.rollbacks
+            train_loss, complete = self._run_epoch()
+            if not self._weights_finite():
+                self._restore(last_good)
+                self.guard.rolled_back(f"epoch {self.epoch + 1}")
+            validation_started = time.perf_counter()
             valid_loss = self.validation_loss()
+            self.validation_seconds = time.perf_counter() - validation_started
+            if not complete:
+                self._save_if_best(valid_loss)
+                print(f"time budget of {self.config.time_budget:g} s reached during epoch {self.epoch + 1} "
+                      f"(validation loss {valid_loss:.4g}); best model: {self.out / BEST_MODEL}")
+                break
             self.scheduler.step(valid_loss)
+            stage = 2 if self.stage_two.active(self.epoch) else 1
             self.epoch += 1
-            improved = valid_loss < self.best
-            if improved:
-                self.best, self.stale_epochs = valid_loss, 0
-                save(self.model, self.out / BEST_MODEL)
-            else:
-                self.stale_epochs += 1
+            self.stale_epochs = 0 if self._save_if_best(valid_loss) else self.stale_epochs + 1
             row = {
                 "epoch": self.epoch,
                 "train_loss": train_loss,
                 "valid_loss": valid_loss,
                 "learning_rate": self.optimiser.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
+                "stage": stage,
+                "nonfinite_steps": self.guard.skipped_steps - skipped,
+                "rollbacks": self.guard.rollbacks - rollbacks,
             }
             self.history.append(row)
             self._write_logs()
             self._checkpoint()
+            last_good = self._training_state()
             bar.set_postfix(train=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}")
+            if self.budget.expired():
+                print(f"time budget of {self.config.time_budget:g} s reached after epoch {self.epoch}; best model: {self.out / BEST_MODEL}")
+                break
         return load(self.out / BEST_MODEL)
 
     def _write_logs(self) -> None:
+        names = list(dict.fromkeys(name for row in self.history for name in row))  # rows of older runs lack newer columns
         with open(self.out / LOG_CSV, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
+            writer = csv.DictWriter(handle, fieldnames=names)
             writer.writeheader()
             writer.writerows(self.history)
         (self.out / "log.json").write_text(json.dumps(self.history, indent=1))
