@@ -37,15 +37,16 @@ def all_finite(state: dict) -> bool:
 
 
 def test_weight_average_equals_hand_computed_average(dataset, tmp_path):
-    decay = 0.7
+    decay = 0.4  # reached at step 6 (6/15): steps 2-5 use the warm-up, 6-10 the cap
     trainer = Trainer(tiny(dataset, tmp_path, epochs=2, ema_decay=decay))
     snapshots: list[list[torch.Tensor]] = []
     trainer.optimiser.register_step_post_hook(lambda *_: snapshots.append([p.detach().clone() for p in trainer.model.parameters()]))
     trainer.fit()
     assert len(snapshots) == 10  # 2 epochs x 5 steps
     average = [t.clone() for t in snapshots[0]]  # the average starts at the weights after the first step
-    for snapshot in snapshots[1:]:
-        average = [decay * a + (1 - decay) * w for a, w in zip(average, snapshot)]
+    for step, snapshot in enumerate(snapshots[1:], start=2):
+        d = min(decay, step / (step + 9))  # the decay warms up: 2/11, 3/12, ... until it reaches `decay`
+        average = [d * a + (1 - d) * w for a, w in zip(average, snapshot)]
     names = [name for name, _ in trainer.model.named_parameters()]
     for name, expected, live in zip(names, average, trainer.model.parameters()):
         torch.testing.assert_close(dict(trainer.ema.model().named_parameters())[name], expected, rtol=0, atol=1e-13)

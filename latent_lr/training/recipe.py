@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, ReduceLROnPlateau, SequentialLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ..model import LongRangeModel
 from .config import TrainConfig
@@ -162,14 +162,25 @@ class LearningRateSchedule:
 
 
 class WeightAverage:
-    """Exponential moving average of the weights (torch's AveragedModel with the EMA rule):
-    after the first step the average equals the weights; after step k,
-    W̄_k = decay·W̄_(k−1) + (1 − decay)·W_k.  Buffers (reference energies, ...) follow the live model.
+    """Exponential moving average of the weights (torch's AveragedModel; buffers such as the
+    reference energies follow the live model).  After the first step the average equals the
+    weights; after step k > 1, W̄_k = d_k·W̄_(k−1) + (1 − d_k)·W_k with
+    d_k = min(decay, k / (k + 9)) — the usual warm-up of the decay (TensorFlow's and
+    torch-ema's ``num_updates`` rule, which MACE's ``--ema`` uses), so that a short run
+    is not dominated by its first steps.
     """
 
     def __init__(self, model: LongRangeModel, decay: float):
         self.decay = decay
-        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=False)
+
+    @torch.no_grad()
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        """Fold ``current`` into ``averaged`` in place; ``n_averaged`` (≥ 1) steps are in the average already."""
+        updates = float(n_averaged) + 1.0
+        weight = 1.0 - min(self.decay, updates / (updates + 9.0))
+        for mean, value in zip(averaged, current):
+            mean.lerp_(value, weight)
 
     def update(self, model: LongRangeModel) -> None:
         """Fold the weights after an optimiser step into the average."""
