@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, ReduceLROnPlateau, SequentialLR
@@ -172,18 +172,19 @@ class WeightAverage:
 
     def __init__(self, model: LongRangeModel, decay: float):
         self.decay = decay
+        self.updates = 0  # steps folded in so far (kept on the host: no device sync per step)
         self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=False)
 
     @torch.no_grad()
-    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        """Fold ``current`` into ``averaged`` in place; ``n_averaged`` (≥ 1) steps are in the average already."""
-        updates = float(n_averaged) + 1.0
-        weight = 1.0 - min(self.decay, updates / (updates + 9.0))
+    def _average(self, averaged: Union[list[torch.Tensor], tuple[torch.Tensor, ...]], current: Union[list[torch.Tensor], tuple[torch.Tensor, ...]], _: Union[torch.Tensor, int]) -> None:
+        """Fold ``current`` (the weights after step ``updates``, ≥ 2) into ``averaged`` in place."""
+        weight = 1.0 - min(self.decay, self.updates / (self.updates + 9.0))
         for mean, value in zip(averaged, current):
             mean.lerp_(value, weight)
 
     def update(self, model: LongRangeModel) -> None:
         """Fold the weights after an optimiser step into the average."""
+        self.updates += 1
         self.averaged.update_parameters(model)
 
     def model(self) -> LongRangeModel:
@@ -193,11 +194,12 @@ class WeightAverage:
         return module
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.model().state_dict(), "updates": int(self.averaged.n_averaged)}
+        return {"weights": self.model().state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model().load_state_dict(state["weights"])
-        self.averaged.n_averaged.fill_(state["updates"])
+        self.updates = state["updates"]
+        self.averaged.n_averaged.fill_(self.updates)
 
 
 def parameters_finite(model: torch.nn.Module) -> bool:
