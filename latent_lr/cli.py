@@ -15,6 +15,7 @@ from .demo import DEMO_OPTIONS, run_ablation_demo, run_engine_demo
 from .errors import UserInputError
 from .serialization import load
 from .training import TrainConfig, distributed, predict_file, run_ablation, train
+from .training.config import SCHEDULERS
 from .training.dataset import LabelKeys
 from .training.store import prepare_data
 
@@ -84,6 +85,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
         help="data-parallel over the processes torchrun or SLURM srun started (gloo on CPU, NCCL on CUDA); --batch-size is per rank",
     )
     parser.add_argument("--out", help="output directory")
+    _add_recipe_arguments(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
@@ -94,6 +96,26 @@ def _add_label_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--charges-key", help="arrays key of reference charges, e (adds a charge loss)")
     parser.add_argument("--total-charge-key", help="info key of each structure's net charge, e")
     parser.add_argument("--bec-key", help="arrays key of reference BECs (N×9), e, for evaluation")
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Optimiser, schedule, weight average, second stage and limits (TrainConfig's recipe settings)."""
+    group = parser.add_argument_group("training recipe")
+    group.add_argument("--amsgrad", type=_on_off, help="on|off: AMSGrad variant of AdamW (default off)")
+    group.add_argument("--gradient-clip", type=float, metavar="NORM", help="clip the gradient 2-norm to NORM (default 10; 0: off)")
+    group.add_argument("--scheduler", choices=list(SCHEDULERS), help="learning rate after warm-up: halve on validation plateaus (default), cosine to --min-learning-rate, or constant")
+    group.add_argument("--warmup-epochs", type=int, help="epochs of linear warm-up from --warmup-start-factor x the rate (default 0)")
+    group.add_argument("--warmup-start-factor", type=float, help="rate factor of the first warm-up epoch (default 0.1)")
+    group.add_argument("--plateau-factor", type=float, help="rate factor on a plateau (default 0.5)")
+    group.add_argument("--plateau-patience", type=int, help="epochs without improvement before the rate drops (default patience // 4)")
+    group.add_argument("--min-learning-rate", type=float, help="end of the cosine schedule (default 0)")
+    group.add_argument("--ema-decay", type=float, help="keep an exponential moving average of the weights with this decay per step, e.g. 0.99; it is validated and saved (default off)")
+    group.add_argument("--stage-two-start", type=float, help="start of the second stage: a fraction of --epochs (< 1) or an epoch (default: no second stage)")
+    group.add_argument("--stage-two-energy-weight", type=float, help="energy weight in stage two (default unchanged)")
+    group.add_argument("--stage-two-forces-weight", type=float, help="forces weight in stage two (default unchanged)")
+    group.add_argument("--stage-two-learning-rate", type=float, help="constant rate in stage two (default: the schedule goes on)")
+    group.add_argument("--nonfinite-lr-factor", type=float, help="rate factor after a skipped non-finite step or a roll-back (default 0.5)")
+    group.add_argument("--time-budget", metavar="DURATION", help="stop at this wall-clock limit with the best model saved: seconds, or e.g. 30m, 1.5h (default none)")
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:

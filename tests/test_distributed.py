@@ -31,6 +31,11 @@ VARIANTS = {
 }
 
 
+#: Recipe pieces that must decide alike on every rank: a weight average, AMSGrad, and a NaN label in one frame.
+GUARDED = {"ema_decay": 0.9, "amsgrad": True}
+POISONED = 7
+
+
 def _mixed_sizes(path: Path, n_frames: int, seed: int) -> Path:
     """Ion pair + water (5 atoms, analytic labels); every third frame two of them 12 Å apart (10 atoms,
     labelled with the sum of the parts' energies and their forces: the sizes, not the physics, matter here)."""
@@ -76,6 +81,7 @@ def two_ranks(tmp_path_factory):
     jobs.append({"config": _config(data, work / "straight", epochs=3), "result": str(work / "straight")})
     jobs.append({"config": _config(data, work / "stopped", epochs=2), "result": str(work / "stopped_first")})
     jobs.append({"config": _config(data, work / "stopped", epochs=3), "resume": True, "result": str(work / "stopped")})
+    jobs.append({"config": _config(data, work / "guarded", epochs=2, **GUARDED), "poison": POISONED, "result": str(work / "guarded")})
     flags = ["--backbone", "radial", "--host-options", json.dumps(TINY_HOST), "--long-range-options", '{"hidden_dim": 8}']
     jobs.append({"cli": ["train", "--train", str(data), "--epochs", "1", "--batch-size", "4", "--out", str(work / "cli"),
                          "--no-progress", "--device", "cpu", "--distributed", *flags]})
@@ -106,6 +112,21 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(two_ranks, variant,
         assert other["valid_loss"] == pytest.approx(one["valid_loss"], rel=1e-10)  # all-reduced validation
         assert other["train_loss"] == pytest.approx(one["train_loss"], rel=1e-10)
     assert ranks[0]["history"][0]["valid_loss"] == ranks[1]["history"][0]["valid_loss"]
+
+
+def test_weight_average_and_non_finite_guard_agree_across_ranks(two_ranks, tmp_path):
+    """A NaN energy in one rank's batch: both ranks skip that step (the finiteness is all-reduced), like one process."""
+    work, data = two_ranks
+    ranks = _rank_results(work / "guarded")
+    single = Trainer(TrainConfig().updated(_config(data, tmp_path, batch_size=8, epochs=2, **GUARDED)))
+    single.train_frames[POISONED].energy = float("nan")
+    single.fit()
+    assert [row["nonfinite_steps"] for row in single.history] == [1, 1]
+    for rank in ranks:
+        assert [row["nonfinite_steps"] for row in rank["history"]] == [1, 1]
+        _assert_same_weights(single.model.state_dict(), rank["state"], 1e-10)
+        _assert_same_weights(single.ema.model().state_dict(), rank["ema"], 1e-10)
+    assert all(torch.isfinite(value).all() for value in latent_lr.load(work / "guarded" / "best_model.pt").state_dict().values())
 
 
 def test_every_rank_decides_alike_and_the_log_reports_throughput(two_ranks):

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..config import LongRangeConfig
+
+#: Seconds per unit accepted by :func:`parse_duration`.
+DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: Union[str, float, int]) -> float:
+    """Seconds in ``text``: a number of seconds, or a number followed by s, m/min or h (``"90"``, ``"30m"``, ``"1.5h"``)."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|m|min|h|)\s*", text)
+        if match is None:
+            raise ValueError(f"time budget {text!r} is not a duration; give seconds (3600) or a number with s, m or h (30m, 1.5h).")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"time budget {text!r} must be a positive, finite duration.")
+    return seconds
+
+
+#: Learning-rate schedules after the warm-up.
+SCHEDULERS = ("plateau", "cosine", "constant")
 
 
 @dataclass
@@ -31,6 +54,17 @@ class TrainConfig:
     and/or ``max_edges_per_batch`` (directed edges within the backbone's
     cut-off) are set, as many structures as fit that budget (``batch_size`` is
     then ignored; see :mod:`latent_lr.training.sampler`).
+
+    Recipe (see :mod:`latent_lr.training.recipe`; the defaults reproduce the plain recipe):
+    ``amsgrad``; ``gradient_clip`` (max gradient 2-norm, 0/None: off); ``scheduler``
+    plateau|cosine|constant after ``warmup_epochs`` of linear warm-up from
+    ``warmup_start_factor``·learning_rate; ``plateau_factor``/``plateau_patience``
+    (None: max(1, patience // 4)); ``min_learning_rate`` (cosine floor); ``ema_decay``
+    (None: no weight average; e.g. 0.99); a second stage from ``stage_two_start`` (fraction
+    of ``epochs`` if < 1, else an epoch) with ``stage_two_energy_weight``,
+    ``stage_two_forces_weight``, ``stage_two_learning_rate`` (None: unchanged);
+    ``nonfinite_lr_factor`` (rate multiplier after a non-finite step); ``time_budget``
+    (seconds, or a string such as "30m"; None: no limit).
     """
 
     train: Union[str, list[str]] = ""
@@ -67,6 +101,21 @@ class TrainConfig:
     distributed: bool = False
     out: str = "runs/train"
     progress: bool = True
+    amsgrad: bool = False
+    gradient_clip: Optional[float] = 10.0
+    scheduler: str = "plateau"
+    warmup_epochs: int = 0
+    warmup_start_factor: float = 0.1
+    plateau_factor: float = 0.5
+    plateau_patience: Optional[int] = None
+    min_learning_rate: float = 0.0
+    ema_decay: Optional[float] = None
+    stage_two_start: Optional[float] = None
+    stage_two_energy_weight: Optional[float] = None
+    stage_two_forces_weight: Optional[float] = None
+    stage_two_learning_rate: Optional[float] = None
+    nonfinite_lr_factor: float = 0.5
+    time_budget: Optional[Union[float, str]] = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "eval_dtype"):
@@ -79,6 +128,24 @@ class TrainConfig:
             raise ValueError(
                 f"long_range_options must be a table of long-range settings, got {self.long_range_options!r}."
             )
+        if self.time_budget is not None:
+            self.time_budget = parse_duration(self.time_budget)
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """Reject recipe settings out of range (ValueError, one line naming the setting)."""
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}.")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (e.g. 0.99), got {self.ema_decay}.")
+        if self.warmup_epochs < 0 or not 0.0 < self.warmup_start_factor <= 1.0:
+            raise ValueError("warmup_epochs must be >= 0 and warmup_start_factor in (0, 1].")
+        if not 0.0 < self.plateau_factor < 1.0 or not 0.0 < self.nonfinite_lr_factor <= 1.0:
+            raise ValueError("plateau_factor must be in (0, 1) and nonfinite_lr_factor in (0, 1].")
+        if self.gradient_clip is not None and self.gradient_clip < 0:
+            raise ValueError(f"gradient_clip must be >= 0 (0: no clipping), got {self.gradient_clip}.")
+        if self.stage_two_start is not None and not 0.0 < self.stage_two_start:
+            raise ValueError(f"stage_two_start must be a fraction in (0, 1) of the epochs or an epoch >= 1, got {self.stage_two_start}.")
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "TrainConfig":

@@ -14,6 +14,8 @@ from ..serialization import FORMAT, load
 
 #: Checkpoint key holding ``LongRangeModel.config()`` (architecture; weights are under ``"model"``).
 CHECKPOINT_MODEL_CONFIG = "model_config"
+#: Checkpoint key of the weight average (``{"weights": state_dict, "updates": int}``; None without one).
+CHECKPOINT_EMA = "ema"
 
 
 def _read_payload(path: Path) -> object:
@@ -42,7 +44,8 @@ def _checkpoint_config(path: Path, payload: dict) -> dict:
 
 
 def load_model_file(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> LongRangeModel:
-    """A model from ``best_model.pt`` (:func:`latent_lr.save` format) or a training ``checkpoint.pt``.
+    """A model from ``best_model.pt`` (:func:`latent_lr.save` format) or a training ``checkpoint.pt``
+    (its weight average when the run kept one, else its last weights).
 
     Raises:
         UserInputError: the file is missing or is neither kind of file.
@@ -54,8 +57,10 @@ def load_model_file(path: Union[str, Path], map_location: Union[str, torch.devic
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return load(path, map_location=map_location)
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict) and "optimiser" in payload:
+        average = payload.get(CHECKPOINT_EMA)
+        weights = payload["model"] if average is None else average["weights"]  # the evaluated model: the average if any
         buffer = io.BytesIO()  # re-use load()'s rebuild: the checkpoint's weights in the model-file format
-        torch.save({"format": FORMAT, "config": _checkpoint_config(path, payload), "state_dict": payload["model"]}, buffer)
+        torch.save({"format": FORMAT, "config": _checkpoint_config(path, payload), "state_dict": weights}, buffer)
         buffer.seek(0)
         return load(buffer, map_location=map_location)  # type: ignore[arg-type]
     raise UserInputError(

@@ -1,10 +1,11 @@
-"""Training loop: seeded, checkpointed every epoch, resumable, early-stopped."""
+"""Training loop: seeded, checkpointed every epoch, resumable, early-stopped, guarded against non-finite steps, data-parallel."""
 
 from __future__ import annotations
 
 import copy
 import csv
 import json
+import math
 import os
 import random
 import time
@@ -31,7 +32,17 @@ from .dataset import Frame, LabelKeys, check_frame_elements, collate
 from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
 from .loss import TERMS, common_labels, label_counts, squared_error_sums, weighted_loss
 from .metrics import error_metrics, predict_frames
-from .model_files import CHECKPOINT_MODEL_CONFIG, load_model_file
+from .model_files import CHECKPOINT_EMA, CHECKPOINT_MODEL_CONFIG, load_model_file
+from .recipe import (
+    LearningRateSchedule,
+    NonFiniteGuard,
+    StageTwo,
+    TimeBudget,
+    WeightAverage,
+    build_optimiser,
+    clip_gradients,
+    parameters_finite,
+)
 from .references import fit_reference_energies
 from .sampler import EpochPlan, oversized_structures, plan_epoch
 
@@ -124,17 +135,20 @@ timed_allreduce.__annotations__["return"] = Future[torch.Tensor]
 class Trainer:
     """Train one model as ``config`` says; every artefact goes to ``config.out``.
 
-    Files: ``checkpoint.pt`` (after every epoch: model weights and architecture, optimiser, scheduler,
-    epoch, best score), ``best_model.pt`` (read it with :func:`latent_lr.load`),
-    ``log.csv`` and ``log.json`` (per-epoch losses, validation errors and throughput),
-    ``config.json``.  A killed run restarted with ``resume=True`` continues
-    from the last completed epoch, with the same data order.
+    Files: ``checkpoint.pt`` (after every epoch: model weights and architecture, the weight
+    average, optimiser, schedule, stage-two and guard state, epoch, best score), ``best_model.pt``
+    (read it with :func:`latent_lr.load`; the weight average when ``ema_decay`` is set),
+    ``log.csv`` and ``log.json`` (per-epoch losses, learning rate, stage, non-finite events,
+    throughput and, under DDP, each rank's busy share), ``config.json``.  A killed run
+    restarted with ``resume=True`` continues from the last completed epoch, with the same
+    data order.  The recipe's pieces live in :mod:`latent_lr.training.recipe`.
 
     With ``config.distributed`` (a launcher started several processes) the model is
     wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`; each rank trains on
     its shard of every step's global batch, the loss is normalised over the global
     batch, validation sums are all-reduced (so the schedule and early stopping decide
-    alike everywhere), and rank 0 alone writes files.
+    alike everywhere), as are each step's loss, its finiteness and the time-budget flag
+    (so every rank skips, rolls back or stops together), and rank 0 alone writes files.
     """
 
     def __init__(self, config: TrainConfig):
@@ -160,6 +174,8 @@ class Trainer:
         if not config.init_model:
             self._set_reference_energies()
         self.model.to(self.ranks.device)
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = None if config.ema_decay is None else WeightAverage(self.model, config.ema_decay)
         self.network: torch.nn.Module = self.model
         self.clock = BucketClock()
         if self.ranks.distributed:
@@ -168,9 +184,13 @@ class Trainer:
                 forward_sync_buffers=False,  # buffers (reference energies) are equal: synced once, at start
             )
             self.network.register_comm_hook(self.clock, timed_allreduce)
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimiser, factor=0.5, patience=max(1, config.patience // 4))
+        self.optimiser = build_optimiser(self.trainable_parameters, config)
+        self.stage_two = StageTwo(config)
+        main_epochs = config.epochs if self.stage_two.start is None else self.stage_two.start
+        self.scheduler = LearningRateSchedule(self.optimiser, config, main_epochs)
+        self.guard = NonFiniteGuard(self.optimiser, config.nonfinite_lr_factor)
+        self.budget = TimeBudget(None if config.time_budget is None else float(config.time_budget))
+        self.validation_seconds = 0.0
         self.epoch = 0
         self.best = float("inf")
         self.stale_epochs = 0
@@ -199,6 +219,11 @@ class Trainer:
         for z, energy in references.items():
             self.model.reference_energy[z] = energy
 
+    @property
+    def evaluated_model(self) -> LongRangeModel:
+        """The model that validation scores and ``best_model.pt`` holds: the weight average when ``ema_decay`` is set."""
+        return self.model if self.ema is None else self.ema.model()
+
     def resume(self) -> bool:
         """Load ``checkpoint.pt`` if present (every rank reads rank 0's file); True when resumed."""
         path = self.out / CHECKPOINT
@@ -209,6 +234,13 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "stage_two" in state:
+            self.stage_two.load_state_dict(state["stage_two"])
+            self.guard.load_state_dict(state["guard"])
+        if self.ema is not None and state.get(CHECKPOINT_EMA) is not None:
+            self.ema.load_state_dict(state[CHECKPOINT_EMA])
+        elif self.ema is not None:  # a run without a weight average continues with one, started now
+            self.ema = WeightAverage(self.model, self.ema.decay)
         self.epoch, self.best, self.stale_epochs = state["epoch"], state["best"], state["stale_epochs"]
         self.history = state["history"]
         torch.set_rng_state(state["torch_rng"].cpu())
@@ -221,6 +253,9 @@ class Trainer:
                 CHECKPOINT_MODEL_CONFIG: self.model.config(),
                 "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                CHECKPOINT_EMA: None if self.ema is None else self.ema.state_dict(),
+                "stage_two": self.stage_two.state_dict(),
+                "guard": self.guard.state_dict(),
                 "epoch": self.epoch,
                 "best": self.best,
                 "stale_epochs": self.stale_epochs,
@@ -271,14 +306,18 @@ class Trainer:
         """Rank ``rank``'s batches of ``frames`` (see :meth:`_plan`); a batch's frames are read when the iteration reaches it."""
         return BatchReader(frames, self._plan(frames, epoch, world_size)[rank])
 
-    def _step(self, chunk: Sequence[Frame], step: Sequence[int]) -> torch.Tensor:
-        """One optimiser step on this rank's ``chunk`` of the global batch (training-frame indices ``step``).
+    def _step(self, chunk: Sequence[Frame], step: Sequence[int], loss_config: TrainConfig, stop_requested: bool) -> tuple[float, bool, bool]:
+        """One guarded optimiser step on this rank's ``chunk`` of the global batch (training-frame indices ``step``).
 
         The loss is normalised by the global batch's counts (atom counts and label masks
         known on every rank, no communication) and multiplied by the number of ranks,
         because DDP averages the gradients over ranks: the gradient is that of one
-        process with the whole batch.  Returns the global batch's loss share of this
-        rank (0-d, on the device; summed over ranks it is the step's loss).
+        process with the whole batch.  The ranks' loss shares and ``stop_requested``
+        flags are summed in one all-reduce, read with one host sync: every rank sees
+        the global batch's loss, skips a non-finite step (no optimiser or average
+        update, rate lowered) and stops for the time budget alike.
+
+        Returns (the global batch's loss, whether the step was taken, whether any rank asked to stop).
         """
         labels = common_labels({term: mask[step] for term, mask in self._train_labels.items()})
         data, targets = collate(chunk, self.model.dtype, self.ranks.device)
@@ -286,56 +325,84 @@ class Trainer:
         self.optimiser.zero_grad(set_to_none=True)
         out = self.network(data, compute_forces="forces" in labels, compute_stress=False, check_inputs=False)
         n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
-        sums = squared_error_sums(self.config, out, targets, n_atoms)
-        loss = weighted_loss(self.config, sums, label_counts(self.train_frames.n_atoms[step]), out["energy"])
+        sums = squared_error_sums(loss_config, out, targets, n_atoms)
+        loss = weighted_loss(loss_config, sums, label_counts(self.train_frames.n_atoms[step]), out["energy"])
         (loss * self.ranks.world_size).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
-        self.optimiser.step()
-        return loss.detach()
+        gradient_norm = clip_gradients(self.trainable_parameters, self.config.gradient_clip)  # equal on all ranks (after DDP)
+        shared = torch.stack([loss.detach().to(torch.float64), gradient_norm.detach().to(torch.float64).reshape(()),
+                              torch.tensor(float(stop_requested), dtype=torch.float64, device=self.ranks.device)])
+        loss_value, norm_sum, stops = distributed.sum_over_ranks(shared).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_sum)
+        if finite:
+            self.optimiser.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            self.optimiser.zero_grad(set_to_none=True)
+        return loss_value, finite, stops > 0
 
-    def _run_epoch(self) -> float:
-        """Train one epoch; the mean loss per structure.  Sets ``self.epoch_report`` (throughput, ranks' busy shares)."""
+    def _run_epoch(self) -> tuple[float, bool]:
+        """Train one epoch: the mean loss per structure of its finite steps (NaN if none) and whether it
+        ran to its end (False: the time budget ran out on some rank, keeping time for one validation
+        pass).  Sets ``self.epoch_report`` (throughput, ranks' busy shares)."""
         self.network.train()
+        loss_config = self.stage_two.loss_config(self.epoch)
         plan = self.epoch_plan(self.epoch)
         mine = plan[self.ranks.rank]
-        running = torch.zeros((), dtype=torch.float64, device=self.ranks.device)
+        total, count = 0.0, 0
+        processed_structures = processed_atoms = 0
         busy = 0.0
         started = time.perf_counter()
+        complete = True
         batches = BatchReader(self.train_frames, mine)
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not (self.config.progress and self.ranks.is_main))
         step_started = time.perf_counter()
         for index, chunk in enumerate(bar):
             step = np.concatenate([shard[index] for shard in plan]).astype(np.int64)
-            loss = self._step(chunk, step)
+            stop_requested = index + 1 < len(mine) and self.budget.expired(reserve=self.validation_seconds)
+            loss_value, finite, stop = self._step(chunk, step, loss_config, stop_requested)
             busy += (self.clock.last_bucket if self.ranks.distributed else time.perf_counter()) - step_started
-            running += loss.to(torch.float64) * len(step)
+            processed_structures += len(step)
+            processed_atoms += int(self.train_frames.n_atoms[step].sum())
+            if finite:
+                total += loss_value * len(step)
+                count += len(step)
+            else:
+                frames = ", ".join(frame.location for frame in chunk)
+                self.guard.skipped(f"epoch {self.epoch + 1}, batch {index + 1} (rank {self.ranks.rank}: {frames})", loss_value)
+            bar.set_postfix(loss=f"{loss_value:.3g}")
+            if stop:
+                complete = False
+                break
             step_started = time.perf_counter()
         seconds = time.perf_counter() - started
-        totals = distributed.sum_over_ranks(running)
-        structures = len(self.train_frames)
-        atoms = int(self.train_frames.n_atoms.sum())
-        self.epoch_report = {"train_seconds": seconds, "structures_per_s": structures / seconds, "atoms_per_s": atoms / seconds}
+        self.epoch_report = {
+            "train_seconds": seconds, "structures_per_s": processed_structures / seconds, "atoms_per_s": processed_atoms / seconds,
+        }
         if self.ranks.distributed:
             shares = distributed.gather_over_ranks(busy / seconds, self.ranks)
             self.epoch_report.update({f"rank{rank}_busy_fraction": share for rank, share in enumerate(shares)})
             self.epoch_report["idle_fraction"] = 1.0 - sum(shares) / len(shares)
-        return float(totals) / structures
+        return (total / count if count else float("nan")), complete
 
     def validation_loss(self) -> float:
-        """The loss (see :mod:`~latent_lr.training.loss`) over all validation frames, in ``eval_dtype``.
+        """The loss (see :mod:`~latent_lr.training.loss`) over all validation frames, of
+        :attr:`evaluated_model` in ``eval_dtype``, with this epoch's loss weights.
 
         Each rank takes its share of the frames (in order); the sums and counts are
         all-reduced, so every rank gets the same value.
         """
-        model = self.model if self.eval_dtype == self.model.dtype else copy.deepcopy(self.model).to(self.eval_dtype)
+        model = self.evaluated_model
+        model = model if self.eval_dtype == model.dtype else copy.deepcopy(model).to(self.eval_dtype)
         model.eval()
+        loss_config = self.stage_two.loss_config(self.epoch)
         sums = torch.zeros(2 * len(TERMS), dtype=torch.float64, device=self.ranks.device)
         for chunk in self._batches(self.valid_frames, None, self.ranks.rank, self.ranks.world_size):
             data, targets = collate(chunk, model.dtype, self.ranks.device)
             out = model(data, compute_forces="forces" in targets, compute_stress=False, check_inputs=False)
             n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
             counts = label_counts(np.array([len(f.atoms) for f in chunk]))
-            for term, total in squared_error_sums(self.config, out, targets, n_atoms).items():
+            for term, total in squared_error_sums(loss_config, out, targets, n_atoms).items():
                 index = TERMS.index(term)
                 sums[index] += total.detach().to(torch.float64)
                 sums[len(TERMS) + index] += counts[term]
@@ -343,47 +410,120 @@ class Trainer:
         loss = 0.0
         for index, term in enumerate(TERMS):
             if totals[len(TERMS) + index]:
-                loss += getattr(self.config, f"{term}_weight") * totals[index] / totals[len(TERMS) + index]
+                loss += getattr(loss_config, f"{term}_weight") * totals[index] / totals[len(TERMS) + index]
         return loss
 
+    def _training_state(self) -> dict[str, Any]:
+        """A copy of the weights, optimiser and weight average (what a roll-back restores)."""
+        return copy.deepcopy({
+            "model": self.model.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+        })
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def _weights_finite(self) -> bool:
+        """True when the weights (and their average) are finite on every rank."""
+        finite = parameters_finite(self.model) and (self.ema is None or parameters_finite(self.ema.model()))
+        flags = torch.tensor(0.0 if finite else 1.0, dtype=torch.float64, device=self.ranks.device)
+        return float(distributed.sum_over_ranks(flags)) == 0.0
+
+    def _begin_stage_two(self) -> None:
+        """Switch the loss weights (and the rate, if given); scores of stage one are not comparable, so forget them."""
+        self.scheduler.begin_stage_two(self.config.stage_two_learning_rate)
+        self.best, self.stale_epochs = float("inf"), 0
+        weights = self.stage_two.loss_config(self.epoch)
+        self._say(f"stage two from epoch {self.epoch + 1}: energy weight {weights.energy_weight}, forces weight {weights.forces_weight}, "
+                  f"learning rate {self.optimiser.param_groups[0]['lr']:.3g}")
+
+    def _say(self, message: str) -> None:
+        """Print ``message`` once (on rank 0)."""
+        if self.ranks.is_main:
+            print(message)
+
+    def _save_if_best(self, valid_loss: float) -> bool:
+        """Write ``best_model.pt`` (rank 0) when ``valid_loss`` beats the best so far (or no best model exists yet); True if it did."""
+        improved = valid_loss < self.best
+        if self.ranks.is_main and (improved or not (self.out / BEST_MODEL).exists()):
+            save(self.evaluated_model, self.out / BEST_MODEL)
+        if improved:
+            self.best = valid_loss
+        return improved
+
+    def _budget_expired(self) -> bool:
+        """The time budget ran out on some rank (all ranks get the same answer)."""
+        flags = torch.tensor(float(self.budget.expired()), dtype=torch.float64, device=self.ranks.device)
+        return float(distributed.sum_over_ranks(flags)) > 0.0
+
     def fit(self) -> LongRangeModel:
-        """Train until ``epochs`` or early stopping; return the best model (in ``eval_dtype``)."""
+        """Train until ``epochs``, early stopping or the time budget; return the best model (in ``eval_dtype``).
+
+        Early stopping during stage one starts stage two instead (when one is set).  When the
+        time budget runs out mid-epoch, the partial epoch is validated and may become the best
+        model, but is not checkpointed (``--resume`` repeats it).  Weights that turn non-finite
+        are rolled back to the end of the previous epoch before anything is saved.
+        """
+        self.budget.start()
+        last_good = self._training_state()
         start_epoch = self.epoch
         bar = tqdm(range(start_epoch, self.config.epochs), desc="training", initial=start_epoch, total=self.config.epochs, disable=not (self.config.progress and self.ranks.is_main))
         for _ in bar:
             if self.stale_epochs >= self.config.patience:
-                break
+                if not self.stage_two.start_now(self.epoch):
+                    break
+                self._say(f"no improvement for {self.stale_epochs} epochs: stage two starts early")
+            if self.stage_two.begins(self.epoch):
+                self._begin_stage_two()
             started = time.perf_counter()
-            train_loss = self._run_epoch()
+            skipped, rollbacks = self.guard.skipped_steps, self.guard.rollbacks
+            train_loss, complete = self._run_epoch()
+            if not self._weights_finite():
+                self._restore(last_good)
+                self.guard.rolled_back(f"epoch {self.epoch + 1}")
+            validation_started = time.perf_counter()
             valid_loss = self.validation_loss()
+            self.validation_seconds = time.perf_counter() - validation_started
+            if not complete:
+                self._save_if_best(valid_loss)
+                self._say(f"time budget of {self.config.time_budget:g} s reached during epoch {self.epoch + 1} "
+                          f"(validation loss {valid_loss:.4g}); best model: {self.out / BEST_MODEL}")
+                break
             self.scheduler.step(valid_loss)
+            stage = 2 if self.stage_two.active(self.epoch) else 1
             self.epoch += 1
-            improved = valid_loss < self.best
-            if improved:
-                self.best, self.stale_epochs = valid_loss, 0
-                if self.ranks.is_main:
-                    save(self.model, self.out / BEST_MODEL)
-            else:
-                self.stale_epochs += 1
+            self.stale_epochs = 0 if self._save_if_best(valid_loss) else self.stale_epochs + 1
             row = {
                 "epoch": self.epoch,
                 "train_loss": train_loss,
                 "valid_loss": valid_loss,
                 "learning_rate": self.optimiser.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
+                "stage": stage,
+                "nonfinite_steps": self.guard.skipped_steps - skipped,
+                "rollbacks": self.guard.rollbacks - rollbacks,
                 **self.epoch_report,
             }
             self.history.append(row)
             if self.ranks.is_main:
                 self._write_logs()
                 self._checkpoint()
+            last_good = self._training_state()
             bar.set_postfix(train=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}")
+            if self._budget_expired():
+                self._say(f"time budget of {self.config.time_budget:g} s reached after epoch {self.epoch}; best model: {self.out / BEST_MODEL}")
+                break
         distributed.barrier()
         return load(self.out / BEST_MODEL).to(self.ranks.device, self.eval_dtype)
 
     def _write_logs(self) -> None:
+        names = list(dict.fromkeys(name for row in self.history for name in row))  # rows of older runs lack newer columns
         with open(self.out / LOG_CSV, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.history[-1]), restval="")
+            writer = csv.DictWriter(handle, fieldnames=names, restval="")
             writer.writeheader()
             writer.writerows(self.history)
         (self.out / "log.json").write_text(json.dumps(self.history, indent=1))
