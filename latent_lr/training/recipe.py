@@ -223,10 +223,11 @@ class NonFiniteGuard:
         self.skipped_steps = 0
         self.rollbacks = 0
 
-    def check(self, loss: torch.Tensor, gradient_norm: torch.Tensor) -> tuple[float, bool]:
-        """The loss value and whether the loss and the gradient norm are finite (one host sync for both)."""
-        loss_value, norm_value = torch.stack([loss.detach(), gradient_norm.detach().to(loss.dtype)]).tolist()
-        return loss_value, math.isfinite(loss_value) and math.isfinite(norm_value)
+    @staticmethod
+    def finite(loss_value: float, gradient_norm: float) -> bool:
+        """Whether a step may be taken: its loss and gradient norm (read on the host together,
+        one sync, summed over ranks under data-parallel training) are both finite."""
+        return math.isfinite(loss_value) and math.isfinite(gradient_norm)
 
     def _lower_rate(self) -> float:
         for group in self.optimiser.param_groups:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import os
 import random
 import time
@@ -25,8 +24,8 @@ from ..model import LongRangeModel
 from ..neighbors import edge_count
 from ..serialization import load, save
 from ..wrap import wrap
-from .config import TrainConfig
 from . import distributed
+from .config import TrainConfig
 from .data_files import open_frames
 from .dataset import Frame, LabelKeys, check_frame_elements, collate
 from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
@@ -306,7 +305,7 @@ class Trainer:
         """Rank ``rank``'s batches of ``frames`` (see :meth:`_plan`); a batch's frames are read when the iteration reaches it."""
         return BatchReader(frames, self._plan(frames, epoch, world_size)[rank])
 
-    def _step(self, chunk: Sequence[Frame], step: Sequence[int], loss_config: TrainConfig, stop_requested: bool) -> tuple[float, bool, bool]:
+    def _step(self, chunk: Sequence[Frame], step: np.ndarray, loss_config: TrainConfig, stop_requested: bool) -> tuple[float, bool, bool]:
         """One guarded optimiser step on this rank's ``chunk`` of the global batch (training-frame indices ``step``).
 
         The loss is normalised by the global batch's counts (atom counts and label masks
@@ -332,7 +331,7 @@ class Trainer:
         shared = torch.stack([loss.detach().to(torch.float64), gradient_norm.detach().to(torch.float64).reshape(()),
                               torch.tensor(float(stop_requested), dtype=torch.float64, device=self.ranks.device)])
         loss_value, norm_sum, stops = distributed.sum_over_ranks(shared).tolist()
-        finite = math.isfinite(loss_value) and math.isfinite(norm_sum)
+        finite = self.guard.finite(loss_value, norm_sum)
         if finite:
             self.optimiser.step()
             if self.ema is not None:
