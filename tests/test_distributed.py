@@ -171,11 +171,14 @@ def test_launcher_environments_torchrun_and_slurm():
     assert distributed.launcher_ranks({"SLURM_JOB_ID": "1"}) is None
 
 
-def test_distributed_outside_a_launcher_is_a_user_error(monkeypatch):
+def test_distributed_outside_a_launcher_and_a_launcher_without_distributed_are_user_errors(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(UserInputError, match="needs a launcher: run `torchrun"):
         distributed.start("cpu", True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserInputError, match="one of 2 that torchrun started, but --distributed is not set"):
+        distributed.start("cpu", False)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]

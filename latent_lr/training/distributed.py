@@ -59,10 +59,16 @@ def start(device: str, distributed: bool) -> Ranks:
 
     ``device`` is ``cpu``, ``cuda`` or ``cuda:N``; under distribution ``cuda`` means
     the GPU of this process's local rank.  Raises :class:`UserInputError` when
-    ``distributed`` is asked for outside a launcher, or a CUDA device is absent.
+    ``distributed`` is asked for outside a launcher, when torchrun started several
+    processes without it, or when a CUDA device is absent.
     """
     target = resolve_device(device)
     if not distributed:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            raise UserInputError(
+                f"this process is one of {os.environ['WORLD_SIZE']} that torchrun started, but --distributed is not set: "
+                "every process would train the same model and write the same files; add --distributed."
+            )
         return Ranks(device=target)
     launched = launcher_ranks(os.environ)
     if launched is None:

@@ -177,6 +177,7 @@ class Trainer:
         self.ema = None if config.ema_decay is None else WeightAverage(self.model, config.ema_decay)
         self.network: torch.nn.Module = self.model
         self.clock = BucketClock()
+        self.waited = 0.0  # seconds this rank waited for the others in the current epoch (DDP)
         if self.ranks.distributed:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[self.ranks.device.index] if self.ranks.device.type == "cuda" else None,
@@ -316,7 +317,9 @@ class Trainer:
         the global batch's loss, skips a non-finite step (no optimiser or average
         update, rate lowered) and stops for the time budget alike.
 
-        Returns (the global batch's loss, whether the step was taken, whether any rank asked to stop).
+        Returns (the global batch's loss, whether the step was taken, whether any rank asked to
+        stop); adds this step's waiting time (s) to ``self.waited``: from the last gradient bucket
+        handed to DDP's all-reduce to the end of the backward pass, and the flags' all-reduce.
         """
         labels = common_labels({term: mask[step] for term, mask in self._train_labels.items()})
         data, targets = collate(chunk, self.model.dtype, self.ranks.device)
@@ -327,10 +330,14 @@ class Trainer:
         sums = squared_error_sums(loss_config, out, targets, n_atoms)
         loss = weighted_loss(loss_config, sums, label_counts(self.train_frames.n_atoms[step]), out["energy"])
         (loss * self.ranks.world_size).backward()
+        backward_done = time.perf_counter()
         gradient_norm = clip_gradients(self.trainable_parameters, self.config.gradient_clip)  # equal on all ranks (after DDP)
         shared = torch.stack([loss.detach().to(torch.float64), gradient_norm.detach().to(torch.float64).reshape(()),
                               torch.tensor(float(stop_requested), dtype=torch.float64, device=self.ranks.device)])
+        reduce_started = time.perf_counter()
         loss_value, norm_sum, stops = distributed.sum_over_ranks(shared).tolist()
+        if self.ranks.distributed:
+            self.waited += (backward_done - self.clock.last_bucket) + (time.perf_counter() - reduce_started)
         finite = self.guard.finite(loss_value, norm_sum)
         if finite:
             self.optimiser.step()
@@ -350,17 +357,15 @@ class Trainer:
         mine = plan[self.ranks.rank]
         total, count = 0.0, 0
         processed_structures = processed_atoms = 0
-        busy = 0.0
+        self.waited = 0.0
         started = time.perf_counter()
         complete = True
         batches = BatchReader(self.train_frames, mine)
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False, disable=not (self.config.progress and self.ranks.is_main))
-        step_started = time.perf_counter()
         for index, chunk in enumerate(bar):
             step = np.concatenate([shard[index] for shard in plan]).astype(np.int64)
             stop_requested = index + 1 < len(mine) and self.budget.expired(reserve=self.validation_seconds)
             loss_value, finite, stop = self._step(chunk, step, loss_config, stop_requested)
-            busy += (self.clock.last_bucket if self.ranks.distributed else time.perf_counter()) - step_started
             processed_structures += len(step)
             processed_atoms += int(self.train_frames.n_atoms[step].sum())
             if finite:
@@ -373,13 +378,12 @@ class Trainer:
             if stop:
                 complete = False
                 break
-            step_started = time.perf_counter()
         seconds = time.perf_counter() - started
         self.epoch_report = {
             "train_seconds": seconds, "structures_per_s": processed_structures / seconds, "atoms_per_s": processed_atoms / seconds,
         }
         if self.ranks.distributed:
-            shares = distributed.gather_over_ranks(busy / seconds, self.ranks)
+            shares = distributed.gather_over_ranks(1.0 - self.waited / seconds, self.ranks)
             self.epoch_report.update({f"rank{rank}_busy_fraction": share for rank, share in enumerate(shares)})
             self.epoch_report["idle_fraction"] = 1.0 - sum(shares) / len(shares)
         return (total / count if count else float("nan")), complete
