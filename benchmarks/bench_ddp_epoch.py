@@ -1,8 +1,8 @@
 """Epoch time of one process vs data-parallel gloo processes, fixed-count vs size-balanced batches (issue 12, items 2, 3, 6).
 
-A mixed-size set of molecules (10–120 atoms, C/H/N/O clusters labelled by a
-Lennard-Jones potential: the labels do not matter for timing) is trained for a
-few epochs with the same global batch per optimiser step:
+A mixed-size set of molecules (10–120 atoms, the C/H/N/O clusters of
+``benchmarks/mixed_sizes.py``, Lennard-Jones labels: they do not matter for timing)
+is trained for a few epochs with the same global batch per optimiser step:
 
 * fixed count: ``--batch-size B`` in one process, ``B / W`` per rank with W ranks;
 * balanced: ``--max-atoms-per-batch A`` in one process, ``A / W`` per rank.
@@ -27,39 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import ase.io
-import numpy as np
-from ase import Atoms
-from ase.calculators.lj import LennardJones
-from ase.calculators.singlepoint import SinglePointCalculator
+from mixed_sizes import mixed_set, write_extxyz
 
 from latent_lr.training import TrainConfig, Trainer, distributed
 from latent_lr.training.sampler import plan_balance
 
 HERE = Path(__file__).resolve()
 HOST = {"cutoff": 4.0, "hidden_dim": 16}
-
-
-def mixed_molecules(path: Path, count: int, seed: int, smallest: int = 10, largest: int = 120) -> Path:
-    """``count`` random C/H/N/O clusters of ``smallest``–``largest`` atoms (uniform), ≥ 1.1 Å apart, LJ labels."""
-    rng = np.random.default_rng(seed)
-    calculator = LennardJones(sigma=1.0, epsilon=0.01, rc=4.0)
-    frames = []
-    for _ in range(count):
-        n = int(rng.integers(smallest, largest + 1))
-        radius = 1.1 * (n / 0.3) ** (1 / 3)  # ~0.3 atoms/Å³ inside the sphere
-        positions: list[np.ndarray] = []
-        while len(positions) < n:
-            trial = rng.uniform(-radius, radius, 3)
-            if np.linalg.norm(trial) <= radius and all(np.linalg.norm(trial - p) > 1.1 for p in positions):
-                positions.append(trial)
-        atoms = Atoms(numbers=rng.choice([1, 6, 7, 8], n, p=[0.5, 0.3, 0.1, 0.1]), positions=np.array(positions))
-        atoms.calc = calculator
-        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
-        frames.append(atoms)
-    ase.io.write(path, frames, format="extxyz")
-    return path
 
 
 def settings(data: Path, out: Path, epochs: int, per_rank: dict) -> dict:
@@ -126,7 +100,8 @@ def main() -> None:
         worker(args.worker)
         return
     work = Path(tempfile.mkdtemp())
-    data = mixed_molecules(work / "mixed.xyz", args.structures, args.seed)
+    data = work / "mixed.xyz"
+    write_extxyz(mixed_set(args.structures, 10, 120, seed=args.seed), data)
     world = args.procs
     cases = {
         "fixed": [(1, {"batch_size": args.batch_size}), (world, {"batch_size": args.batch_size // world})],
