@@ -73,7 +73,7 @@ def main() -> None:
                   "valid_fraction": 1 / 7, "long_range_options": {"hidden_dim": 8}}
         ranks, ranks_seconds = run({**config, "batch_size": args.batch_size, "distributed": True}, work, f"{backbone}_ddp", 2)
         single, single_seconds = run({**config, "batch_size": 2 * args.batch_size}, work, f"{backbone}_single", 1)
-        difference = max(float((single[k].double() - ranks[k].double()).abs().max()) for k in single if single[k].is_floating_point())
+        difference = max(float((single[k].double() - ranks[k].double()).abs().max()) for k in single if single[k].is_floating_point() and single[k].numel())
         count = sum(v.numel() for v in single.values())
         print(f"{backbone:<10}{difference:>12.2e}{count:>9}{ranks_seconds:>11.1f}{single_seconds:>10.1f}", flush=True)
 

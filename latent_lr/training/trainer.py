@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .data_files import open_frames
 from .dataset import Frame, LabelKeys, check_frame_elements, collate
 from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
-from .loss import TERMS, common_labels, label_counts, squared_error_sums, weighted_loss
+from .loss import TERMS, common_labels, label_counts, loss_function, squared_error_sums, weighted_loss
 from .metrics import error_metrics, predict_frames
 from .model_files import CHECKPOINT_EMA, CHECKPOINT_MODEL_CONFIG, load_model_file
 from .recipe import (
@@ -182,6 +182,7 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[self.ranks.device.index] if self.ranks.device.type == "cuda" else None,
                 forward_sync_buffers=False,  # buffers (reference energies) are equal: synced once, at start
+                find_unused_parameters=self._has_unused_parameters(),
             )
             self.network.register_comm_hook(self.clock, timed_allreduce)
         self.optimiser = build_optimiser(self.trainable_parameters, config)
@@ -197,6 +198,23 @@ class Trainer:
         self.history: list[dict] = []
         if self.ranks.is_main:
             (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    def _has_unused_parameters(self) -> bool:
+        """Whether some trainable parameter gets no gradient from the loss (e.g. CHGNet's magnetic-moment head).
+
+        Probed by one forward and backward pass on this rank's first training batch
+        (no optimiser step; the gradients are dropped) and agreed over ranks: DDP must
+        then search the graph for unused parameters every step, which it otherwise skips.
+        """
+        self.model.train()
+        chunk = self.train_frames.frames(self.epoch_plan(0)[self.ranks.rank][0])
+        data, targets = collate(chunk, self.model.dtype, self.ranks.device)
+        out = self.model(data, compute_forces="forces" in targets, compute_stress=False, check_inputs=False)
+        loss_function(self.config, out, targets, chunk).backward()
+        unused = any(parameter.grad is None for parameter in self.trainable_parameters)
+        self.model.zero_grad(set_to_none=True)
+        flags = torch.tensor(float(unused), dtype=torch.float64, device=self.ranks.device)
+        return float(distributed.sum_over_ranks(flags)) > 0.0
 
     @property
     def eval_dtype(self) -> torch.dtype:
