@@ -71,6 +71,10 @@ LABELS: dict[str, tuple[tuple[int, ...], bool]] = {
     "bec": ((3, 3), True),
 }
 
+#: HDF5 chunk cache per dataset and open file (h5py's default, 1 MiB, would cost ~15 MiB per shard file
+#: for no gain: frames are read at random, and whole blocks when iterating).
+CHUNK_CACHE_BYTES = 128 * 1024
+
 #: Rows per HDF5 chunk: small chunks keep a random frame read cheap (a chunk is the unit of I/O).
 CHUNK_ROWS = {"structure": 1024, "atom": 1024, "byte": 16384}
 
@@ -287,7 +291,7 @@ class FrameStore(FrameSet):
     def _file(self) -> h5py.File:
         """This process's read-only handle (opened on first use, again after a fork)."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
+            self._handle = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
             self._columns = {}
             self._pid = os.getpid()
         return self._handle
