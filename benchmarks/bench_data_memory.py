@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--structures", type=int, default=100_000)
     parser.add_argument("--work", default="/tmp/data-memory")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--skip-write", action="store_true", help="reuse the files of an earlier run")
+    parser.add_argument("--skip-write", action="store_true", help="reuse the xyz files of an earlier run")
+    parser.add_argument("--skip-prepare", action="store_true", help="reuse the shards of an earlier run")
+    parser.add_argument("--runs", nargs="+", default=["xyz-tenth", "xyz-all", "prepared-shard", "prepared-all"])
     parser.add_argument("--child", nargs=3, metavar=("TRAIN", "VALID", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -92,6 +94,7 @@ def main() -> None:
         started = time.perf_counter()
         write_data(work, args.structures)
         print(f"wrote {args.structures} structures ({(work / 'all.xyz').stat().st_size / 1e6:.0f} MB xyz) in {time.perf_counter() - started:.0f} s", flush=True)
+    if not args.skip_prepare:
         started = time.perf_counter()
         command = [sys.executable, "-m", "latent_lr.cli", "prepare-data", str(work / "all.xyz"), str(work / "shards"),
                    "--shard-size", str(args.structures // 10), "--no-progress"]
@@ -99,13 +102,14 @@ def main() -> None:
         size = sum(p.stat().st_size for p in (work / "shards").iterdir()) / 1e6
         print(f"prepare-data: {time.perf_counter() - started:.0f} s, {size:.0f} MB of shards", flush=True)
     runs = {
-        "xyz, first tenth": work / "tenth.xyz",
-        "xyz, all": work / "all.xyz",
-        "prepared, first shard": work / "shards" / "shard-00000.h5",
-        "prepared, all shards": work / "shards",
+        "xyz-tenth": work / "tenth.xyz",
+        "xyz-all": work / "all.xyz",
+        "prepared-shard": work / "shards" / "shard-00000.h5",
+        "prepared-all": work / "shards",
     }
     print(f"{'data':<24} {'structures':>10} {'peak RSS MB':>11} {'after imports MB':>16} {'open s':>7} {'steps s':>8}", flush=True)
-    for label, path in runs.items():
+    for label in args.runs:
+        path = runs[label]
         command = [sys.executable, __file__, "--steps", str(args.steps), "--child", str(path), str(work / "valid.xyz"), str(work / "run")]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"{label:<24} {result['structures']:>10} {result['peak_rss_MB']:>11.0f} {result['rss_after_imports_MB']:>16.0f} "

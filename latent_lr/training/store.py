@@ -18,7 +18,8 @@ order::
     positions     (N, 3)     float64  Å
     cell          (S, 3, 3)  float64  Å, lattice vectors as rows (zeros if none)
     pbc           (S, 3)     bool
-    info          (S,)       str      JSON of the structure's scalar info entries
+    info_length   (S,)       int64    bytes of each structure's info JSON
+    info          (B,)       uint8    the structures' scalar info entries as UTF-8 JSON, concatenated
     source_file   (S,)       int32    index into attribute ``sources`` (input files)
     source_index  (S,)       int64    0-based frame index in that input file
     energy        (S,)       float64  eV        + has_energy  (S,) bool
@@ -33,7 +34,7 @@ A label column exists only if its key was given to ``prepare-data``
 structures that carry it (missing values are stored as zeros).  Attribute
 ``species`` lists the atomic numbers present.
 
-**Reading.**  Opening a file reads ``n_atoms`` (8 bytes per structure) and the
+**Reading.**  Opening a file reads ``n_atoms`` and ``info_length`` (16 bytes per structure) and the
 attributes; every frame is read when asked for.  The h5py handle is opened
 lazily in the process that reads (and re-opened after a fork; pickling drops
 it), so a store can be handed to worker processes.
@@ -70,23 +71,31 @@ LABELS: dict[str, tuple[tuple[int, ...], bool]] = {
     "bec": ((3, 3), True),
 }
 
-_GEOMETRY: dict[str, tuple[tuple[int, ...], Any, bool]] = {  # name -> (trailing shape, dtype, per-atom?)
-    "n_atoms": ((), np.int64, False),
-    "numbers": ((), np.uint8, True),
-    "positions": ((3,), np.float64, True),
-    "cell": ((3, 3), np.float64, False),
-    "pbc": ((3,), np.bool_, False),
-    "info": ((), h5py.string_dtype(), False),
-    "source_file": ((), np.int32, False),
-    "source_index": ((), np.int64, False),
-    "total_charge": ((), np.float64, False),
+#: HDF5 chunk cache per dataset and open file (h5py's default, 1 MiB, would cost ~15 MiB per shard file
+#: for no gain: frames are read at random, and whole blocks when iterating).
+CHUNK_CACHE_BYTES = 128 * 1024
+
+#: Rows per HDF5 chunk: small chunks keep a random frame read cheap (a chunk is the unit of I/O).
+CHUNK_ROWS = {"structure": 1024, "atom": 1024, "byte": 16384}
+
+_GEOMETRY: dict[str, tuple[tuple[int, ...], Any, str]] = {  # name -> (trailing shape, dtype, what a row is)
+    "n_atoms": ((), np.int64, "structure"),
+    "numbers": ((), np.uint8, "atom"),
+    "positions": ((3,), np.float64, "atom"),
+    "cell": ((3, 3), np.float64, "structure"),
+    "pbc": ((3,), np.bool_, "structure"),
+    "info_length": ((), np.int64, "structure"),
+    "info": ((), np.uint8, "byte"),
+    "source_file": ((), np.int32, "structure"),
+    "source_index": ((), np.int64, "structure"),
+    "total_charge": ((), np.float64, "structure"),
 }
 
 
-def _scalar_info(info: dict) -> str:
-    """JSON of scalar info entries (numpy scalars as Python values)."""
+def _scalar_info(info: dict) -> bytes:
+    """UTF-8 JSON of scalar info entries (numpy scalars as Python values)."""
     clean = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in info.items()}
-    return json.dumps({k: v for k, v in clean.items() if isinstance(v, (bool, int, float, str))})
+    return json.dumps({k: v for k, v in clean.items() if isinstance(v, (bool, int, float, str))}).encode()
 
 
 class _ShardWriter:
@@ -104,11 +113,11 @@ class _ShardWriter:
         columns = dict(_GEOMETRY)
         for name in self.labels:
             shape, per_atom = LABELS[name]
-            columns[name] = (shape, np.float64, per_atom)
-            columns["has_" + name] = ((), np.bool_, False)
-        for name, (shape, dtype, per_atom) in columns.items():
-            rows = 4096 if per_atom else 1024
-            self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape))
+            columns[name] = (shape, np.float64, "atom" if per_atom else "structure")
+            columns["has_" + name] = ((), np.bool_, "structure")
+        for name, (shape, dtype, row) in columns.items():
+            chunks = (CHUNK_ROWS[row], *shape)
+            self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=chunks)
         self.species: set[int] = set()
         self.count = 0
         self.buffer: list[tuple[Frame, int]] = []
@@ -122,13 +131,15 @@ class _ShardWriter:
         if not self.buffer:
             return
         frames = [f for f, _ in self.buffer]
+        info = [_scalar_info(f.info) for f in frames]
         values: dict[str, np.ndarray] = {
             "n_atoms": np.array([len(f.atoms) for f in frames], dtype=np.int64),
             "numbers": np.concatenate([f.atoms.numbers for f in frames]).astype(np.uint8),
             "positions": np.concatenate([f.atoms.positions for f in frames]),
             "cell": np.stack([f.atoms.cell.array for f in frames]),
             "pbc": np.stack([f.atoms.pbc for f in frames]),
-            "info": np.array([_scalar_info(f.info) for f in frames], dtype=object),
+            "info_length": np.array([len(text) for text in info], dtype=np.int64),
+            "info": np.frombuffer(b"".join(info), dtype=np.uint8),
             "source_file": np.array([s for _, s in self.buffer], dtype=np.int32),
             "source_index": np.array([f.source[1] if f.source else -1 for f in frames], dtype=np.int64),
             "total_charge": np.array([f.total_charge for f in frames], dtype=np.float64),
@@ -248,6 +259,7 @@ class FrameStore(FrameSet):
     def __init__(self, path: Union[str, Path], keys: LabelKeys):
         self.path = str(path)
         self._handle: Optional[h5py.File] = None
+        self._columns: dict[str, h5py.Dataset] = {}
         self._pid = -1
         try:
             handle = self._file()
@@ -257,6 +269,7 @@ class FrameStore(FrameSet):
             if version > VERSION:
                 raise UserInputError(f"{self.path} has format version {version}, newer than this latent-lr reads ({VERSION}); upgrade latent-lr.")
             self._n_atoms = np.asarray(handle["n_atoms"][:], dtype=np.int64)
+            self._info_starts = np.concatenate([[0], np.cumsum(handle["info_length"][:])])
             self._species = {int(z) for z in handle.attrs["species"]}
             prepared = json.loads(handle.attrs["label_keys"])
         except OSError as error:
@@ -278,13 +291,21 @@ class FrameStore(FrameSet):
     def _file(self) -> h5py.File:
         """This process's read-only handle (opened on first use, again after a fork)."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
+            self._handle = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+            self._columns = {}
             self._pid = os.getpid()
         return self._handle
 
+    def _column(self, name: str) -> h5py.Dataset:
+        """A dataset of this process's handle (looked up once: a lookup costs more than a small read)."""
+        handle = self._file()
+        if name not in self._columns:
+            self._columns[name] = handle[name]
+        return self._columns[name]
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handle"], state["_pid"] = None, -1
+        state["_handle"], state["_columns"], state["_pid"] = None, {}, -1
         return state
 
     @property
@@ -320,15 +341,18 @@ class FrameStore(FrameSet):
         """Frames first..stop-1, each column read once."""
         begin, end = int(self._starts[first]), int(self._starts[stop])
         try:
-            handle = self._file()
-            per_atom = {name: handle[name][begin:end] for name in ("numbers", "positions")}
-            per_structure = {name: handle[name][first:stop] for name in ("cell", "pbc", "info", "total_charge")}
+            per_atom = {name: self._column(name)[begin:end] for name in ("numbers", "positions")}
+            per_structure = {name: self._column(name)[first:stop] for name in ("cell", "pbc")}
+            if "total_charge" in self.labels:
+                per_structure["total_charge"] = self._column("total_charge")[first:stop]
+            info_begin = int(self._info_starts[first])
+            per_structure["info"] = bytes(self._column("info")[info_begin : int(self._info_starts[stop])])
             labels = {}
             for name in self.labels:
                 if name == "total_charge":
                     continue
                 rows = (begin, end) if LABELS[name][1] else (first, stop)
-                labels[name] = (handle[name][rows[0] : rows[1]], handle["has_" + name][first:stop])
+                labels[name] = (self._column(name)[rows[0] : rows[1]], self._column("has_" + name)[first:stop])
         except (OSError, KeyError) as error:
             raise UserInputError(
                 f"{frame_location(self.path, first)}: cannot read the prepared file ({error}); prepare it again with latent-lr prepare-data."
@@ -349,7 +373,8 @@ class FrameStore(FrameSet):
             if present[k]:
                 values[name] = column[atoms_slice] if LABELS[name][1] else column[k]
         energy = values.get("energy")
-        info = per_structure["info"][k]
+        info_begin = int(self._info_starts[index] - self._info_starts[first])
+        info = per_structure["info"][info_begin : info_begin + int(self._info_starts[index + 1] - self._info_starts[index])]
         return Frame(
             atoms=atoms,
             energy=None if energy is None else float(energy),
@@ -358,7 +383,7 @@ class FrameStore(FrameSet):
             charges=values.get("charges"),
             bec=values.get("bec"),
             total_charge=total,
-            info=json.loads(info.decode() if isinstance(info, bytes) else info),
+            info=json.loads(info),
             source=(self.path, index),
         )
 
