@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from launch import launch, run_as_worker
 from mixed_sizes import mixed_set, write_extxyz
 
 from latent_lr.training import TrainConfig, Trainer, distributed
@@ -60,9 +58,7 @@ def run_case(data: Path, work: Path, name: str, world: int, epochs: int, per_ran
     spec = work / f"{name}.json"
     result = work / f"{name}.result.json"
     spec.write_text(json.dumps({"config": config, "result": str(result)}))
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-    subprocess.run([*prefix, str(HERE), "--worker", str(spec)], check=True, env=environment, stdout=subprocess.DEVNULL)
+    launch(HERE, spec, world)
     return json.loads(result.read_text())
 
 
@@ -86,8 +82,9 @@ def summary(name: str, world: int, outcome: dict) -> dict:
 
 
 def main() -> None:
+    if run_as_worker(worker):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--structures", type=int, default=240)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--procs", type=int, default=2)
@@ -96,9 +93,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the four cases")
     args = parser.parse_args()
-    if args.worker:
-        worker(args.worker)
-        return
     work = Path(tempfile.mkdtemp())
     data = work / "mixed.xyz"
     write_extxyz(mixed_set(args.structures, 10, 120, seed=args.seed), data)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from launch import launch, run_as_worker
 
 from latent_lr.synthetic import write_dataset
 from latent_lr.training import TrainConfig, Trainer, distributed
@@ -48,23 +46,19 @@ def worker(spec: Path) -> None:
 def run(config: dict, work: Path, name: str, world: int) -> tuple[dict, float]:
     spec, result = work / f"{name}.json", work / f"{name}.pt"
     spec.write_text(json.dumps({"config": {**config, "out": str(work / name)}, "result": str(result)}))
-    prefix = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     started = time.perf_counter()
-    subprocess.run([*prefix, str(HERE), "--worker", str(spec)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launch(HERE, spec, world, quiet_errors=True)
     return torch.load(result, weights_only=True), time.perf_counter() - started
 
 
 def main() -> None:
+    if run_as_worker(worker):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--backbones", nargs="+", default=list(HOSTS))
     parser.add_argument("--structures", type=int, default=14, help="structures written (1 in 7 is held out for validation)")
     parser.add_argument("--batch-size", type=int, default=2, help="per rank")
     args = parser.parse_args()
-    if args.worker:
-        worker(args.worker)
-        return
     work = Path(tempfile.mkdtemp())
     data = write_dataset(work / "data", n_train=args.structures, n_test=2, seed=2)["train"]
     print(f"{'backbone':<10}{'max |Δθ|':>12}{'params':>9}{'2 ranks s':>11}{'1 proc s':>10}")
