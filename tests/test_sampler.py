@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from latent_lr.data import AtomsBatch
 from latent_lr.errors import UserInputError
+from latent_lr.neighbors import radius_graph
 from latent_lr.synthetic import write_dataset
 from latent_lr.training import TrainConfig, Trainer
 from latent_lr.training.sampler import plan_balance, plan_epoch
@@ -125,3 +127,14 @@ def test_impossible_requests_are_clear_errors() -> None:
         plan_epoch([10, 20], None, batch_size=None, max_edges=100, world_size=1, seed=0, epoch=0)
     with pytest.raises(UserInputError, match="single structure"):
         plan_epoch([60] * 5, None, batch_size=None, max_atoms=100, world_size=4, seed=0, epoch=0)
+
+
+def test_trainer_edge_budget_counts_edges_as_the_backbone_does(tmp_path) -> None:
+    """Batches under --max-edges-per-batch hold at most that many edges of the model's own radius graph."""
+    data = write_dataset(tmp_path / "data", n_train=30, n_test=5, seed=3)
+    config = TrainConfig(train=str(data["train"]), host_options={"hidden_dim": 8, "cutoff": 4.0}, max_edges_per_batch=60, progress=False, out=str(tmp_path / "run"))
+    trainer = Trainer(config)
+    batches = list(trainer._batches(trainer.train_frames, 0))
+    edges = [radius_graph(AtomsBatch.from_atoms([f.atoms for f in batch]), 4.0)[0].shape[1] for batch in batches]
+    assert max(edges) <= 60 and max(len(b) for b in batches) > 1
+    assert sorted(f.source for batch in batches for f in batch) == sorted(f.source for f in trainer.train_frames)
