@@ -7,8 +7,10 @@ Trains the same model (same seed, data, loss weights and epoch budget) with each
 
 * ``old``: the recipe before item 5 (AdamW, rate halved on validation plateaus, clip 10);
 * ``ema``: old + an exponential moving average of the weights (decay ``--ema-decay``);
-* ``new``: EMA + linear warm-up + cosine to the start of stage two (at 75 % of the epochs)
-  + stage two with the energy weight ×10 at a tenth of the rate (as MACE's SWA stage).
+* ``new``: EMA + one epoch of linear warm-up + cosine (to a tenth of the rate) until the start
+  of stage two (at 75 % of the epochs) + stage two with the energy weight ×10 at a tenth of
+  the rate (as MACE's SWA stage);
+* ``new_plateau``: as ``new`` with the old plateau schedule instead of the cosine.
 
 Training frames: the first ``--n-train`` + ``--n-valid`` structures of a seeded permutation
 of the train file (``--n-valid`` of them for model selection); test: the whole val file
@@ -35,15 +37,15 @@ from latent_lr.training import TrainConfig, Trainer
 
 def recipes(epochs: int, learning_rate: float, energy_weight: float, ema_decay: float) -> dict[str, dict]:
     """The compared recipes (TrainConfig settings)."""
-    stage_two = max(1, int(round(0.75 * epochs)))
+    stage_two = {
+        "ema_decay": ema_decay, "warmup_epochs": 1, "stage_two_start": max(1, int(round(0.75 * epochs))),
+        "stage_two_energy_weight": 10 * energy_weight, "stage_two_learning_rate": learning_rate / 10,
+    }
     return {
         "old": {},
         "ema": {"ema_decay": ema_decay},
-        "new": {
-            "ema_decay": ema_decay, "scheduler": "cosine", "warmup_epochs": 1, "min_learning_rate": learning_rate / 10,
-            "stage_two_start": stage_two, "stage_two_energy_weight": 10 * energy_weight,
-            "stage_two_learning_rate": learning_rate / 10,
-        },
+        "new": {**stage_two, "scheduler": "cosine", "min_learning_rate": learning_rate / 10},
+        "new_plateau": {**stage_two, "scheduler": "plateau"},
     }
 
 
