@@ -145,10 +145,8 @@ def test_unknown_files_and_mismatches_are_clear_errors(mace_file, tmp_path):
 # ----------------------------------------------------------------------------- NequIP
 
 
-@pytest.fixture(scope="module")
-def nequip_checkpoint(tmp_path_factory):
+def write_nequip_checkpoint(path):
     """A NequIP 0.19 training checkpoint as Lightning writes it (nequip's NequIPLightningModule, its hyper-parameters)."""
-    pytest.importorskip("nequip")
     import lightning
 
     from latent_lr.adapters import nequip_host
@@ -163,10 +161,15 @@ def nequip_checkpoint(tmp_path_factory):
             info_dict={"versions": get_current_code_versions(verbose=False),
                        "training_module": {"_target_": "nequip.train.NequIPLightningModule"}},
         )
-    path = tmp_path_factory.mktemp("nequip") / "last.ckpt"
     torch.save({"epoch": 3, "global_step": 30, "pytorch-lightning_version": lightning.__version__,
                 "state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def nequip_checkpoint(tmp_path_factory):
+    pytest.importorskip("nequip")
+    return write_nequip_checkpoint(tmp_path_factory.mktemp("nequip") / "last.ckpt")
 
 
 def test_nequip_checkpoint_equals_nequip_own_loader_and_calculator(nequip_checkpoint):
