@@ -35,7 +35,7 @@ MACE_OPTIONS = [
     "--max_L", "1", "--correlation", "2", "--batch_size", "10", "--valid_batch_size", "20", "--device", "cpu",
     "--default_dtype", "float64", "--num_workers", "0", "--seed", "1",
 ]
-METRICS = ("energy_rmse_mev_per_atom", "forces_rmse_mev_per_a", "dipole_r2", "dipole_scaled_r2", "dipole_best_scale",
+METRICS = ("energy_rmse_meV_per_atom", "forces_rmse_meV_per_A", "dipole_r2", "dipole_scaled_r2", "dipole_best_scale",
            "bec_r2", "bec_scaled_r2", "bec_best_scale")
 
 
@@ -87,7 +87,11 @@ def main() -> None:
     parser.add_argument("--train-frames", type=int, default=200)
     parser.add_argument("--host-epochs", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=6, help="latent-lr epochs of each run (equal budget)")
+    parser.add_argument("--table", action="store_true", help="only print the table of OUT/results.json")
     args = parser.parse_args()
+    if args.table:
+        print_table(json.loads((args.out / "results.json").read_text()))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     host = args.host or train_host(args.data, args.out, args.train_frames, args.host_epochs)
     if args.host:
@@ -102,6 +106,10 @@ def main() -> None:
     after = latent_lr.load(args.out / "frozen" / "best_model.pt").backbone.host.state_dict()
     results["frozen host"]["host_bit_identical"] = float(all(torch.equal(before[k], after[k].to(before[k].dtype)) for k in before))
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
     print("| run | " + " | ".join(METRICS) + " | seconds |")
     print("|---" * (len(METRICS) + 2) + "|")
     for name, metrics in results.items():

@@ -199,8 +199,8 @@ def _host_from_package(path: Path, trust_pickle: bool) -> nn.Module:
 
         packaged = ModelFromPackage(str(path))
         importer = torch.package.PackageImporter(str(path))
-        config = OmegaConf.to_container(OmegaConf.create(importer.load_text("model", "config.yaml")), resolve=True)
-    model_config = config["training_module"]["model"]  # type: ignore[index,call-overload]
+        config: Any = OmegaConf.to_container(OmegaConf.create(importer.load_text("model", "config.yaml")), resolve=True)
+    model_config = config["training_module"]["model"]
     inner = "model." if isinstance(packaged, nn.ModuleDict) else f"model.{SOLE_MODEL_KEY}."
     state = {inner + key: value for key, value in packaged.state_dict().items()}
     return _host_from_weights(path, model_config, state, prefix="model.")
