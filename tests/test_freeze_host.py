@@ -4,7 +4,6 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from test_host_files import build_mace_like_mace_run_train
 
 import latent_lr
 from latent_lr.cli import main
@@ -14,13 +13,6 @@ from latent_lr.training.trainer import build_model
 
 pytest.importorskip("mace")
 TRAIN = ["--epochs", "2", "--batch-size", "4", "--learning-rate", "1e-2", "--no-progress", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def mace_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mace") / "host.model"
-    torch.save(build_mace_like_mace_run_train(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from test_host_files import build_mace_like_mace_run_train, write_nequip_checkpoint
+from test_host_files import write_nequip_checkpoint
 
 pytest.importorskip("mace")
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,13 +62,6 @@ def run(script: str, *args: str) -> dict:
                                capture_output=True, text=True, cwd=ROOT, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def mace_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mace") / "host.model"
-    torch.save(build_mace_like_mace_run_train(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
