@@ -11,8 +11,10 @@ allow-list built from the names the file asks for:
   own ``__init__`` and ``__setstate__`` never run; e3nn's ``__setstate__`` would
   unpickle embedded bytes without any allow-list).  After loading, each module
   gets its real class back;
-* other classes of those packages without a custom ``__setstate__``
-  (e3nn's ``Irreps`` and similar value types), as they are;
+* tuple-like value classes of those packages without a ``__setstate__``
+  (e3nn's ``Irreps``, named tuples), as they are; any other class (say
+  ``mace.calculators.MACECalculator``, which would load a file when called)
+  refuses the file;
 * functions of the allowed packages: an inert reference that cannot be called
   while loading, replaced by the real function afterwards; activation functions
   of ``torch.nn.functional`` as they are;
@@ -191,16 +193,19 @@ def _stand_in(name: str, packages: Sequence[str]) -> Any:
     if not _allowed(name, packages):
         raise UnsafePickleError(Path("the file"), [name])
     value = _resolve(name)
+    if name in BUILTINS:
+        return value
     if inspect.isclass(value) and issubclass(value, nn.Module):
         attributes = {"__setstate__": _saved_attributes_only, "__init__": _refuse_construction,
                       "__module__": value.__module__, "__qualname__": value.__qualname__, "_latent_lr_real_class": value}
         return type(value.__name__, (value,), attributes)
     if inspect.isclass(value):
-        if "__setstate__" in vars(value):
+        # value types only (e3nn's Irreps, named tuples): other classes could do anything when called with the file's arguments
+        if not issubclass(value, tuple) or hasattr(value, "__setstate__"):
             raise UnsafePickleError(Path("the file"), [name])
         return value
     if callable(value):
-        return value if name.startswith("torch.nn.functional.") or name in BUILTINS else _InertFunction(value)
+        return value if name.startswith("torch.nn.functional.") else _InertFunction(value)
     raise UnsafePickleError(Path("the file"), [name])
 
 

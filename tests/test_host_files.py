@@ -88,6 +88,27 @@ def test_pickle_outside_the_allow_list_is_refused_without_trust(mace_file, tmp_p
     assert not (tmp_path / FLAG).exists()
 
 
+class LoadsAFile:
+    """Pickles as a call of mace's MACECalculator (a class of an allowed package that is not a module: it loads a file)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        from mace.calculators import MACECalculator
+
+        return (MACECalculator, (str(self.target),))
+
+
+def test_non_module_classes_of_allowed_packages_are_refused(mace_file, tmp_path):
+    host = torch.load(mace_file, weights_only=False)
+    host.payload = LoadsAFile(tmp_path / "other.model")
+    path = tmp_path / "calls_a_class.model"
+    torch.save(host, path)
+    with pytest.raises(UserInputError, match=r"mace\.calculators\.mace\.MACECalculator.*trust_pickle"):
+        latent_lr.load_host(path)
+
+
 def test_generated_code_bytes_are_never_unpickled(mace_file, tmp_path, monkeypatch):
     calls = []
     real_loads = pickle.loads
