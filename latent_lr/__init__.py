@@ -9,6 +9,7 @@ from .derivatives import forces_and_stress
 from .electrostatics import coulomb_energy
 from .electrostatics.linear_solve import ConvergenceError, solve_spd
 from .electrostatics.qeq import equilibrate_charges
+from .host_files import load_host
 from .long_range import LongRangeModule
 from .model import LongRangeModel
 from .properties import born_effective_charges, dipole_moment, polarization
@@ -37,6 +38,7 @@ __all__ = [
     "equilibrate_charges",
     "forces_and_stress",
     "load",
+    "load_host",
     "polarization",
     "save",
     "solve_spd",

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .data import AtomsBatch
+from .errors import UserInputError
 
 #: backbone name -> "module:class" of its adapter.
 ADAPTERS: dict[str, str] = {
@@ -122,6 +123,17 @@ class Backbone(nn.Module):
         )
 
 
+    @classmethod
+    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+        """The host model in one of this backbone's own files (:func:`latent_lr.load_host` calls it).
+
+        Args:
+            path: the file (already identified as this backbone's).
+            trust_pickle: the caller allows loading that runs code from the file.
+        """
+        raise UserInputError(f"the {cls.name} adapter reads no model files of its backbone ({path}); build the host in Python and wrap it.")
+
+
 def reject_unknown_elements(numbers: torch.Tensor, known: list[int], model_name: str) -> None:
     """Raise ValueError naming the atomic numbers in ``numbers`` that are not in ``known``."""
     unknown = sorted(set(numbers.tolist()) - set(known))
@@ -175,24 +187,21 @@ def detect_backbone(model: nn.Module) -> str:
 
 @contextlib.contextmanager
 def isolated_global_state() -> Iterator[None]:
-    """Undo process-wide changes backbone packages make on import or construction.
+    """Undo process-wide torch changes backbone packages make on import or construction.
 
-    Restores torch's default dtype (nequip switches it to float64), the
-    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable (set by ``import mace``) and
-    torch's TF32 / matmul-precision switches.
+    Restores torch's default dtype (nequip switches it to float64) and torch's
+    TF32 / matmul-precision switches.  Environment variables are left alone:
+    ``import mace`` sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``, which mace's own
+    loaders (``MACECalculator``) rely on, so removing it would break them when
+    mace is first imported here.  It changes only ``torch.load`` calls without
+    an explicit ``weights_only``; latent-lr always passes ``weights_only=True``.
     """
     dtype = torch.get_default_dtype()
-    env_key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-    env_value = os.environ.get(env_key)
     matmul_precision = torch.get_float32_matmul_precision()
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         yield
     finally:
         torch.set_default_dtype(dtype)
-        if env_value is None:
-            os.environ.pop(env_key, None)
-        else:
-            os.environ[env_key] = env_value
         torch.set_float32_matmul_precision(matmul_precision)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

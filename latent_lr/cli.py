@@ -65,8 +65,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--charges-weight", type=float)
     if with_long_range:
         parser.add_argument("--long-range", type=_on_off, help="on|off (default on)")
-    parser.add_argument("--init-model", help="latent-lr model file, or 'pretrained' for CHGNet's own weights")
-    parser.add_argument("--freeze-host", action="store_true", default=None)
+    parser.add_argument("--init-model", help="start from this model: a latent-lr file, a backbone's own file (MACE .model, "
+                        "NequIP .ckpt or package, CHGNet weights, CACE pickle) or a pretrained name (CHGNet: 'pretrained')")
+    parser.add_argument("--trust-pickle", action="store_true", default=None,
+                        help="allow --init-model files whose loading runs code from them (only for files you trust)")
+    parser.add_argument("--freeze-host", action="store_true", default=None,
+                        help="train only the long-range head; the host's energy stays the baseline")
+    parser.add_argument("--trainable-host-parameters", nargs="+", metavar="PATTERN",
+                        help="with --freeze-host: host parameters that still train, as glob patterns of their names "
+                        "(e.g. 'readouts.*' for MACE's read-out)")
     parser.add_argument("--host-options", type=json.loads, help='backbone hyper-parameters as JSON, e.g. \'{"cutoff": 5.0}\'')
     parser.add_argument("--long-range-options", type=json.loads, help='e.g. \'{"smearing": 1.0}\'')
     _add_long_range_arguments(parser)

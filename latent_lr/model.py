@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import fnmatch
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,10 +67,25 @@ class LongRangeModel(nn.Module):
             return parameter.device
         return torch.device("cpu")
 
-    def freeze_host(self, frozen: bool = True) -> "LongRangeModel":
-        """Stop (or restart) training the host; only the long-range head learns."""
+    def freeze_host(self, frozen: bool = True, trainable: Sequence[str] = ()) -> "LongRangeModel":
+        """Stop (or restart) training the host; only the long-range head learns.
+
+        Args:
+            frozen: False makes every host parameter trainable again.
+            trainable: glob patterns of host parameter names (as in
+                ``backbone.host.named_parameters()``, e.g. ``"readouts.*"``)
+                that keep training while the rest is frozen.
+        """
+        names = [name for name, _ in self.backbone.host.named_parameters()]
+        unmatched = [pattern for pattern in trainable if not fnmatch.filter(names, pattern)]
+        if unmatched:
+            raise ValueError(f"trainable host parameter patterns {unmatched} match no parameter of the host; its names "
+                             f"look like {names[:3]} (of {len(names)}).")
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(not frozen)
+        for name, parameter in self.backbone.host.named_parameters():
+            if frozen and any(fnmatch.fnmatchcase(name, pattern) for pattern in trainable):
+                parameter.requires_grad_(True)
         return self
 
     def forward(

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Union
 
 from torch import nn
 
 from .backbone import Backbone, adapter_class, detect_backbone
 from .config import LongRangeConfig
+from .host_files import load_host
 from .long_range import LongRangeModule
 from .model import LongRangeModel
 
 
 def wrap(
-    host_model: nn.Module,
+    host_model: Union[nn.Module, str, os.PathLike],
     backbone: Optional[str] = None,
     *,
     long_range: bool = True,
     freeze_host: bool = False,
+    trust_pickle: bool = False,
     adapter_options: Optional[dict[str, Any]] = None,
     config: Optional[LongRangeConfig] = None,
     **long_range_options: Any,
@@ -27,13 +30,17 @@ def wrap(
     Example::
 
         model = latent_lr.wrap(host_model)
+        model = latent_lr.wrap("MACE.model")   # a backbone's own file (see latent_lr.load_host)
 
     Args:
-        host_model: the short-range model; its class decides the adapter unless
-            ``backbone`` is given.
+        host_model: the short-range model (its class decides the adapter unless
+            ``backbone`` is given), or the path of its file, read by
+            :func:`latent_lr.load_host`.
         backbone: ``"mace"``, ``"nequip"``, ``"chgnet"``, ``"cace"`` or ``"radial"``.
         long_range: False builds the short-range twin (same host, no charges).
         freeze_host: train only the long-range head (post-hoc dipoles/BECs).
+        trust_pickle: for a path: allow loading that runs code from the file
+            (see :func:`latent_lr.load_host`).
         adapter_options: backbone-specific settings passed to the adapter.
         config: long-range settings (:class:`~latent_lr.config.LongRangeConfig`).
         **long_range_options: shortcut for single :class:`~latent_lr.config.LongRangeConfig`
@@ -41,6 +48,8 @@ def wrap(
             charge_model="qeq")``.
     """
     config = (config or LongRangeConfig()).replace(**long_range_options)
+    if isinstance(host_model, (str, os.PathLike)):
+        host_model = load_host(host_model, backbone, trust_pickle=trust_pickle)
     if isinstance(host_model, Backbone):
         adapter = host_model
     else:

@@ -181,3 +181,20 @@ def test_default_host_gradient_step_changes_the_host():
     torch.optim.SGD(model.parameters(), lr=1e-3).step()
     changed = [not torch.equal(p0, p) for p0, p in zip(before, model.backbone.host.parameters())]
     assert torch.isfinite(loss) and sum(changed) >= len(changed) // 2
+
+
+def test_cace_pickle_loads_through_the_allow_list_and_equals_caces_own(tmp_path):
+    """A model saved as CACE's training scripts save it (torch.save of the whole model) loads without trust_pickle."""
+    torch.manual_seed(2)
+    saved = make_host()
+    latent_lr.wrap(saved, backbone="cace")  # its dry run builds CACE's lazy layers, as a trained model has them
+    crystal = triclinic_salt()
+    energy, forces, stress = cace_results(saved, crystal, stress=True)
+    path = tmp_path / "best_model.pth"
+    torch.save(saved, path)
+    host = latent_lr.load_host(path)
+    assert type(host) is NeuralNetworkPotential
+    calculator = latent_lr.Calculator(latent_lr.wrap(host, long_range=False).eval())
+    assert calculator.get_potential_energy(crystal) == pytest.approx(energy, abs=1e-10)
+    np.testing.assert_allclose(calculator.get_forces(crystal), forces, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(calculator.get_stress(crystal), stress, atol=1e-10, rtol=0)

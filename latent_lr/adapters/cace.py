@@ -54,6 +54,7 @@ equal CACE's own (``tests/test_adapter_cace_real.py``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -65,6 +66,7 @@ from latent_lr.adapters.common import edge_shifts
 from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
+from latent_lr.safe_pickle import load_whole_model
 
 #: Class names of output modules that differentiate an energy (never run).
 DERIVATIVE_MODULES = ("Forces", "Grad")
@@ -354,6 +356,20 @@ class CaceBackbone(Backbone):
     @classmethod
     def default_host(cls, species: list[int], **options: Any) -> nn.Module:
         return cace_config.default_host(species, **options)
+
+    @classmethod
+    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+        """A CACE model from a whole-model pickle (``torch.save(model)``, as CACE's training scripts write).
+
+        Read with the allow-list of cace and torch.nn classes (nothing from the
+        file runs), or plainly unpickled with ``trust_pickle``.  For a
+        ``CombinePotential`` wrap its short-range member (``host.models[i]``).
+        """
+        with isolated_global_state():
+            host = load_whole_model(path, ("cace",), "CACE", trust_pickle)
+        if not isinstance(host, nn.Module):
+            raise ValueError(f"{path} holds a {type(host).__name__}, not a CACE model.")
+        return host
 
     # -- internals ------------------------------------------------------------
 

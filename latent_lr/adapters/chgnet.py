@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -41,6 +42,7 @@ from torch import nn
 
 from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
+from latent_lr.safe_pickle import load_whole_model
 
 from .chgnet_graph import topology as graph_topology
 from .common import captured_output, edge_shifts, to_json
@@ -221,6 +223,29 @@ class ChgnetBackbone(Backbone):
             )
         with _quiet_construction():
             return CHGNet.load(model_name=key, use_device="cpu", verbose=False)
+
+    @classmethod
+    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+        """A CHGNet from a weight file (``CHGNet.save``/the bundled ``.pth.tar``: ``{"model": {"model_args", "state_dict"}}``).
+
+        Weight files load weights-only (nothing runs); whole-model pickles
+        (``torch.save(model)``) go through the allow-list of chgnet and torch.nn classes.
+        """
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not weights-only: a whole-model pickle
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+            saved = payload["model"]
+            with _quiet_construction():
+                host = CHGNet(**saved["model_args"])
+            host.load_state_dict(saved["state_dict"])
+            return host
+        with _quiet_construction():
+            host = load_whole_model(path, ("chgnet",), "CHGNet", trust_pickle)
+        if not isinstance(host, CHGNet):
+            raise ValueError(f"{path} holds a {type(host).__name__}, not a CHGNet.")
+        return host
 
     @classmethod
     def default_host(cls, species: Sequence[int], **options: Any) -> nn.Module:

@@ -7,12 +7,19 @@ energy itself, with MACE's edge vectors built from the (strained) positions and
 cell it is given, so the long-range term reaches forces and stress.
 
 Tested with mace-torch 0.3.16 under e3nn 0.6 (see the README for the install
-route).  ``import mace`` sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``; the import
-happens inside :func:`latent_lr.backbone.isolated_global_state`, which undoes it.
+route).  ``import mace`` sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``, which mace's
+own loaders need; it is kept (latent-lr's loads pass ``weights_only`` explicitly).
+
+Files (:meth:`MaceBackbone.load_host_file`): a ``.model`` whole-model pickle is
+read with :func:`latent_lr.safe_pickle.load_module_pickle` (mace, e3nn and
+torch.nn classes only; e3nn's generated code is not loaded) and the host is
+rebuilt from its settings and weights, bit-identical to unpickling it; with
+``trust_pickle`` it is plainly unpickled.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence, cast
 
 import numpy as np
@@ -22,6 +29,7 @@ from torch import nn
 from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.neighbors import radius_graph
+from latent_lr.safe_pickle import allow_listed, load_trusted, needs_trust
 
 from .common import edge_shifts, scalar_index, species_lookup, to_json
 
@@ -29,6 +37,9 @@ with isolated_global_state():
     import mace.modules
     from e3nn import o3
     from mace.tools.scripts_utils import extract_config_mace_model
+
+#: Packages whose classes a MACE .model pickle may name (besides torch.nn).
+PICKLE_PACKAGES = ("mace", "e3nn")
 
 DEFAULT_OPTIONS = dict(
     r_max=5.0,
@@ -149,3 +160,34 @@ class MaceBackbone(Backbone):
             )
         return host.double()
 
+
+    @classmethod
+    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+        """A MACE model from a ``.model`` file (``torch.save(model)``, as mace_run_train writes).
+
+        Without ``trust_pickle`` nothing from the file runs: the allow-listed
+        unpickling gives the model's settings and weights, and the host is
+        rebuilt by mace's own constructor (e3nn regenerates its code) in the
+        file's dtype.  Raises UserInputError when that is not possible.
+        """
+        if trust_pickle:
+            with isolated_global_state():
+                host = load_trusted(path)
+            if not isinstance(host, mace.modules.MACE):
+                raise ValueError(f"{path} holds a {type(host).__name__}, not a MACE model.")
+            return host
+        loaded = allow_listed(path, PICKLE_PACKAGES, "MACE")
+        saved = loaded.model
+        if type(saved) is not mace.modules.ScaleShiftMACE:
+            raise needs_trust(path, f"it holds a {type(saved).__name__}, which latent-lr cannot rebuild from its settings "
+                              "(only ScaleShiftMACE, what mace_run_train writes)")
+        dtype = next(p.dtype for p in saved.parameters() if p.dtype.is_floating_point)
+        with isolated_global_state():
+            host = cls.build_host(cls(saved).host_config()).to(dtype)
+        missing, unexpected = host.load_state_dict(saved.state_dict(), strict=False)
+        prefixes = tuple(f"{path_}." for path_ in loaded.dropped)
+        # Generated code is rebuilt by e3nn; its constants come from the file where both have them.
+        stray = [key for key in [*missing, *unexpected] if not key.startswith(prefixes)]
+        if stray:
+            raise needs_trust(path, f"its weights do not fit the MACE rebuilt from its settings ({stray[:3]})")
+        return host.train(saved.training)

@@ -20,6 +20,8 @@ Tested with nequip 0.19.1, e3nn 0.6.0, torch 2.13 (CPU).
 from __future__ import annotations
 
 import copy
+import zipfile
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -27,7 +29,9 @@ from torch import nn
 
 from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
+from latent_lr.errors import UserInputError
 from latent_lr.neighbors import radius_graph
+from latent_lr.safe_pickle import load_trusted, needs_trust
 
 from . import nequip_host
 from .common import atomic_number, is_element_symbol, require_json, restored_environment, scalar_slices, species_lookup
@@ -36,6 +40,9 @@ with isolated_global_state(), restored_environment():
     from e3nn import o3
     from nequip.data import AtomicDataDict
     from nequip.nn import ConvNetLayer, ForceStressOutput, GraphModel, SequentialGraphNetwork
+
+#: Key of the state_dict prefix of a NequIP training checkpoint's only model (``model.<key>.``).
+SOLE_MODEL_KEY = "sole_model"
 
 def _energy_network(host: nn.Module) -> "SequentialGraphNetwork":
     network = host.model if isinstance(host, GraphModel) else None
@@ -146,3 +153,54 @@ class NequipBackbone(Backbone):
     def default_host(cls, species: Sequence[int], **options: Any) -> nn.Module:
         """A small random ``NequIPGNNModel`` (see :func:`latent_lr.adapters.nequip_host.default_config`)."""
         return nequip_host.build_host(nequip_host.default_config(species, **options))
+
+    @classmethod
+    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+        """A nequip host from a 0.19 training checkpoint (``.ckpt``) or, with ``trust_pickle``, a ``nequip-package`` archive.
+
+        Checkpoints load weights-only: the model block of their
+        ``hyper_parameters`` rebuilds the host through nequip's own builders
+        (``nequip.model.*`` targets only) and the weights come from ``state_dict``.
+        """
+        if zipfile.is_zipfile(path) and any(n.endswith(".data/extern_modules") for n in zipfile.ZipFile(path).namelist()):
+            return _host_from_package(path, trust_pickle)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # objects beyond tensors and containers
+            if not trust_pickle:
+                raise needs_trust(path, "it holds Python objects beyond weights and settings") from error
+            checkpoint = load_trusted(path)
+        model_config = checkpoint["hyper_parameters"]["model"]
+        return _host_from_weights(path, model_config, checkpoint["state_dict"], prefix="model.")
+
+
+def _host_from_weights(path: Path, model_config: dict[str, Any], state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    """Build the host ``model_config`` describes and load its weights from ``state`` (keys ``prefix<model>.<name>``)."""
+    models = sorted({key[len(prefix):].split(".")[0] for key in state if key.startswith(prefix)})
+    if len(models) != 1:
+        raise UserInputError(f"{path} holds {len(models)} models ({models}); latent-lr wraps one nequip model.")
+    strip = f"{prefix}{models[0]}."
+    try:
+        host = nequip_host.build_host({"model": copy.deepcopy(dict(model_config)), "chemical_species_to_atom_type_map": None})
+    except ValueError as error:
+        raise UserInputError(f"{path}: {error} (a model fine-tuned from another file cannot be rebuilt; give that file)") from error
+    host.load_state_dict({key[len(strip):]: value for key, value in state.items() if key.startswith(strip)})
+    return host
+
+
+def _host_from_package(path: Path, trust_pickle: bool) -> nn.Module:
+    """A nequip-package archive: its packaged model's weights in a host rebuilt from the archive's config."""
+    if not trust_pickle:
+        raise needs_trust(path, "a nequip-package archive carries its own copy of nequip's code, which loading imports and runs "
+                          "(or give the training checkpoint it was packaged from, which loads without that)")
+    with isolated_global_state(), restored_environment():
+        from nequip.model.saved_models.package import ModelFromPackage
+        from omegaconf import OmegaConf
+
+        packaged = ModelFromPackage(str(path))
+        importer = torch.package.PackageImporter(str(path))
+        config: Any = OmegaConf.to_container(OmegaConf.create(importer.load_text("model", "config.yaml")), resolve=True)
+    model_config = config["training_module"]["model"]
+    inner = "model." if isinstance(packaged, nn.ModuleDict) else f"model.{SOLE_MODEL_KEY}."
+    state = {inner + key: value for key, value in packaged.state_dict().items()}
+    return _host_from_weights(path, model_config, state, prefix="model.")

@@ -76,7 +76,9 @@ class TrainConfig:
     long_range: bool = True
     long_range_options: LongRangeConfig = field(default_factory=LongRangeConfig)
     init_model: Optional[str] = None
+    trust_pickle: bool = False
     freeze_host: bool = False
+    trainable_host_parameters: list[str] = field(default_factory=list)
     energy_key: str = "energy"
     forces_key: str = "forces"
     dipole_key: Optional[str] = None

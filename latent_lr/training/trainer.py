@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import adapter_class
 from ..errors import UserInputError
+from ..host_files import LATENT_LR_FILE, identify, load_host
 from ..model import LongRangeModel
 from ..neighbors import edge_count
 from ..serialization import load, save
@@ -84,21 +85,31 @@ def split_frames(config: TrainConfig) -> tuple[FrameSet, FrameSet]:
 
 
 def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
-    """A fresh (or fine-tuned) model as the config asks, seeded."""
+    """A fresh (or fine-tuned) model as the config asks, seeded.
+
+    ``init_model``: a latent-lr file continues as saved; a backbone's own file
+    (or pretrained name) is read by :func:`~latent_lr.host_files.load_host` and
+    wrapped, its own reference energies (E0s) kept as the baseline.
+    """
     dtype = getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
-    if config.init_model:
-        model = load_model_file(config.init_model) if Path(config.init_model).exists() else None
-        if model is None:
-            host = adapter_class(config.backbone).pretrained_host(config.init_model)
-            model = wrap(host, backbone=config.backbone, long_range=config.long_range, config=config.long_range_options)
-        elif config.long_range and model.long_range is None:
-            raise ValueError(f"{config.init_model} has no long-range module; train with --long-range off.")
+    source = config.init_model
+    if source and Path(source).is_file() and identify(source) == LATENT_LR_FILE:
+        model = load_model_file(source)
+        if config.long_range and model.long_range is None:
+            raise ValueError(f"{source} has no long-range module; train with --long-range off.")
     else:
-        host = adapter_class(config.backbone).default_host(list(species), **config.host_options)
-        model = wrap(host, backbone=config.backbone, long_range=config.long_range, config=config.long_range_options)
+        if source:
+            named = None if Path(source).is_file() else config.backbone
+            host = load_host(source, backbone=named, trust_pickle=config.trust_pickle)
+        else:
+            host = adapter_class(config.backbone).default_host(list(species), **config.host_options)
+        model = wrap(host, long_range=config.long_range, config=config.long_range_options,
+                     backbone=None if source else config.backbone)
     if config.freeze_host:
-        model.freeze_host()
+        model.freeze_host(trainable=config.trainable_host_parameters)
+    elif config.trainable_host_parameters:
+        raise ValueError("trainable_host_parameters (--trainable-host-parameters) needs freeze_host (--freeze-host).")
     return model.to(dtype)
 
 
