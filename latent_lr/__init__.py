@@ -14,6 +14,7 @@ from .model import LongRangeModel
 from .properties import born_effective_charges, dipole_moment, polarization
 from .qeq import QeqChargeHead
 from .serialization import load, save
+from .sign_convention import SignDecision, apply_sign_convention
 from .units import COULOMB_CONSTANT
 from .wrap import wrap
 
@@ -31,6 +32,8 @@ __all__ = [
     "LongRangeModule",
     "QeqChargeHead",
     "RadialPotential",
+    "SignDecision",
+    "apply_sign_convention",
     "born_effective_charges",
     "coulomb_energy",
     "dipole_moment",

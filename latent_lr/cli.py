@@ -79,6 +79,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--dtype", choices=["float32", "float64"])
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument(
+        "--sign-convention", type=_on_off,
+        help="on|off (default on): after training, make the mean latent charge of the most electronegative "
+        "element negative unless total charges, a field or trained-on labels fix the sign",
+    )
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:

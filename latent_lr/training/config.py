@@ -48,6 +48,8 @@ class TrainConfig:
     dtype: str = "float64"
     out: str = "runs/train"
     progress: bool = True
+    #: After training, fix the global sign of latent charges (latent_lr.sign_convention); off: keep the raw sign.
+    sign_convention: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.long_range_options, dict):

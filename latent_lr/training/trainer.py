@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..backbone import adapter_class
 from ..model import LongRangeModel
 from ..serialization import load, save
+from ..sign_convention import apply_sign_convention
 from ..wrap import wrap
 from .config import TrainConfig
 from .dataset import Frame, LabelKeys, check_frame_elements, collate, read_frames
@@ -238,7 +239,29 @@ class Trainer:
             self._write_logs()
             self._checkpoint()
             bar.set_postfix(train=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}")
+        self.apply_sign_convention()
         return load(self.out / BEST_MODEL)
+
+    def apply_sign_convention(self) -> None:
+        """Fix the sign of the latent charges of ``best_model.pt`` and of the checkpoint's model.
+
+        Decided on the training frames (see :mod:`latent_lr.sign_convention`); writes
+        ``sign_convention.json`` and prints the decision.
+        """
+        if not self.config.sign_convention or self.model.long_range is None:
+            return
+        frames = self.train_frames
+        labels = {"dipole": [f.dipole for f in frames], "charges": [f.charges for f in frames]}
+        weights = {"dipole": self.config.dipole_weight, "charges": self.config.charges_weight}
+        trained_on = [name for name, values in labels.items() if weights[name] and any(v is not None for v in values)]
+        structures = [f.atoms for f in frames]
+        best = load(self.out / BEST_MODEL)
+        decisions = {"best_model": apply_sign_convention(best, structures, labels, trained_on)}
+        save(best, self.out / BEST_MODEL)
+        decisions["checkpoint"] = apply_sign_convention(self.model, structures, labels, trained_on)
+        self._checkpoint()
+        (self.out / "sign_convention.json").write_text(json.dumps({k: d.to_dict() for k, d in decisions.items()}, indent=1))
+        print(decisions["best_model"].summary())
 
     def _write_logs(self) -> None:
         with open(self.out / LOG_CSV, "w", newline="") as handle:
