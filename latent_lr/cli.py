@@ -116,6 +116,10 @@ def _build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--batch-size", type=int, default=16, help="structures per forward pass (default 16)")
     predict_parser.add_argument("--total-charge-key", default="charge", help="info key of net charges, e (default charge)")
     predict_parser.add_argument("--no-progress", dest="progress", action="store_false")
+    predict_parser.add_argument(
+        "--sign-reference", help="extended XYZ (e.g. the training set) on which to decide the charges' sign "
+        "convention now (default: the sign stored in the model; for files without one, decided on the input)",
+    )
     demo_parser = commands.add_parser("demo", help="ablation on a built-in synthetic long-range dataset")
     demo_parser.add_argument("--out", default="runs/demo")
     demo_parser.add_argument("--epochs", type=int, default=DEMO_OPTIONS["epochs"])
@@ -148,6 +152,7 @@ def _run(args: argparse.Namespace) -> None:
         count = predict_file(
             args.model, args.input, args.output, batch_size=args.batch_size,
             total_charge_key=args.total_charge_key, device=args.device, progress=args.progress,
+            sign_reference=args.sign_reference,
         )
         print(f"wrote {count} structures to {args.output}")
     elif args.command == "demo":
