@@ -1,6 +1,7 @@
 """The sign convention of latent charges: gauge invariance, the rule, what overrides it, and every entry point."""
 
 import copy
+import json
 
 import ase.io
 import numpy as np
@@ -12,6 +13,7 @@ import latent_lr
 from latent_lr.cli import main
 from latent_lr.sign_convention import PAULING_ELECTRONEGATIVITY, apply_sign_convention, most_electronegative
 from latent_lr.synthetic import make_structure, write_dataset
+from latent_lr.training import TrainConfig, Trainer
 from latent_lr.training.predict import predict_file
 
 OXYGEN = 8
@@ -196,6 +198,26 @@ def test_training_stores_the_convention_in_best_model_and_checkpoint(trained):
         charges = model.eval()(data, compute_forces=False)["charges"]
         assert charges[data.numbers == OXYGEN].mean() < 0
         assert not apply_sign_convention(model, structures).flipped  # already conventional
+
+
+def test_two_seeds_that_learn_opposite_raw_signs_agree_after_training(trained):
+    run, paths = trained
+    other = run.parent / "seed1"
+    config = TrainConfig(train=str(paths["train"]), out=str(other), backbone="radial", seed=1, epochs=12,
+                         host_options={"cutoff": 4.0, "hidden_dim": 16, "n_layers": 2}, learning_rate=0.005,
+                         dipole_key="ref_dipole", dipole_weight=0.0, charges_key="ref_charges", charges_weight=0.0,
+                         progress=False)
+    Trainer(config).fit()
+    decisions = [json.loads((directory / "sign_convention.json").read_text())["best_model"] for directory in (run, other)]
+    assert decisions[0]["flipped"] != decisions[1]["flipped"], "seeds 0 and 1 learn opposite raw signs on this set"
+    structures = ase.io.read(paths["test"], index=":")
+    data = latent_lr.AtomsBatch.from_atoms(structures)
+    reference = np.concatenate([a.arrays["ref_charges"] for a in structures])
+    for directory, decision in zip((run, other), decisions):
+        assert decision["rule"] == "electronegativity" and decision["conflict"] is None
+        charges = latent_lr.load(directory / "best_model.pt").eval()(data, compute_forces=False)["charges"]
+        assert charges[data.numbers == OXYGEN].mean() < 0
+        assert np.corrcoef(charges.numpy(), reference)[0, 1] > 0.5
 
 
 def test_predict_cli_and_calculator_apply_the_stored_sign(trained, tmp_path):
