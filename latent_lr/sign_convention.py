@@ -33,7 +33,7 @@ Pauling value and are never the reference element.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ class SignDecision:
         return text + (f"; CONFLICT: {self.conflict}" if self.conflict else "")
 
 
-def most_electronegative(numbers: Sequence[int]) -> Optional[int]:
+def most_electronegative(numbers: Iterable[int]) -> Optional[int]:
     """The atomic number with the highest Pauling electronegativity among ``numbers`` (ties: lower Z)."""
     rated = sorted({int(z) for z in numbers if int(z) in PAULING_ELECTRONEGATIVITY})
     if not rated:
@@ -143,7 +143,7 @@ def sign_fixed_by_data(model: LongRangeModel, structures: Sequence[Atoms]) -> Op
 
 
 def label_agreement(
-    predictions: dict[str, Sequence[np.ndarray]], labels: dict[str, Sequence[Optional[np.ndarray]]]
+    predictions: Mapping[str, Sequence[np.ndarray]], labels: Mapping[str, Sequence[Optional[np.ndarray]]]
 ) -> dict[str, float]:
     """Normalised Σ pred·ref (−1..1) over the structures that carry each label (``dipole`` e·Å, ``charges`` e).
 
@@ -171,7 +171,7 @@ def label_agreement(
 def apply_sign_convention(
     model: LongRangeModel,
     structures: Sequence[Atoms],
-    labels: Optional[dict[str, Sequence[Optional[np.ndarray]]]] = None,
+    labels: Optional[Mapping[str, Sequence[Optional[np.ndarray]]]] = None,
     trained_on: Sequence[str] = (),
     max_structures: int = MAX_STRUCTURES,
     batch_size: int = 16,
@@ -205,7 +205,7 @@ def apply_sign_convention(
         charges, dipoles = latent_moments(model, subset, batch_size)
     numbers = np.concatenate([atoms.numbers for atoms in subset])
     all_charges = np.concatenate(charges)
-    reference = most_electronegative(numbers)
+    reference = most_electronegative(numbers.tolist())
     mean_charge = None if reference is None else float(all_charges[numbers == reference].mean())
     agreement = label_agreement({"dipole": dipoles, "charges": charges}, given)
     fixed = sign_fixed_by_data(model, subset)
