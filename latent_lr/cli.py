@@ -80,7 +80,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     parser.add_argument(
-        "--sign-convention", type=_on_off,
+        "--sign-convention", type=_on_off, metavar="on|off",
         help="on|off (default on): after training, make the mean latent charge of the most electronegative "
         "element negative unless total charges, a field or trained-on labels fix the sign",
     )
