@@ -29,7 +29,7 @@ import ase.io
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_maceles import ARCHITECTURE, KEYS, _relabelled, _run, average_neighbours  # noqa: E402
+from bench_vs_maceles import ARCHITECTURE, KEYS, _relabelled, _run, average_neighbours, budget_parser  # noqa: E402
 
 from latent_lr.serialization import load  # noqa: E402
 from latent_lr.training.dataset import read_frames  # noqa: E402
@@ -105,15 +105,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
-    parser.add_argument("--n-train", type=int, default=120)
-    parser.add_argument("--n-valid", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = budget_parser(__doc__.splitlines()[0], "runs/transfer", n_train=120, n_valid=12, epochs=5)
     parser.add_argument("--held-out", nargs="*", help="formulas left out of training (default: last two sorted)")
     parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()

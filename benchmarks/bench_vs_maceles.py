@@ -273,16 +273,22 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def budget_parser(description: str, out: str, n_train: int, n_valid: int, epochs: int) -> argparse.ArgumentParser:
+    """The options every dipeptide benchmark shares: data, output, frames, epochs, batch, lr, seed."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--out", type=Path, default=Path("runs/vs_maceles"))
-    parser.add_argument("--n-train", type=int, default=150)
-    parser.add_argument("--n-valid", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--n-train", type=int, default=n_train)
+    parser.add_argument("--n-valid", type=int, default=n_valid)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main() -> None:
+    parser = budget_parser(__doc__.splitlines()[0], "runs/vs_maceles", n_train=150, n_valid=15, epochs=4)
     parser.add_argument("--only", choices=["latent-lr", "maceles"], help="run one side only")
     args = parser.parse_args()
     paths = prepare(args.data, args.out, args.n_train, args.n_valid, args.seed)
