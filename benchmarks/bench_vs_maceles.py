@@ -153,6 +153,15 @@ def run_latent_lr(paths: dict[str, Path], out: Path, args: argparse.Namespace, n
     return metrics
 
 
+def raw_sign_metrics(out: Path, args: argparse.Namespace) -> dict:
+    """latent-lr's errors with the sign the training left (the convention undone), same model file."""
+    model = load(out / "latent_lr" / "best_model.pt")
+    assert model.long_range is not None
+    model.long_range.charge_sign.neg_()
+    frames = read_frames(out / "test.xyz", KEYS)
+    return error_metrics(frames, predict_frames(model, frames, args.batch_size, compute_bec=True))
+
+
 def run_maceles(paths: dict[str, Path], out: Path, args: argparse.Namespace, neighbours: float) -> dict:
     """Train with ``mace_run_train --model MACELES`` (subprocess) and evaluate the model here."""
     run_dir = out / "maceles"
@@ -304,6 +313,9 @@ def main() -> None:
                   "(pip install --no-deps -e path/to/les; CC BY-NC 4.0, for measurement only) to compare.")
     if args.only != "maceles":
         results["latent-lr"] = run_latent_lr(paths, args.out, args, neighbours)
+        decision = json.loads((args.out / "latent_lr" / "sign_convention.json").read_text())["best_model"]
+        if decision["flipped"]:  # also show what the run gave before the convention
+            results["latent-lr, raw sign (convention undone)"] = raw_sign_metrics(args.out, args)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     print(format_table(results))
     for name, metrics in results.items():
