@@ -37,6 +37,8 @@ class LongRangeModule(nn.Module):
             (e.g. ``LongRangeModule(64, smearing=0.8)``).
     """
 
+    charge_sign: torch.Tensor  # buffer (), ±1
+
     def __init__(self, feature_dim: int, config: Optional[LongRangeConfig] = None, **options: Any):
         super().__init__()
         config = config or LongRangeConfig()
@@ -61,8 +63,6 @@ class LongRangeModule(nn.Module):
         self.register_buffer("charge_sign", torch.tensor(1.0))
         #: False when the weights came from a file written before the sign convention existed.
         self.charge_sign_stored = True
-
-    charge_sign: torch.Tensor  # buffer (), ±1
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,

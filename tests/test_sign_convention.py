@@ -10,7 +10,7 @@ import torch
 from ase import Atoms
 
 import latent_lr
-from latent_lr.cli import main
+from latent_lr.cli import _build_parser, _config_from, main
 from latent_lr.sign_convention import PAULING_ELECTRONEGATIVITY, apply_sign_convention, most_electronegative
 from latent_lr.synthetic import make_structure, write_dataset
 from latent_lr.training import TrainConfig, Trainer
@@ -264,3 +264,14 @@ def test_predict_decides_the_sign_for_files_written_before_it(trained, tmp_path,
         new, old_written = (ase.io.read(tmp_path / name, index=":") for name in ("new.xyz", "old.xyz"))
         for a, b in zip(new, old_written):
             np.testing.assert_allclose(b.arrays["latent_charges"], a.arrays["latent_charges"], atol=1e-7)
+
+
+def test_sign_convention_can_be_switched_off(trained, tmp_path):
+    run, paths = trained
+    args = ["train", "--train", str(paths["train"]), "--out", str(tmp_path / "off"), "--sign-convention", "off"]
+    assert _config_from(_build_parser().parse_args(args)).sign_convention is False
+    config = TrainConfig(train=str(paths["train"]), out=str(tmp_path / "off"), backbone="radial", seed=1, epochs=1,
+                         host_options={"cutoff": 4.0, "hidden_dim": 4, "n_layers": 1}, progress=False,
+                         sign_convention=False)
+    model = Trainer(config).fit()
+    assert float(model.long_range.charge_sign) == 1.0 and not (tmp_path / "off" / "sign_convention.json").exists()
