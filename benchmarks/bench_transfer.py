@@ -31,7 +31,7 @@ import ase.io
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_maceles import ARCHITECTURE, KEYS, _relabelled, _run, average_neighbours, budget_parser  # noqa: E402
+from bench_vs_maceles import ARCHITECTURE, KEYS, _run, average_neighbours, budget_parser, write_subsets  # noqa: E402
 
 from latent_lr.serialization import load  # noqa: E402
 from latent_lr.training.dataset import read_frames  # noqa: E402
@@ -72,12 +72,7 @@ def prepare(
         "seen": [a for a in val_file if a.get_chemical_formula() in trained],
         "unseen": [a for a in val_file if a.get_chemical_formula() in held_out],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, frames in subsets.items():
-        paths[name] = out / f"{name}.xyz"
-        ase.io.write(paths[name], [_relabelled(a) for a in frames], format="extxyz")
-    return paths
+    return write_subsets(subsets, out)
 
 
 def run_variant(name: str, flags: list[str], paths: dict[str, Path], out: Path, args: argparse.Namespace, neighbours: float) -> dict:

@@ -94,6 +94,11 @@ def prepare(data: Path, out: Path, n_train: int, n_valid: int, seed: int) -> dic
         "valid": [frames[i] for i in order[n_train : n_train + n_valid]],
         "test": ase.io.read(source / "spice-dipep-dipolar_val.xyz", index=":"),
     }
+    return write_subsets(subsets, out)
+
+
+def write_subsets(subsets: dict[str, list], out: Path) -> dict[str, Path]:
+    """Write each named list of structures to ``out/NAME.xyz`` with REF_ labels; return the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, atoms_list in subsets.items():
