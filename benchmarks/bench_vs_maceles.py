@@ -321,6 +321,8 @@ def main() -> None:
         decision = json.loads((args.out / "latent_lr" / "sign_convention.json").read_text())["best_model"]
         if decision["flipped"]:  # also show what the run gave before the convention
             results["latent-lr, raw sign (convention undone)"] = raw_sign_metrics(args.out, args)
+    if not results:
+        return
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     print(format_table(results))
     for name, metrics in results.items():
