@@ -15,6 +15,7 @@ from .model import LongRangeModel
 from .properties import born_effective_charges, dipole_moment, polarization
 from .qeq import QeqChargeHead
 from .serialization import load, save
+from .sign_convention import SignDecision, apply_sign_convention
 from .units import COULOMB_CONSTANT
 from .wrap import wrap
 
@@ -32,6 +33,8 @@ __all__ = [
     "LongRangeModule",
     "QeqChargeHead",
     "RadialPotential",
+    "SignDecision",
+    "apply_sign_convention",
     "born_effective_charges",
     "coulomb_energy",
     "dipole_moment",

@@ -92,9 +92,14 @@ class LearnedChargeRedistribution(nn.Module):
 class ChargeModel(nn.Module):
     """What the long-range module asks of a charge model.
 
-    ``forward(features, data, smearing, accuracy, engine_state)`` returns the
+    ``forward(features, data, smearing, accuracy, engine_state, charge_sign)`` returns the
     charges (N,) in e and the electrostatic energy (B,) in eV of those charges
     for the batch ``data`` (whose positions and cell may carry gradients).
+    ``charge_sign`` (scalar tensor, ±1; None: +1) is the global sign gauge of
+    :mod:`latent_lr.sign_convention`: it multiplies the model's permanent
+    charge source (the latent charges before the total-charge constraint, the
+    electronegativities of Qeq), so that for neutral structures without a field
+    the charges change sign and the energy stays bit-identical.
     ``from_config(feature_dim, config)`` builds one from a
     :class:`~latent_lr.config.LongRangeConfig`.
     """
@@ -110,6 +115,7 @@ class ChargeModel(nn.Module):
         smearing: torch.Tensor,
         accuracy: float,
         engine_state: Optional[EngineState] = None,
+        charge_sign: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -156,11 +162,15 @@ class ChargeHead(ChargeModel):
         numbers: torch.Tensor,
         batch: torch.Tensor,
         total_charge: torch.Tensor,
+        charge_sign: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Args: features (N, F), numbers (N,), batch (N,), total_charge (B,). Returns (N,) e."""
+        """Args: features (N, F), numbers (N,), batch (N,), total_charge (B,), charge_sign (±1, scalar).
+        Returns (N,) e."""
         raw = self.mlp(features).squeeze(-1)
         if self.element_baseline is not None:
             raw = raw + self.element_baseline(numbers).squeeze(-1)
+        if charge_sign is not None:
+            raw = raw * charge_sign.to(raw.dtype)
         return self.constraint(raw, features, batch, total_charge)
 
     def forward(
@@ -170,9 +180,10 @@ class ChargeHead(ChargeModel):
         smearing: torch.Tensor,
         accuracy: float,
         engine_state: Optional[EngineState] = None,
+        charge_sign: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Charges (N,) e and their smeared Coulomb energy (B,) eV (Gaussian width ``smearing``, Å)."""
-        charges = self.charges(features, data.numbers, data.batch, data.total_charge)
+        charges = self.charges(features, data.numbers, data.batch, data.total_charge, charge_sign)
         energy = coulomb_energy(
             data.positions, charges, cell=data.cell, pbc=data.pbc, batch=data.batch,
             smearing=smearing, accuracy=accuracy, state=engine_state,

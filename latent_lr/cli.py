@@ -94,6 +94,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--out", help="output directory")
     _add_recipe_arguments(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument(
+        "--sign-convention", type=_on_off, metavar="on|off",
+        help="on|off (default on): after training, make the mean latent charge of the most electronegative "
+        "element negative unless total charges, a field or trained-on labels fix the sign",
+    )
 
 
 def _add_label_key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +168,10 @@ def _build_parser() -> argparse.ArgumentParser:
     prepare_parser.add_argument("--shard-size", type=int, help="structures per shard: OUT becomes a folder of shard-NNNNN.h5")
     _add_label_key_arguments(prepare_parser)
     prepare_parser.add_argument("--no-progress", dest="progress", action="store_false")
+    predict_parser.add_argument(
+        "--sign-reference", help="extended XYZ (e.g. the training set) on which to decide the charges' sign "
+        "convention now (default: the sign stored in the model; for files without one, decided on the input)",
+    )
     demo_parser = commands.add_parser("demo", help="ablation on a built-in synthetic long-range dataset")
     demo_parser.add_argument("--out", default="runs/demo")
     demo_parser.add_argument("--epochs", type=int, default=DEMO_OPTIONS["epochs"])
@@ -198,6 +207,7 @@ def _run(args: argparse.Namespace) -> None:
         count = predict_file(
             args.model, args.input, args.output, batch_size=args.batch_size,
             total_charge_key=args.total_charge_key, device=args.device, progress=args.progress,
+            sign_reference=args.sign_reference,
         )
         print(f"wrote {count} structures to {args.output}")
     elif args.command == "prepare-data":

@@ -37,6 +37,8 @@ class LongRangeModule(nn.Module):
             (e.g. ``LongRangeModule(64, smearing=0.8)``).
     """
 
+    charge_sign: torch.Tensor  # buffer (), ±1
+
     def __init__(self, feature_dim: int, config: Optional[LongRangeConfig] = None, **options: Any):
         super().__init__()
         config = config or LongRangeConfig()
@@ -57,6 +59,23 @@ class LongRangeModule(nn.Module):
         )
         #: The engine's state when the caller passes none (a copy of the module starts empty).
         self.engine_state = EngineState()
+        #: Global sign gauge s = ±1 of the charges (:mod:`latent_lr.sign_convention`), part of the state_dict.
+        self.register_buffer("charge_sign", torch.tensor(1.0))
+        #: False when the weights came from a file written before the sign convention existed.
+        self.charge_sign_stored = True
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """Files written before the sign convention have no ``charge_sign``: they load with s = +1."""
+        key = prefix + "charge_sign"
+        self.charge_sign_stored = key in state_dict
+        if not self.charge_sign_stored:
+            state_dict[key] = torch.ones((), dtype=self.charge_sign.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def clear_caches(self) -> None:
         """Empty the module's own engine state (kept PME mesh, cached tensors)."""
@@ -106,7 +125,7 @@ class LongRangeModule(nn.Module):
         features = features.to(data.positions.dtype)
         sigma = self.smearing.to(data.positions.dtype)
         state = self.engine_state if engine_state is None else engine_state
-        charges, energy = self.charge_head(features, data, sigma, self.accuracy, state)
+        charges, energy = self.charge_head(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)

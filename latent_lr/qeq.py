@@ -88,9 +88,13 @@ class QeqChargeHead(ChargeModel):
         smearing: torch.Tensor,
         accuracy: float = 1e-6,
         engine_state: Optional[EngineState] = None,
+        charge_sign: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: features (N, F), the batch, σ (Å), Ewald accuracy. Returns (charges (N,) e, energy (B,) eV)."""
+        """Args: features (N, F), the batch, σ (Å), Ewald accuracy, the sign gauge (±1; multiplies χ, so
+        neutral charges without a field flip with it). Returns (charges (N,) e, energy (B,) eV)."""
         chi, hardness = self.parameters_per_atom(features, data.numbers)
+        if charge_sign is not None:
+            chi = chi * charge_sign.to(chi.dtype)
         shifted = chi
         field = data.external_field
         # A zero field that requires grad (the polarisability ∂μ/∂E at E = 0) still needs the shift.

@@ -118,6 +118,8 @@ class TrainConfig:
     stage_two_learning_rate: Optional[float] = None
     nonfinite_lr_factor: float = 0.5
     time_budget: Optional[Union[float, str]] = None
+    #: After training, fix the global sign of latent charges (latent_lr.sign_convention); off: keep the raw sign.
+    sign_convention: bool = True
 
     def __post_init__(self) -> None:
         for name in ("dtype", "eval_dtype"):

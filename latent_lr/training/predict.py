@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import ase.io
 import numpy as np
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserInputError
 from ..model import LongRangeModel
+from ..sign_convention import MAX_STRUCTURES, apply_sign_convention
 from .dataset import Frame, LabelKeys, check_frame_elements, iter_frames
 from .devices import resolve_device
 from .metrics import predict_frames
@@ -54,6 +56,7 @@ def predict_file(
     total_charge_key: str = "charge",
     device: Union[str, torch.device] = "cpu",
     progress: bool = False,
+    sign_reference: Optional[Union[str, Path]] = None,
 ) -> int:
     """Write per-atom ``latent_charges`` (e) and ``bec`` (e, 9 columns: xx xy xz yx … zz,
     row α = dipole component, column β = displacement), per-structure ``dipole`` (e·Å,
@@ -64,6 +67,12 @@ def predict_file(
     ``device`` is ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).  The input is read lazily and each batch
     of ``batch_size`` frames is written as soon as it is predicted, so memory
     does not grow with the number of frames.
+
+    The sign of the charges is the one stored in the model file (chosen after
+    training, :mod:`latent_lr.sign_convention`).  For a file written before the
+    convention existed, or when ``sign_reference`` (extended XYZ, e.g. the
+    training set) is given, the convention is decided here on the first
+    structures of ``sign_reference`` (default: of the input) and reported on stderr.
     """
     if batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {batch_size}.")
@@ -74,6 +83,12 @@ def predict_file(
     if model.long_range is None:
         raise UserInputError(f"{model_path} is a short-range model: it has no latent charges to predict from; give a long-range model.")
     keys = LabelKeys(energy=None, forces=None, total_charge=total_charge_key)
+    if sign_reference is not None or not model.long_range.charge_sign_stored:
+        source = input_path if sign_reference is None else sign_reference
+        frames = list(islice(iter_frames(source, keys), MAX_STRUCTURES))
+        check_frame_elements(model.backbone.check_elements, frames)
+        decision = apply_sign_convention(model, [frame.atoms for frame in frames])
+        print(f"{model_path}: {decision.summary()} [decided on {source}]", file=sys.stderr)
     count = 0
     bar = tqdm(desc="predict", unit="frame", disable=not progress)
     with open(output_path, "w") as handle:

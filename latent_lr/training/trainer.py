@@ -24,6 +24,7 @@ from ..host_files import LATENT_LR_FILE, identify, load_host
 from ..model import LongRangeModel
 from ..neighbors import edge_count
 from ..serialization import load, save
+from ..sign_convention import apply_sign_convention
 from ..wrap import wrap
 from . import distributed
 from .config import TrainConfig
@@ -47,6 +48,8 @@ from .references import fit_reference_energies
 from .sampler import EpochPlan, oversized_structures, plan_epoch
 
 CHECKPOINT = "checkpoint.pt"
+#: Training structures on which the sign convention of the latent charges is decided.
+SIGN_CONVENTION_FRAMES = 256
 BEST_MODEL = "best_model.pt"
 LOG_CSV = "log.csv"
 
@@ -549,8 +552,32 @@ class Trainer:
             if self._budget_expired():
                 self._say(f"time budget of {self.config.time_budget:g} s reached after epoch {self.epoch}; best model: {self.out / BEST_MODEL}")
                 break
+        self.apply_sign_convention()
         distributed.barrier()
         return load(self.out / BEST_MODEL).to(self.ranks.device, self.eval_dtype)
+
+    def apply_sign_convention(self) -> None:
+        """Fix the sign of the latent charges of ``best_model.pt`` and of the checkpoint's model.
+
+        Decided on the training frames (see :mod:`latent_lr.sign_convention`); writes
+        ``sign_convention.json`` and prints the decision.
+        """
+        if not self.config.sign_convention or self.model.long_range is None or not self.ranks.is_main:
+            return
+        frames = self.train_frames[: min(len(self.train_frames), SIGN_CONVENTION_FRAMES)]
+        labels = {"dipole": [f.dipole for f in frames], "charges": [f.charges for f in frames]}
+        weights = {"dipole": self.config.dipole_weight, "charges": self.config.charges_weight}
+        trained_on = [name for name, values in labels.items() if weights[name] and any(v is not None for v in values)]
+        structures = [f.atoms for f in frames]
+        best = load(self.out / BEST_MODEL)
+        decisions = {"best_model": apply_sign_convention(best, structures, labels, trained_on)}
+        save(best, self.out / BEST_MODEL)
+        decisions["checkpoint"] = apply_sign_convention(self.model, structures, labels, trained_on)
+        if self.ema is not None:
+            apply_sign_convention(self.ema.model(), structures, labels, trained_on)
+        self._checkpoint()
+        (self.out / "sign_convention.json").write_text(json.dumps({k: d.to_dict() for k, d in decisions.items()}, indent=1))
+        print(decisions["best_model"].summary())
 
     def _write_logs(self) -> None:
         names = list(dict.fromkeys(name for row in self.history for name in row))  # rows of older runs lack newer columns
