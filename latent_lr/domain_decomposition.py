@@ -38,6 +38,7 @@ polarisabilities, no external field.  Not computed: the virial (stress).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,6 +114,15 @@ class DecomposedModel:
         self.charge_transfer_forces = charge_transfer_forces
         self.smearing = float(long_range.smearing)
         self.accuracy = float(long_range.accuracy)
+        #: Wall time spent in ``allreduce`` so far, s (communication plus waiting for slower ranks).
+        self.communication_seconds = 0.0
+
+    def _sum(self, values: np.ndarray) -> np.ndarray:
+        """``allreduce(values)``, timed into :attr:`communication_seconds`."""
+        start = time.perf_counter()
+        summed = self.allreduce(values)
+        self.communication_seconds += time.perf_counter() - start
+        return summed
 
     def ghost_cutoff(self, cell: np.ndarray, n_atoms: int) -> float:
         """Å: ghosts must reach the host's receptive field and the Ewald real-space cut-off."""
@@ -142,14 +152,14 @@ class DecomposedModel:
         local_tags = sub.tags[:n_local]
         by_tag = np.zeros(sub.n_atoms + 1)
         by_tag[local_tags.cpu().numpy()] = charges.detach().cpu().numpy()
-        cluster_charges = torch.from_numpy(self.allreduce(by_tag)).to(positions)[sub.tags]
+        cluster_charges = torch.from_numpy(self._sum(by_tag)).to(positions)[sub.tags]
 
         ewald = ewald_setup(sub.cell.detach().cpu().numpy(), sub.n_atoms, self.accuracy, self.smearing)
         real_energy, real_potential, real_surrogate = self._real_space(positions, cluster_charges, n_local, ewald)
         k_energy, k_potential, k_surrogate = self._k_space(positions[:n_local], cluster_charges[:n_local], sub, ewald)
         alpha = ewald.parameters.alpha
         own = cluster_charges[:n_local]
-        squares, net = (float(x) for x in self.allreduce(np.array([float((own**2).sum()), float(own.sum())])))
+        squares, net = (float(x) for x in self._sum(np.array([float((own**2).sum()), float(own.sum())])))
         variance = 1.0 / (2.0 * alpha**2) - (0.0 if self.smearing == 0.0 else self.smearing**2)
         volume = abs(float(torch.linalg.det(sub.cell)))
         constant_energy = -alpha / math.sqrt(math.pi) * squares - math.pi * net**2 * variance / volume
@@ -161,12 +171,12 @@ class DecomposedModel:
         if self.charge_transfer_forces:
             surrogate = surrogate + (potential.detach() * charges).sum() + chain(potential.detach())
         local_energy = float(atomic.detach().sum()) + COULOMB_CONSTANT * real_energy
-        energy = float(self.allreduce(np.array([local_energy]))[0]) + COULOMB_CONSTANT * (k_energy + constant_energy)
+        energy = float(self._sum(np.array([local_energy]))[0]) + COULOMB_CONSTANT * (k_energy + constant_energy)
 
         (gradient,) = torch.autograd.grad(surrogate, positions)
         gradient_by_tag = np.zeros((sub.n_atoms + 1, 3))
         np.add.at(gradient_by_tag, sub.tags.cpu().numpy(), gradient.detach().cpu().numpy())
-        forces = -torch.from_numpy(self.allreduce(gradient_by_tag)).to(positions)[local_tags]
+        forces = -torch.from_numpy(self._sum(gradient_by_tag)).to(positions)[local_tags]
         return energy, forces, charges.detach()
 
     def _charges(
@@ -185,21 +195,21 @@ class DecomposedModel:
         if isinstance(constraint, NoChargeConstraint):
             return raw, lambda potential: raw.new_zeros(())
         if isinstance(constraint, TotalChargeConstraint):
-            raw_sum, count = self.allreduce(np.array([float(raw.detach().sum()), float(sub.n_local)]))
+            raw_sum, count = self._sum(np.array([float(raw.detach().sum()), float(sub.n_local)]))
             shift = (total - raw_sum) / count
 
             def uniform_chain(potential: torch.Tensor) -> torch.Tensor:
-                potential_sum = float(self.allreduce(np.array([float(potential.sum())]))[0])
+                potential_sum = float(self._sum(np.array([float(potential.sum())]))[0])
                 return -potential_sum / count * raw.sum()
 
             return raw + shift, uniform_chain
         if isinstance(constraint, LearnedChargeRedistribution):
             weights = torch.nn.functional.softplus(constraint.weight_net(features).squeeze(-1)) + 1e-6
-            raw_sum, weight_sum = self.allreduce(np.array([float(raw.detach().sum()), float(weights.detach().sum())]))
+            raw_sum, weight_sum = self._sum(np.array([float(raw.detach().sum()), float(weights.detach().sum())]))
             share = (total - raw_sum) / weight_sum
 
             def learned_chain(potential: torch.Tensor) -> torch.Tensor:
-                weighted = float(self.allreduce(np.array([float((potential * weights.detach()).sum())]))[0])
+                weighted = float(self._sum(np.array([float((potential * weights.detach()).sum())]))[0])
                 # ∂E/∂(Σ q̃) = -Σ φ w / Σ w;  ∂E/∂(Σ w) = -Σ φ w (Q - Σ q̃) / (Σ w)².
                 return -weighted / weight_sum * raw.sum() - weighted * share / weight_sum * weights.sum()
 
@@ -256,7 +266,7 @@ class DecomposedModel:
         cos_phase, sin_phase = torch.cos(phase), torch.sin(phase)
         q = charges.detach()
         parts = np.concatenate([(q @ cos_phase).detach().cpu().numpy(), (q @ sin_phase).detach().cpu().numpy()])
-        total = torch.from_numpy(self.allreduce(parts)).to(positions)
+        total = torch.from_numpy(self._sum(parts)).to(positions)
         cos_sum, sin_sum = total[: len(weight)], total[len(weight):]
         prefactor = 2.0 * math.pi / abs(float(torch.linalg.det(sub.cell)))
         energy = prefactor * float((weight * (cos_sum**2 + sin_sum**2)).sum())

@@ -26,9 +26,11 @@ def make_model(seed: int = 0, **options) -> latent_lr.LongRangeModel:
     torch.manual_seed(seed)
     host = latent_lr.RadialPotential(species=SPECIES, cutoff=3.5, hidden_dim=16).double()
     model = latent_lr.wrap(host, **options).eval()
-    with torch.no_grad():
-        for z, q in BASELINE_CHARGES.items():
-            model.long_range.charge_head.element_baseline.weight[z] = q
+    baseline = getattr(model.long_range.charge_head, "element_baseline", None)
+    if baseline is not None:
+        with torch.no_grad():
+            for z, q in BASELINE_CHARGES.items():
+                baseline.weight[z] = q
     return model
 
 
