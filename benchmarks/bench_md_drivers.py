@@ -72,7 +72,8 @@ def ase_step_time(atoms: Atoms, model, steps: int, repeats: int) -> float:
     return median_per_step(dynamics.run, steps, repeats)
 
 
-def lammps_step_time(atoms: Atoms, model, steps: int, repeats: int) -> float:
+def lammps_water(atoms: Atoms, model):
+    """A LAMMPS instance (atom_style charge, types O=1, H=2) holding ``atoms`` with the model attached; NVE set up."""
     lmp = lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
     length = atoms.cell.lengths()
     lmp.commands_string(
@@ -84,6 +85,11 @@ def lammps_step_time(atoms: Atoms, model, steps: int, repeats: int) -> float:
     lmp.create_atoms(len(atoms), None, types.tolist(), atoms.positions.ravel().tolist(), v=velocities.ravel().tolist())
     potential = attach(lmp, model, elements=["O", "H"])
     lmp.commands_string(f"timestep {TIMESTEP_FS / 1000}\nfix nve all nve\nthermo 0\nrun 0")
+    return lmp, potential
+
+
+def lammps_step_time(atoms: Atoms, model, steps: int, repeats: int) -> float:
+    lmp, potential = lammps_water(atoms, model)
     seconds = median_per_step(lambda n: lmp.command(f"run {n} pre no post no"), steps, repeats)
     potential.check()
     lmp.close()

@@ -138,10 +138,13 @@ class DecomposedModel:
     def _evaluate(self, sub: Subdomain) -> tuple[float, torch.Tensor, torch.Tensor]:
         model, n_local = self.model, sub.n_local
         positions = sub.positions.detach().clone().requires_grad_(True)
+        # The host sees the local atoms and the ghosts within its receptive field of them.
+        receptive_field = float(model.backbone.receptive_field or 0.0)
+        host_atoms = torch.nonzero(_distance_to(positions.detach(), n_local) < receptive_field).squeeze(1)
         cluster = AtomsBatch(
-            positions=positions, numbers=sub.numbers, cell=positions.new_zeros(1, 3, 3),
+            positions=positions[host_atoms], numbers=sub.numbers[host_atoms], cell=positions.new_zeros(1, 3, 3),
             pbc=torch.zeros(1, 3, dtype=torch.bool, device=positions.device),
-            batch=torch.zeros(len(positions), dtype=torch.long, device=positions.device),
+            batch=torch.zeros(len(host_atoms), dtype=torch.long, device=positions.device),
             total_charge=positions.new_zeros(1), external_field=positions.new_zeros(1, 3),
         )
         atomic, features = model.backbone.atomic_energies(cluster)
@@ -272,6 +275,15 @@ class DecomposedModel:
         energy = prefactor * float((weight * (cos_sum**2 + sin_sum**2)).sum())
         field_sum = 2.0 * prefactor * (cos_phase * (weight * cos_sum) + sin_phase * (weight * sin_sum)).sum(dim=1)
         return energy, field_sum.detach(), (q * field_sum).sum()
+
+
+def _distance_to(positions: torch.Tensor, n_local: int) -> torch.Tensor:
+    """(M,) distance of every atom to the nearest of the first ``n_local`` atoms, Å (0 for those)."""
+    nearest = positions.new_full((len(positions),), math.inf)
+    for start in range(0, n_local, PAIR_CHUNK):
+        chunk = torch.cdist(positions[start : start + PAIR_CHUNK], positions, compute_mode="donot_use_mm_for_euclid_dist")
+        nearest = torch.minimum(nearest, chunk.min(dim=0).values)
+    return nearest
 
 
 __all__ = ["Allreduce", "DecomposedModel", "PAIR_CHUNK", "Subdomain"]

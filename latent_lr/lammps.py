@@ -49,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -103,7 +104,8 @@ class LammpsPotential:
         external_field: (3,) uniform field, V/Å, or None.
         engine_state: the engine state of this run (PME keeps its mesh along the trajectory).
         energy: the last energy, eV; charges: the last latent charges (nlocal,), e,
-            in LAMMPS's current local order; calls: number of evaluations so far.
+            in LAMMPS's current local order; calls: number of evaluations so far;
+            seconds: wall time spent in the callback so far.
         error: the first exception raised inside the callback, or None (the
             callback then writes NaN forces and energy, so LAMMPS stops soon).
     """
@@ -127,6 +129,7 @@ class LammpsPotential:
         self.energy = float("nan")
         self.charges = np.zeros(0)
         self.calls = 0
+        self.seconds = 0.0
         self.error: Optional[BaseException] = None
         #: Set by :func:`attach` on several MPI ranks: the model split over LAMMPS's subdomains.
         self.decomposed: Optional[DecomposedModel] = None
@@ -135,6 +138,7 @@ class LammpsPotential:
 
     def __call__(self, caller: Any, step: int, nlocal: int, tag: np.ndarray, x: np.ndarray, f: np.ndarray) -> None:
         """``fix external`` callback: fill ``f`` (nlocal, 3) with forces, set energy, virial and ``q``."""
+        start = time.perf_counter()
         try:
             self._evaluate(nlocal, x, f)
         except Exception as error:  # an exception must not cross LAMMPS's C++ frames
@@ -143,6 +147,7 @@ class LammpsPotential:
                 print(f"latent_lr.lammps: model evaluation failed at step {step}: {error!r}", file=sys.stderr)
             f[:] = np.nan
             self.lmp.fix_external_set_energy_global(self.fix_id, float("nan"))
+        self.seconds += time.perf_counter() - start
 
     def check(self) -> None:
         """Raise the first exception that the callback caught, if any."""
