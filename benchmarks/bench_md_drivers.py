@@ -29,8 +29,8 @@ import torch
 import torch_sim as ts
 from ase import Atoms, units
 from ase.build import molecule
-from ase.md.verlet import VelocityVerlet
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
 
 import latent_lr
 from latent_lr.demo import water_like_box

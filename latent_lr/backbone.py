@@ -80,7 +80,7 @@ class Backbone(nn.Module):
         (message-passing layers × cut-off); None where the adapter does not state it."""
         return None
 
-    def atomic_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-atom host energies (N,) eV (summing to :meth:`forward`'s energy) and features (N, F).
 
         Optional: domain decomposition (``latent_lr.lammps`` on several MPI

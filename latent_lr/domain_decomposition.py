@@ -31,7 +31,7 @@ and to the engine's accuracy where it uses PME.
 
 Supported: fully periodic boxes, the latent charge head
 (:class:`~latent_lr.charges.ChargeHead`, any redistribution), backbones with
-:meth:`~latent_lr.backbone.Backbone.atomic_energies` (built-in radial), no
+:meth:`~latent_lr.backbone.Backbone.per_atom_energies` (built-in radial), no
 polarisabilities, no external field.  Not computed: the virial (stress).
 """
 
@@ -147,7 +147,7 @@ class DecomposedModel:
             batch=torch.zeros(len(host_atoms), dtype=torch.long, device=positions.device),
             total_charge=positions.new_zeros(1), external_field=positions.new_zeros(1, 3),
         )
-        atomic, features = model.backbone.atomic_energies(cluster)
+        atomic, features = model.backbone.per_atom_energies(cluster)
         atomic = atomic[:n_local] + model.reference_energy.to(atomic)[sub.numbers[:n_local]]
         features = features[:n_local].to(positions.dtype)
         charges, chain = self._charges(features, sub)

@@ -165,15 +165,18 @@ class LammpsPotential:
         images = self._image_flags(self.lmp.numpy.extract_atom("image")[:nlocal])
         positions = np.asarray(x[:nlocal]) + images @ cell
         field = np.zeros(3) if self.external_field is None else self.external_field
-        as_float = dict(dtype=model.dtype, device=model.device)
+
+        def as_float(values: Any) -> torch.Tensor:
+            return torch.tensor(values, dtype=model.dtype, device=model.device)
+
         return AtomsBatch(
-            positions=torch.tensor(positions, **as_float),
+            positions=as_float(positions),
             numbers=torch.tensor(self.numbers_by_type[types], dtype=torch.long, device=model.device),
-            cell=torch.tensor(cell if pbc.any() else np.zeros((3, 3)), **as_float)[None],
+            cell=as_float(cell if pbc.any() else np.zeros((3, 3)))[None],
             pbc=torch.tensor(pbc, device=model.device)[None],
             batch=torch.zeros(nlocal, dtype=torch.long, device=model.device),
-            total_charge=torch.tensor([self.charge], **as_float),
-            external_field=torch.tensor(field, **as_float)[None],
+            total_charge=as_float([self.charge]),
+            external_field=as_float(field)[None],
         )
 
     def _image_flags(self, packed: np.ndarray) -> np.ndarray:

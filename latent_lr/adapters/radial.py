@@ -71,11 +71,11 @@ class RadialPotential(nn.Module):
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Energy (B,) eV and features (N, hidden_dim)."""
-        atomic, features = self.atomic_energies(data)
+        atomic, features = self.per_atom_energies(data)
         energy = atomic.new_zeros(data.n_structures).index_add(0, data.batch, atomic)
         return energy, features
 
-    def atomic_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-atom energies (N,) eV and features (N, hidden_dim)."""
         edge_index, unit_shifts = radius_graph(data, self.cutoff)
         sender, receiver = edge_index
@@ -120,8 +120,8 @@ class RadialBackbone(Backbone):
     def receptive_field(self) -> float:
         return self.host.n_layers * self.host.cutoff
 
-    def atomic_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.host.atomic_energies(data)
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.host.per_atom_energies(data)
 
     def host_config(self) -> dict[str, Any]:
         host = self.host
