@@ -25,11 +25,15 @@ def make_model(seed: int = 0, **options) -> latent_lr.LongRangeModel:
     """A random float64 radial model (cut-off 3.5 Å, two layers) with latent charges."""
     torch.manual_seed(seed)
     host = latent_lr.RadialPotential(species=SPECIES, cutoff=3.5, hidden_dim=16).double()
-    model = latent_lr.wrap(host, **options).eval()
+    return set_charge_baselines(latent_lr.wrap(host, **options).eval(), BASELINE_CHARGES)
+
+
+def set_charge_baselines(model: latent_lr.LongRangeModel, charges: dict[int, float]) -> latent_lr.LongRangeModel:
+    """Set the per-element charge offsets (e) of a latent charge head (no-op for heads without them)."""
     baseline = getattr(model.long_range.charge_head, "element_baseline", None)
     if baseline is not None:
         with torch.no_grad():
-            for z, q in BASELINE_CHARGES.items():
+            for z, q in charges.items():
                 baseline.weight[z] = q
     return model
 

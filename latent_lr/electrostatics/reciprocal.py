@@ -181,12 +181,8 @@ def _cos_sin(phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def k_space_weights(
-    cell: torch.Tensor,
-    integer_k: torch.Tensor,
-    valid: torch.Tensor,
-    alpha: torch.Tensor,
-    k_switch: torch.Tensor,
-    k_cut: torch.Tensor,
+    cell: torch.Tensor, integer_k: torch.Tensor, valid: torch.Tensor,
+    alpha: torch.Tensor, k_switch: torch.Tensor, k_cut: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-vectors (R, K, 3), 1/Å, and their switched weights 2 exp(-k²/4α²)/k² (R, K), Å² (TorchScript-able).
 
