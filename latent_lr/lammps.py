@@ -92,6 +92,15 @@ GHOST_MARGIN = 2.0
 DEFAULT_FIX_ID = "latent_lr"
 
 
+def box_cell(lmp: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The LAMMPS box as (3, 3) lattice vectors as rows, Å (a, b, c of the restricted
+    triclinic box: a along x, b in the xy plane), and its (3,) periodicity flags."""
+    boxlo, boxhi, xy, yz, xz, periodicity, _ = lmp.extract_box()
+    lengths = np.asarray(boxhi) - np.asarray(boxlo)
+    cell = np.array([[lengths[0], 0.0, 0.0], [xy, lengths[1], 0.0], [xz, yz, lengths[2]]])
+    return cell, np.asarray(periodicity, dtype=bool)
+
+
 class LammpsPotential:
     """The wrapped model as the force field of one LAMMPS instance (made by :func:`attach`).
 
@@ -107,7 +116,7 @@ class LammpsPotential:
             in LAMMPS's current local order; calls: number of evaluations so far;
             seconds: wall time spent in the callback so far.
         error: the first exception raised inside the callback, or None (the
-            callback then writes NaN forces and energy, so LAMMPS stops soon).
+            callback then writes NaN forces and energy; :meth:`check` after a run raises it).
     """
 
     def __init__(
@@ -157,10 +166,7 @@ class LammpsPotential:
     def geometry(self, nlocal: int, x: np.ndarray) -> AtomsBatch:
         """The LAMMPS atoms of this rank as a one-structure batch (unwrapped positions, Å)."""
         model = self.model
-        boxlo, boxhi, xy, yz, xz, periodicity, _ = self.lmp.extract_box()
-        lengths = np.asarray(boxhi) - np.asarray(boxlo)
-        cell = np.array([[lengths[0], 0.0, 0.0], [xy, lengths[1], 0.0], [xz, yz, lengths[2]]])
-        pbc = np.asarray(periodicity, dtype=bool)
+        cell, pbc = box_cell(self.lmp)
         types = self.lmp.numpy.extract_atom("type")[:nlocal]
         images = self._image_flags(self.lmp.numpy.extract_atom("image")[:nlocal])
         positions = np.asarray(x[:nlocal]) + images @ cell
@@ -212,9 +218,7 @@ class LammpsPotential:
         """This rank's local and ghost atoms (LAMMPS order: local first), for :class:`DecomposedModel`."""
         lmp, model = self.lmp, self.model
         count = nlocal + int(lmp.extract_global("nghost"))
-        boxlo, boxhi, xy, yz, xz, _, _ = lmp.extract_box()
-        lengths = np.asarray(boxhi) - np.asarray(boxlo)
-        cell = np.array([[lengths[0], 0.0, 0.0], [xy, lengths[1], 0.0], [xz, yz, lengths[2]]])
+        cell, _ = box_cell(lmp)
         types = lmp.numpy.extract_atom("type")[:count]
         return Subdomain(
             positions=torch.tensor(lmp.numpy.extract_atom("x")[:count], dtype=model.dtype, device=model.device),
@@ -302,8 +306,8 @@ def _decomposed_model(lmp: Any, model: LongRangeModel, field: Optional[np.ndarra
     ranks = int(lmp.extract_setting("world_size"))
     if field is not None:
         raise UserInputError(f"an external field is not supported on several MPI ranks yet ({ranks} here); run on one rank.")
-    boxlo, boxhi, xy, yz, xz, periodicity, _ = lmp.extract_box()
-    if not all(periodicity):
+    cell, pbc = box_cell(lmp)
+    if not pbc.all():
         raise UserInputError(f"several MPI ranks ({ranks}) need a box periodic in x, y and z (boundary p p p).")
     communicator = lmp.get_mpi_comm()
 
@@ -313,8 +317,6 @@ def _decomposed_model(lmp: Any, model: LongRangeModel, field: Optional[np.ndarra
         return summed
 
     decomposed = DecomposedModel(model, allreduce)
-    lengths = np.asarray(boxhi) - np.asarray(boxlo)
-    cell = np.array([[lengths[0], 0.0, 0.0], [xy, lengths[1], 0.0], [xz, yz, lengths[2]]])
     cutoff = decomposed.ghost_cutoff(cell, int(lmp.get_natoms())) + float(lmp.extract_global("skin") or GHOST_MARGIN)
     lmp.command(f"comm_modify cutoff {cutoff}")
     return decomposed
@@ -342,4 +344,4 @@ def _numbers_by_type(elements: Sequence[Union[str, int]], ntypes: int) -> np.nda
     return np.asarray(numbers, dtype=np.int64)
 
 
-__all__ = ["DEFAULT_FIX_ID", "LAMMPS_VIRIAL_ORDER", "LammpsPotential", "attach", "lammps"]
+__all__ = ["DEFAULT_FIX_ID", "GHOST_MARGIN", "LAMMPS_VIRIAL_ORDER", "LammpsPotential", "attach", "box_cell", "lammps"]

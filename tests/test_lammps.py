@@ -107,7 +107,7 @@ def test_step_zero_equals_ase_calculator(case, model, tmp_path):
 def test_nve_conserves_energy_like_the_ase_run(model, tmp_path):
     atoms = charged_molecule_in_box()
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    steps, timestep_fs = 200, 0.25
+    steps, timestep_fs = 100, 0.25
     lmp = lammps_from_atoms(atoms, tmp_path, velocities=True)
     potential = latent_lr_lammps.attach(lmp, model, elements=ELEMENTS, charge=1.0)
     lmp.commands_string(f"timestep {timestep_fs / 1000}\nfix nve all nve\nthermo_style custom step pe ke etotal")

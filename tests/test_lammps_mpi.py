@@ -31,7 +31,7 @@ pytest.importorskip("mpi4py", reason="the lammps extra (pip install latent-lr[la
 TESTS = Path(__file__).parent
 MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 ELEMENTS = ["O", "H", "C", "N"]
-STEPS = 20
+STEPS = 10
 
 
 def by_id(lmp, name: str) -> np.ndarray:
