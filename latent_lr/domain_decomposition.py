@@ -17,6 +17,7 @@ charges by atom ID          N numbers                        ghost charges (real
 structure factor C, S       2 K numbers                      k-space energy and φ
 Σ q², Σ φ w, Σ φ, energy    4 numbers                        self term, ∂E/∂(charge sums)
 gradients by atom ID        3 N numbers                      ghost forces to their owners
+virial shares               9 numbers                        the box's virial (stress)
 ==========================  ===============================  ==========================
 
 No rank holds other ranks' positions.  The charge-transfer force
@@ -32,7 +33,9 @@ and to the engine's accuracy where it uses PME.
 Supported: fully periodic boxes, the latent charge head
 (:class:`~latent_lr.charges.ChargeHead`, any redistribution), backbones with
 :meth:`~latent_lr.backbone.Backbone.per_atom_energies` (built-in radial), no
-polarisabilities, no external field.  Not computed: the virial (stress).
+polarisabilities, no external field.  The virial comes from a homogeneous
+strain of all positions (ghost images included) and of the cell, summed over
+the ranks' shares (9 more numbers per step).
 """
 
 from __future__ import annotations
@@ -129,20 +132,25 @@ class DecomposedModel:
         ewald = ewald_setup(cell, n_atoms, self.accuracy, self.smearing).parameters
         return max(float(self.model.backbone.receptive_field or 0.0), ewald.r_cut)
 
-    def __call__(self, sub: Subdomain) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def __call__(self, sub: Subdomain) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Total energy of the box (eV, the same on every rank), forces (n_local, 3) eV/Å and
-        latent charges (n_local,) e of the local atoms."""
+        latent charges (n_local,) e of the local atoms, and the box's virial (3, 3)
+        W = -sym(∂E/∂ε) = -V σ, eV (the same on every rank)."""
         with torch.enable_grad():
             return self._evaluate(sub)
 
-    def _evaluate(self, sub: Subdomain) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def _evaluate(self, sub: Subdomain) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
         model, n_local = self.model, sub.n_local
         positions = sub.positions.detach().clone().requires_grad_(True)
+        # A homogeneous strain ε of all positions (ghost images included) and of the cell gives the virial.
+        strain = positions.new_zeros(3, 3, requires_grad=True)
+        deformation = torch.eye(3, dtype=positions.dtype, device=positions.device) + strain
+        strained, strained_cell = positions @ deformation, sub.cell.to(positions) @ deformation
         # The host sees the local atoms and the ghosts within its receptive field of them.
         receptive_field = float(model.backbone.receptive_field or 0.0)
         host_atoms = torch.nonzero(_distance_to(positions.detach(), n_local) < receptive_field).squeeze(1)
         cluster = AtomsBatch(
-            positions=positions[host_atoms], numbers=sub.numbers[host_atoms], cell=positions.new_zeros(1, 3, 3),
+            positions=strained[host_atoms], numbers=sub.numbers[host_atoms], cell=positions.new_zeros(1, 3, 3),
             pbc=torch.zeros(1, 3, dtype=torch.bool, device=positions.device),
             batch=torch.zeros(len(host_atoms), dtype=torch.long, device=positions.device),
             total_charge=positions.new_zeros(1), external_field=positions.new_zeros(1, 3),
@@ -158,8 +166,10 @@ class DecomposedModel:
         cluster_charges = torch.from_numpy(self._sum(by_tag)).to(positions)[sub.tags]
 
         ewald = ewald_setup(sub.cell.detach().cpu().numpy(), sub.n_atoms, self.accuracy, self.smearing)
-        real_energy, real_potential, real_surrogate = self._real_space(positions, cluster_charges, n_local, ewald)
-        k_energy, k_potential, k_surrogate = self._k_space(positions[:n_local], cluster_charges[:n_local], sub, ewald)
+        real_energy, real_potential, real_surrogate = self._real_space(strained, cluster_charges, n_local, ewald)
+        k_energy, k_potential, k_surrogate = self._k_space(
+            positions[:n_local], cluster_charges[:n_local], sub, strained_cell, ewald
+        )
         alpha = ewald.parameters.alpha
         own = cluster_charges[:n_local]
         squares, net = (float(x) for x in self._sum(np.array([float((own**2).sum()), float(own.sum())])))
@@ -170,17 +180,22 @@ class DecomposedModel:
         potential = COULOMB_CONSTANT * (
             real_potential + k_potential - 2.0 * alpha / math.sqrt(math.pi) * own - 2.0 * math.pi * net * variance / volume
         )
-        surrogate = atomic.sum() + COULOMB_CONSTANT * (real_surrogate + k_surrogate)
+        # The background's dependence on the volume, counted once over the ranks.
+        ranks = float(self._sum(np.array([1.0]))[0])
+        background = -math.pi * net**2 * variance / torch.linalg.det(strained_cell).abs() / ranks
+        surrogate = atomic.sum() + COULOMB_CONSTANT * (real_surrogate + k_surrogate + background)
         if self.charge_transfer_forces:
             surrogate = surrogate + (potential.detach() * charges).sum() + chain(potential.detach())
         local_energy = float(atomic.detach().sum()) + COULOMB_CONSTANT * real_energy
         energy = float(self._sum(np.array([local_energy]))[0]) + COULOMB_CONSTANT * (k_energy + constant_energy)
 
-        (gradient,) = torch.autograd.grad(surrogate, positions)
+        gradient, strain_gradient = torch.autograd.grad(surrogate, (positions, strain))
         gradient_by_tag = np.zeros((sub.n_atoms + 1, 3))
         np.add.at(gradient_by_tag, sub.tags.cpu().numpy(), gradient.detach().cpu().numpy())
         forces = -torch.from_numpy(self._sum(gradient_by_tag)).to(positions)[local_tags]
-        return energy, forces, charges.detach()
+        share = -0.5 * (strain_gradient + strain_gradient.T).detach().cpu().numpy()
+        virial = torch.from_numpy(self._sum(share)).to(positions)
+        return energy, forces, charges.detach(), virial
 
     def _charges(
         self, features: torch.Tensor, sub: Subdomain
@@ -225,8 +240,9 @@ class DecomposedModel:
         """Real-space Ewald part over pairs (local i, any j ≠ i within r_cut), / k_e.
 
         Returns this rank's energy share ½ Σ_i q_i φ_i, the local potentials
-        φ_i = Σ_j q_j ψ(r_ij) (n_local,) and a scalar whose gradient with respect
-        to the local positions is the real-space force term (charges fixed).
+        φ_i = Σ_j q_j ψ(r_ij) (n_local,) and the same share as a function of the
+        (strained) positions of both atoms of each pair, charges fixed: its
+        gradients, summed over ranks by atom ID, are the real-space forces and virial.
         """
         p = ewald.parameters
         potential = positions.new_zeros(n_local)
@@ -241,20 +257,21 @@ class DecomposedModel:
             rows, columns = torch.nonzero(distances < p.r_cut, as_tuple=True)
             first = rows + start
             first, columns = first[first != columns], columns[first != columns]
-            distance = (positions[first] - fixed[columns]).norm(dim=1)
+            distance = (positions[first] - positions[columns]).norm(dim=1)
             kernel = switched_real_space_kernel(
                 distance, positions.new_full(distance.shape, p.alpha), alpha_smear,
                 positions.new_full(distance.shape, p.r_switch), positions.new_full(distance.shape, p.r_cut),
             )
-            pair_terms = charges[first] * charges[columns] * kernel
-            surrogate = surrogate + pair_terms.sum()
+            surrogate = surrogate + 0.5 * (charges[first] * charges[columns] * kernel).sum()
             potential = potential.index_add(0, first, (charges[columns] * kernel).detach())
         return float(0.5 * (charges[:n_local] * potential).sum()), potential, surrogate
 
     def _k_space(
-        self, positions: torch.Tensor, charges: torch.Tensor, sub: Subdomain, ewald
+        self, positions: torch.Tensor, charges: torch.Tensor, sub: Subdomain, strained_cell: torch.Tensor, ewald
     ) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """k-space Ewald part, / k_e: total energy, local potentials (n_local,), force surrogate."""
+        """k-space Ewald part, / k_e: total energy, local potentials (n_local,), and a scalar whose
+        gradients are the k-space forces on the local atoms and this rank's share of the k-space
+        virial (S(k) is invariant under strain; the weights and the volume are not)."""
         p = ewald.parameters
         cell = sub.cell.to(positions)[None]
         integer_k = torch.from_numpy(np.array(ewald.k_indices, dtype=float)).to(positions)[None]
@@ -274,7 +291,11 @@ class DecomposedModel:
         prefactor = 2.0 * math.pi / abs(float(torch.linalg.det(sub.cell)))
         energy = prefactor * float((weight * (cos_sum**2 + sin_sum**2)).sum())
         field_sum = 2.0 * prefactor * (cos_phase * (weight * cos_sum) + sin_phase * (weight * sin_sum)).sum(dim=1)
-        return energy, field_sum.detach(), (q * field_sum).sum()
+        _, strained_weight = k_space_weights(strained_cell[None], integer_k, valid, alpha, k_switch, k_cut)
+        own_cos, own_sin = (torch.from_numpy(part).to(positions) for part in np.split(parts, 2))
+        share = (strained_weight[0] * (own_cos * cos_sum + own_sin * sin_sum)).sum()
+        share = 2.0 * math.pi / torch.linalg.det(strained_cell).abs() * share
+        return energy, field_sum.detach(), (q * field_sum).sum() + share
 
 
 def _distance_to(positions: torch.Tensor, n_local: int) -> torch.Tensor:

@@ -40,8 +40,7 @@ each rank evaluates the host and the latent charges of its own atoms, with
 LAMMPS ghost atoms out to the host's receptive field and the Ewald real-space
 cut-off (:func:`attach` sets ``comm_modify cutoff``), and the long-range sum
 is combined over LAMMPS's communicator.  Limits there: periodic boxes, latent
-charges, backbones with per-atom energies (built-in radial), no field, and no
-virial (no barostat, ``press`` lacks the model's part).
+charges, backbones with per-atom energies (built-in radial), no field.
 """
 
 from __future__ import annotations
@@ -206,13 +205,16 @@ class LammpsPotential:
         self.lmp.fix_external_set_energy_global(self.fix_id, self.energy)
         if periodic:
             volume = abs(float(torch.linalg.det(data.cell[0])))
-            virial = -volume * out["stress"][0].detach().cpu().numpy()
-            self.lmp.fix_external_set_virial_global(self.fix_id, [float(virial[i, j]) for i, j in LAMMPS_VIRIAL_ORDER])
+            self._set_virial(-volume * out["stress"][0].detach().cpu().numpy())
         if "charges" in out:
             self.charges = out["charges"].detach().cpu().numpy()
             if self._has_q:
                 self.lmp.numpy.extract_atom("q")[:nlocal] = self.charges
 
+
+    def _set_virial(self, virial: np.ndarray) -> None:
+        """Hand LAMMPS a (3, 3) virial, eV, in its order xx, yy, zz, xy, xz, yz."""
+        self.lmp.fix_external_set_virial_global(self.fix_id, [float(virial[i, j]) for i, j in LAMMPS_VIRIAL_ORDER])
 
     def subdomain(self, nlocal: int) -> Subdomain:
         """This rank's local and ghost atoms (LAMMPS order: local first), for :class:`DecomposedModel`."""
@@ -232,12 +234,14 @@ class LammpsPotential:
 
     def _evaluate_subdomain(self, nlocal: int, f: np.ndarray) -> None:
         assert self.decomposed is not None
-        energy, forces, charges = self.decomposed(self.subdomain(nlocal))
+        energy, forces, charges, virial = self.decomposed(self.subdomain(nlocal))
         self.calls += 1
         self.energy = energy
         f[:nlocal] = forces.cpu().numpy()
-        # fix external's energy is a global value (LAMMPS adds it after its sum over ranks): the total.
+        # fix external's energy and virial are global values (LAMMPS adds them after its sums over
+        # ranks): every rank sets the box's totals.
         self.lmp.fix_external_set_energy_global(self.fix_id, energy)
+        self._set_virial(virial.cpu().numpy())
         self.charges = charges.cpu().numpy()
         if self._has_q:
             self.lmp.numpy.extract_atom("q")[:nlocal] = self.charges

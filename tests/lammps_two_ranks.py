@@ -4,7 +4,8 @@
 
 Reads the box with LAMMPS's read_data, attaches the test model
 (tests/md_structures.make_model), and writes from rank 0: the step-0 energy,
-forces and latent charges by atom ID, the same forces with the charge-transfer
+forces and latent charges by atom ID, the virial pressure (bar, LAMMPS's
+compute pressure NULL virial), the same forces with the charge-transfer
 term switched off, the total energy along ``STEPS`` velocity-Verlet steps, and
 the local atom count of every rank.
 """
@@ -34,11 +35,13 @@ def main() -> None:
     lmp.commands_string(f"units metal\natom_style full\natom_modify map array\nboundary p p p\nread_data {data}")
     potential = attach(lmp, make_model(seed=0), elements=ELEMENTS)
     lmp.commands_string(
-        "timestep 0.00025\nneigh_modify every 1 delay 0 check no\nfix nve all nve\nthermo_style custom step pe ke etotal\nrun 0"
+        "timestep 0.00025\nneigh_modify every 1 delay 0 check no\nfix nve all nve\n"
+        "compute virial all pressure NULL virial\nthermo_style custom step pe ke etotal c_virial[1]\nrun 0"
     )
     result = {
         "energy": lmp.get_thermo("pe"), "forces": gathered(lmp, "f", 3), "charges": gathered(lmp, "q", 1),
         "local_atoms": MPI.COMM_WORLD.allgather(int(lmp.extract_global("nlocal"))),
+        "virial_pressure": list(lmp.numpy.extract_compute("virial", 0, 1)),
     }
     assert potential.decomposed is not None
     potential.decomposed.charge_transfer_forces = False

@@ -3,7 +3,7 @@
 One "rank" owns every atom of a periodic cell and sees periodic images as
 ghosts out to the decomposition's ghost cut-off (built here with NumPy, not by
 the code under test); the allreduce is the identity.  Reference: the wrapped
-model itself (energy, forces, charges), for the three total-charge
+model itself (energy, forces, charges, virial = -V × stress), for the three total-charge
 redistributions, in a triclinic cell with a net charge.  The multi-rank case
 runs under mpiexec in tests/test_lammps_mpi.py.
 """
@@ -54,12 +54,14 @@ def test_one_rank_decomposition_equals_the_model(redistribution):
         decomposed = DecomposedModel(model, allreduce=lambda values: values, charge_transfer_forces=charge_transfer)
         subdomain = one_rank_subdomain(atoms, decomposed.ghost_cutoff(atoms.cell.array, len(atoms)))
         assert len(subdomain.positions) > 5 * len(atoms)  # ghosts reach well beyond the cell
-        energy, forces, charges = decomposed(subdomain)
+        energy, forces, charges, virial = decomposed(subdomain)
         assert energy == pytest.approx(float(reference["energy"][0]), rel=1e-12)
         torch.testing.assert_close(charges, reference["charges"], rtol=0, atol=1e-12)
         error = float((forces - reference["forces"]).abs().max())
         if charge_transfer:
             assert error <= 1e-12 * scale
+            expected_virial = -atoms.get_volume() * reference["stress"][0]  # W = -V σ, eV
+            torch.testing.assert_close(virial, expected_virial, rtol=0, atol=1e-11 * float(expected_virial.abs().max()))
         else:  # the charge-transfer term −Σ φ_i ∂q_i/∂r is a large part of the forces
             assert error > 1e-2 * scale
 

@@ -6,7 +6,7 @@ and a model whose latent charges depend on positions.  Reference: the same
 LAMMPS set-up on one rank in this process (itself equal to the ASE calculator,
 tests/test_lammps.py).  Below 300 atoms the engine uses Ewald, which the
 decomposition evaluates with the same parameters, so the tolerance is
-round-off: 1e-9 relative for energy and forces.  The charge-transfer force
+round-off: 1e-9 relative for energy, forces and virial.  The charge-transfer force
 term −Σ φ_i ∂q_i/∂r is checked by switching it off (forces must then differ).
 """
 
@@ -44,9 +44,11 @@ def one_rank(data: Path) -> dict:
     lmp.commands_string(f"units metal\natom_style full\natom_modify map array\nboundary p p p\nread_data {data}")
     latent_lr_lammps.attach(lmp, make_model(seed=0), elements=ELEMENTS)
     lmp.commands_string(
-        "timestep 0.00025\nneigh_modify every 1 delay 0 check no\nfix nve all nve\nthermo_style custom step pe ke etotal\nrun 0"
+        "timestep 0.00025\nneigh_modify every 1 delay 0 check no\nfix nve all nve\n"
+        "compute virial all pressure NULL virial\nthermo_style custom step pe ke etotal c_virial[1]\nrun 0"
     )
-    result = {"energy": lmp.get_thermo("pe"), "forces": by_id(lmp, "f"), "charges": by_id(lmp, "q")}
+    result = {"energy": lmp.get_thermo("pe"), "forces": by_id(lmp, "f"), "charges": by_id(lmp, "q"),
+              "virial_pressure": np.array(lmp.numpy.extract_compute("virial", 0, 1))}
     totals = [lmp.get_thermo("etotal")]
     for _ in range(STEPS):
         lmp.command("run 1 pre no post no")
@@ -80,6 +82,9 @@ def test_two_ranks_equal_one_rank_including_charge_transfer_forces(tmp_path):
     forces = np.reshape(two["forces"], (-1, 3))
     assert np.abs(forces - one["forces"]).max() <= 1e-9 * scale
     np.testing.assert_allclose(two["charges"], one["charges"], rtol=0, atol=1e-10)
+    # The virial reaches LAMMPS's pressure (barostats, thermo press) as on one rank.
+    pressure = one["virial_pressure"]
+    assert np.abs(np.array(two["virial_pressure"]) - pressure).max() <= 1e-9 * np.abs(pressure).max()
     # Without −Σ φ_i ∂q_i/∂r the forces are off by far more than the tolerance: the test sees the term.
     without = np.reshape(two["forces_without_charge_transfer"], (-1, 3))
     assert np.abs(without - one["forces"]).max() > 1e-3 * scale
