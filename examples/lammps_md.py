@@ -1,6 +1,7 @@
 """NVT molecular dynamics of a water box in LAMMPS with a wrapped model as the force field.
 
     python examples/lammps_md.py --steps 100
+    mpiexec -n 2 python examples/lammps_md.py --steps 100   # domain-decomposed over 2 ranks
 
 The model is the built-in radial backbone, randomly initialised (not physical:
 the point is the plumbing); use ``latent_lr.load("best_model.pt")`` for yours.
@@ -63,8 +64,10 @@ def main() -> None:
     lmp.commands_string(RUN)
     lmp.command(f"run {args.steps}")
     potential.check()
-    print(f"{potential.calls} model evaluations; last energy {potential.energy:.4f} eV; "
-          f"latent charges in [{potential.charges.min():.3f}, {potential.charges.max():.3f}] e (dumped as q)")
+    if lmp.extract_setting("world_rank") == 0:
+        print(f"{potential.calls} model evaluations; last energy {potential.energy:.4f} eV; "
+              f"latent charges (rank 0) in [{potential.charges.min():.3f}, {potential.charges.max():.3f}] e "
+              "(dumped as q)")
     lmp.close()
 
 
