@@ -1,6 +1,6 @@
 """Spawned by tests/test_lammps_mpi.py under ``mpiexec -n 2``: one LAMMPS run split over the ranks.
 
-    mpiexec -n 2 python tests/lammps_two_ranks.py ATOMS.data OUT.json STEPS
+    mpiexec -n 2 python tests/lammps_two_ranks.py ATOMS.data OUT.json STEPS [BACKBONE]
 
 Reads the box with LAMMPS's read_data, attaches the test model
 (tests/md_structures.make_model), and writes from rank 0: the step-0 energy,
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from md_structures import make_model
+from md_structures import make_host_model
 from mpi4py import MPI
 
 from latent_lr.lammps import attach, lammps
@@ -31,9 +31,10 @@ def gathered(lmp, name: str, width: int) -> list:
 
 def main() -> None:
     data, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    backbone = sys.argv[4] if len(sys.argv) > 4 else "radial"
     lmp = lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
     lmp.commands_string(f"units metal\natom_style full\natom_modify map array\nboundary p p p\nread_data {data}")
-    potential = attach(lmp, make_model(seed=0), elements=ELEMENTS)
+    potential = attach(lmp, make_host_model(backbone), elements=ELEMENTS)
     lmp.commands_string(
         "timestep 0.00025\nneigh_modify every 1 delay 0 check no\nfix nve all nve\n"
         "compute virial all pressure NULL virial\nthermo_style custom step pe ke etotal c_virial[1]\nrun 0"

@@ -13,6 +13,7 @@ from ase import Atoms
 from ase.build import molecule
 
 import latent_lr
+from latent_lr.backbone import adapter_class
 from latent_lr.demo import water_like_box
 
 SPECIES = [1, 6, 7, 8]
@@ -26,6 +27,16 @@ def make_model(seed: int = 0, **options) -> latent_lr.LongRangeModel:
     torch.manual_seed(seed)
     host = latent_lr.RadialPotential(species=SPECIES, cutoff=3.5, hidden_dim=16).double()
     return set_charge_baselines(latent_lr.wrap(host, **options).eval(), BASELINE_CHARGES)
+
+
+def make_host_model(backbone: str, seed: int = 0) -> latent_lr.LongRangeModel:
+    """A wrapped tiny random host of ``backbone`` ("radial": :func:`make_model`; "mace": cut-off 2.5 Å, two layers)."""
+    if backbone == "radial":
+        return make_model(seed=seed)
+    torch.manual_seed(seed)
+    options = {"r_max": 2.5, "num_interactions": 2, "hidden_irreps": "8x0e + 8x1o", "MLP_irreps": "8x0e"}
+    host = adapter_class(backbone).default_host(SPECIES, **options)
+    return set_charge_baselines(latent_lr.wrap(host).eval(), BASELINE_CHARGES)
 
 
 def set_charge_baselines(model: latent_lr.LongRangeModel, charges: dict[int, float]) -> latent_lr.LongRangeModel:

