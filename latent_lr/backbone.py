@@ -75,6 +75,23 @@ class Backbone(nn.Module):
         """Return the host energy (B,) in eV and invariant features (N, F)."""
         raise NotImplementedError
 
+    @property
+    def receptive_field(self) -> Optional[float]:
+        """Distance, Å, beyond which an atom's energy and features do not depend on other atoms
+        (message-passing layers × cut-off); None where the adapter does not state it."""
+        return None
+
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom host energies (N,) eV (summing to :meth:`forward`'s energy) and features (N, F).
+
+        Optional: domain decomposition (``latent_lr.lammps`` on several MPI
+        ranks) needs it; adapters that do not provide it raise NotImplementedError.
+        """
+        raise NotImplementedError(
+            f"the {self.label or self.name} backbone does not provide per-atom energies, which runs "
+            "on several MPI ranks need; run LAMMPS on one rank."
+        )
+
     def check_elements(self, numbers: torch.Tensor) -> None:
         """Raise ValueError if some atomic numbers are not in :attr:`known_elements`."""
         known = self.known_elements

@@ -16,8 +16,9 @@ from ase.build import bulk, molecule
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
-from scipy.special import erf
+from md_structures import set_charge_baselines
 from scipy.spatial.transform import Rotation
+from scipy.special import erf
 
 import latent_lr
 from latent_lr import AtomsBatch, coulomb_energy
@@ -41,13 +42,7 @@ BASELINE_CHARGES = {1: 0.4, 6: -0.2, 7: -0.5, 8: -0.6, 11: 0.8, 17: -0.8}
 def make_model(mode, seed=0, **options):
     torch.manual_seed(seed)
     host = latent_lr.RadialPotential(species=SPECIES, cutoff=3.5, hidden_dim=16).double()
-    model = latent_lr.wrap(host, polarizability=mode, **options).eval()
-    baseline = getattr(model.long_range.charge_head, "element_baseline", None)
-    if baseline is not None:
-        with torch.no_grad():
-            for z, q in BASELINE_CHARGES.items():
-                baseline.weight[z] = q
-    return model
+    return set_charge_baselines(latent_lr.wrap(host, polarizability=mode, **options).eval(), BASELINE_CHARGES)
 
 
 @pytest.fixture(scope="module")

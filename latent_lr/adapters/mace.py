@@ -85,7 +85,22 @@ class MaceBackbone(Backbone):
     def known_elements(self) -> list[int]:
         return sorted(self.atomic_numbers)
 
+    @property
+    def receptive_field(self) -> float:
+        """Interaction layers × r_max, Å."""
+        return int(cast(torch.Tensor, self.host.num_interactions)) * self.cutoff
+
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._run(data)
+        return out["energy"], out["node_feats"][:, self.scalar_index]
+
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """MACE's node energies (N,) eV (E0 included) and the features (N, F)."""
+        out = self._run(data)
+        return out["node_energy"], out["node_feats"][:, self.scalar_index]
+
+    def _run(self, data: AtomsBatch) -> dict[str, Any]:
+        """MACE's output dictionary for ``data`` (no forces)."""
         edge_index, unit_shifts = radius_graph(data, self.cutoff)
         shifts = edge_shifts(unit_shifts, data.cell, data.batch[edge_index[0]])
         kinds = self.element_index[data.numbers]
@@ -103,9 +118,7 @@ class MaceBackbone(Backbone):
             "ptr": ptr,
         }
         with isolated_global_state():
-            out = self.host(inputs, training=self.training, compute_force=False)
-        features = out["node_feats"][:, self.scalar_index]
-        return out["energy"], features
+            return self.host(inputs, training=self.training, compute_force=False)
 
     def host_config(self) -> dict[str, Any]:
         config = extract_config_mace_model(self.host)

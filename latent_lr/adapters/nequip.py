@@ -109,7 +109,23 @@ class NequipBackbone(Backbone):
     def known_elements(self) -> list[int]:
         return sorted(atomic_number(symbol) for symbol in self.species_map)
 
+    @property
+    def receptive_field(self) -> float:
+        """Convolution layers × r_max, Å."""
+        return len(self.feature_slices) * self._r_max
+
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs, features = self._run(data)
+        dtype = data.positions.dtype
+        return outputs[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(dtype), features
+
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """NequIP's per-atom energies (N,) eV (scales, shifts and ZBL included) and the features (N, F)."""
+        outputs, features = self._run(data)
+        return outputs[AtomicDataDict.PER_ATOM_ENERGY_KEY].reshape(-1).to(data.positions.dtype), features
+
+    def _run(self, data: AtomsBatch) -> tuple[dict[str, Any], torch.Tensor]:
+        """NequIP's output dictionary and the features (N, F) in ``data.positions``' dtype."""
         edge_index, unit_shifts = radius_graph(data, self.cutoff)
         field = torch.float64  # nequip's data are float64 for every model dtype
         inputs = {
@@ -126,8 +142,7 @@ class NequipBackbone(Backbone):
             for name, module in _energy_network(self.host).named_children():
                 inputs = module(inputs)
                 features.extend(inputs[AtomicDataDict.NODE_FEATURES_KEY][:, part] for part in self.feature_slices.get(name, ()))
-        dtype = data.positions.dtype
-        return inputs[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(dtype), torch.cat(features, dim=1).to(dtype)
+        return inputs, torch.cat(features, dim=1).to(data.positions.dtype)
 
     def host_config(self) -> dict[str, Any]:
         if self.model_config is None:

@@ -71,6 +71,12 @@ class RadialPotential(nn.Module):
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Energy (B,) eV and features (N, hidden_dim)."""
+        atomic, features = self.per_atom_energies(data)
+        energy = atomic.new_zeros(data.n_structures).index_add(0, data.batch, atomic)
+        return energy, features
+
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energies (N,) eV and features (N, hidden_dim)."""
         edge_index, unit_shifts = radius_graph(data, self.cutoff)
         sender, receiver = edge_index
         distance = edge_vectors(data, edge_index, unit_shifts).norm(dim=1)
@@ -81,9 +87,7 @@ class RadialPotential(nn.Module):
             message = filt(basis) * mix(features)[sender]
             aggregated = torch.zeros_like(features).index_add(0, receiver, message)
             features = features + update(torch.cat([features, aggregated], dim=1))
-        atomic = self.readout(features).squeeze(-1) + self.reference_energy[kind]
-        energy = atomic.new_zeros(data.n_structures).index_add(0, data.batch, atomic)
-        return energy, features
+        return self.readout(features).squeeze(-1) + self.reference_energy[kind], features
 
 
 class RadialBackbone(Backbone):
@@ -111,6 +115,13 @@ class RadialBackbone(Backbone):
 
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.host(data)
+
+    @property
+    def receptive_field(self) -> float:
+        return self.host.n_layers * self.host.cutoff
+
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.host.per_atom_energies(data)
 
     def host_config(self) -> dict[str, Any]:
         host = self.host

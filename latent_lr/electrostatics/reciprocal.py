@@ -180,6 +180,25 @@ def _cos_sin(phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _CosSin.apply(phase)
 
 
+def k_space_weights(
+    cell: torch.Tensor, integer_k: torch.Tensor, valid: torch.Tensor,
+    alpha: torch.Tensor, k_switch: torch.Tensor, k_cut: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-vectors (R, K, 3), 1/Å, and their switched weights 2 exp(-k²/4α²)/k² (R, K), Å² (TorchScript-able).
+
+    The reciprocal energy is (2π/V) Σ_k weight(k) |S(k)|² over the half space
+    of ``integer_k``; padding k-vectors (``valid`` False) get weight 0.
+    Arguments as in :func:`padded_reciprocal_energy`.
+    """
+    reciprocal_cell = 2.0 * math.pi * torch.linalg.inv(cell).transpose(1, 2)
+    k_vectors = torch.bmm(integer_k, reciprocal_cell)
+    k_squared = (k_vectors * k_vectors).sum(-1)
+    safe_k_squared = torch.where(valid, k_squared, torch.ones_like(k_squared))
+    weight = 2.0 * torch.exp(-safe_k_squared / (4.0 * alpha[:, None] ** 2)) / safe_k_squared
+    weight = weight * switch_off(safe_k_squared.sqrt(), k_switch[:, None], k_cut[:, None])
+    return k_vectors, torch.where(valid, weight, torch.zeros_like(weight))
+
+
 def padded_reciprocal_energy(
     positions: torch.Tensor,
     charges: torch.Tensor,
@@ -208,13 +227,7 @@ def padded_reciprocal_energy(
     Returns:
         (R,) energies divided by k_e.
     """
-    reciprocal_cell = 2.0 * math.pi * torch.linalg.inv(cell).transpose(1, 2)
-    k_vectors = torch.bmm(integer_k, reciprocal_cell)
-    k_squared = (k_vectors * k_vectors).sum(-1)
-    safe_k_squared = torch.where(valid, k_squared, torch.ones_like(k_squared))
-    weight = 2.0 * torch.exp(-safe_k_squared / (4.0 * alpha[:, None] ** 2)) / safe_k_squared
-    weight = weight * switch_off(safe_k_squared.sqrt(), k_switch[:, None], k_cut[:, None])
-    weight = torch.where(valid, weight, torch.zeros_like(weight))
+    k_vectors, weight = k_space_weights(cell, integer_k, valid, alpha, k_switch, k_cut)
 
     phase = torch.bmm(positions, k_vectors.transpose(1, 2))
     if torch.jit.is_scripting():

@@ -1,0 +1,73 @@
+"""The domain-decomposed evaluation (latent_lr.domain_decomposition) on one process equals the model.
+
+One "rank" owns every atom of a periodic cell and sees periodic images as
+ghosts out to the decomposition's ghost cut-off (built here with NumPy, not by
+the code under test); the allreduce is the identity.  Reference: the wrapped
+model itself (energy, forces, charges, virial = -V × stress), for the three total-charge
+redistributions, in a triclinic cell with a net charge.  The multi-rank case
+runs under mpiexec in tests/test_lammps_mpi.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from md_structures import make_model, triclinic_water
+
+import latent_lr
+from latent_lr.domain_decomposition import DecomposedModel, Subdomain
+from latent_lr.errors import UserInputError
+
+
+def one_rank_subdomain(atoms, cutoff: float) -> Subdomain:
+    """All atoms local; ghosts: periodic images within ``cutoff`` of some atom of the cell."""
+    cell, count = atoms.cell.array, len(atoms)
+    heights = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(np.roll(cell, -1, 0), np.roll(cell, -2, 0)), axis=1)
+    reach = np.ceil(cutoff / heights).astype(int) + 1
+    positions, tags = [atoms.positions], [np.arange(1, count + 1)]
+    for shift in itertools.product(*[range(-n, n + 1) for n in reach]):
+        if shift == (0, 0, 0):
+            continue
+        image = atoms.positions + np.array(shift) @ cell
+        distance = np.linalg.norm(image[:, None, :] - atoms.positions[None], axis=2).min(axis=1)
+        positions.append(image[distance < cutoff])
+        tags.append(np.arange(1, count + 1)[distance < cutoff])
+    tag = np.concatenate(tags)
+    return Subdomain(
+        positions=torch.tensor(np.concatenate(positions)), numbers=torch.tensor(atoms.numbers[tag - 1]),
+        tags=torch.tensor(tag), n_local=count, cell=torch.tensor(cell), n_atoms=count,
+        total_charge=float(atoms.info["charge"]),
+    )
+
+
+@pytest.mark.parametrize("redistribution", ["learned", "uniform", "none"])
+def test_one_rank_decomposition_equals_the_model(redistribution):
+    model = make_model(seed=0, charge_redistribution=redistribution)
+    atoms = triclinic_water()
+    atoms.info["charge"] = 1.0
+    reference = model(latent_lr.AtomsBatch.from_atoms(atoms))
+    scale = float(reference["forces"].abs().max())
+    for charge_transfer in (True, False):
+        decomposed = DecomposedModel(model, allreduce=lambda values: values, charge_transfer_forces=charge_transfer)
+        subdomain = one_rank_subdomain(atoms, decomposed.ghost_cutoff(atoms.cell.array, len(atoms)))
+        assert len(subdomain.positions) > 5 * len(atoms)  # ghosts reach well beyond the cell
+        energy, forces, charges, virial = decomposed(subdomain)
+        assert energy == pytest.approx(float(reference["energy"][0]), rel=1e-12)
+        torch.testing.assert_close(charges, reference["charges"], rtol=0, atol=1e-12)
+        error = float((forces - reference["forces"]).abs().max())
+        if charge_transfer:
+            assert error <= 1e-12 * scale
+            expected_virial = -atoms.get_volume() * reference["stress"][0]  # W = -V σ, eV
+            torch.testing.assert_close(virial, expected_virial, rtol=0, atol=1e-11 * float(expected_virial.abs().max()))
+        else:  # the charge-transfer term −Σ φ_i ∂q_i/∂r is a large part of the forces
+            assert error > 1e-2 * scale
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(UserInputError, match="polarisabilities"):
+        DecomposedModel(make_model(polarizability="one_step"), allreduce=lambda values: values)
+    with pytest.raises(UserInputError, match="latent charges"):
+        DecomposedModel(make_model(charge_model="qeq"), allreduce=lambda values: values)
