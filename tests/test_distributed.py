@@ -158,7 +158,7 @@ def test_cli_torchrun_distributed_train_writes_once_and_matches_one_process(two_
     """`torchrun ... latent_lr.cli train --distributed --device cpu`: rank 0 writes; the weights are one process's."""
     work, data = two_ranks
     out = work / "cli"
-    assert sorted(p.name for p in out.iterdir()) == ["best_model.pt", "checkpoint.pt", "config.json", "log.csv", "log.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best_model.pt", "checkpoint.pt", "config.json", "log.csv", "log.json", "sign_convention.json"]
     single = Trainer(TrainConfig().updated(_config(data, tmp_path / "single", batch_size=8)))
     single.fit()
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["model"]

@@ -562,19 +562,22 @@ class Trainer:
         Decided on the training frames (see :mod:`latent_lr.sign_convention`); writes
         ``sign_convention.json`` and prints the decision.
         """
-        if not self.config.sign_convention or self.model.long_range is None or not self.ranks.is_main:
+        if not self.config.sign_convention or self.model.long_range is None:
             return
         frames = self.train_frames[: min(len(self.train_frames), SIGN_CONVENTION_FRAMES)]
         labels = {"dipole": [f.dipole for f in frames], "charges": [f.charges for f in frames]}
         weights = {"dipole": self.config.dipole_weight, "charges": self.config.charges_weight}
         trained_on = [name for name, values in labels.items() if weights[name] and any(v is not None for v in values)]
         structures = [f.atoms for f in frames]
-        best = load(self.out / BEST_MODEL)
-        decisions = {"best_model": apply_sign_convention(best, structures, labels, trained_on)}
-        save(best, self.out / BEST_MODEL)
-        decisions["checkpoint"] = apply_sign_convention(self.model, structures, labels, trained_on)
+        # every rank flips its own copies alike (same weights, same frames), so the ranks stay identical
+        checkpoint_decision = apply_sign_convention(self.model, structures, labels, trained_on)
         if self.ema is not None:
             apply_sign_convention(self.ema.model(), structures, labels, trained_on)
+        if not self.ranks.is_main:
+            return
+        best = load(self.out / BEST_MODEL)
+        decisions = {"best_model": apply_sign_convention(best, structures, labels, trained_on), "checkpoint": checkpoint_decision}
+        save(best, self.out / BEST_MODEL)
         self._checkpoint()
         (self.out / "sign_convention.json").write_text(json.dumps({k: d.to_dict() for k, d in decisions.items()}, indent=1))
         print(decisions["best_model"].summary())
