@@ -578,7 +578,8 @@ class Trainer:
         best = load(self.out / BEST_MODEL)
         decisions = {"best_model": apply_sign_convention(best, structures, labels, trained_on), "checkpoint": checkpoint_decision}
         save(best, self.out / BEST_MODEL)
-        self._checkpoint()
+        if (self.out / CHECKPOINT).exists():  # a run stopped inside its first epoch has none (resume repeats it)
+            self._checkpoint()
         (self.out / "sign_convention.json").write_text(json.dumps({k: d.to_dict() for k, d in decisions.items()}, indent=1))
         print(decisions["best_model"].summary())
 
