@@ -197,6 +197,20 @@ def test_time_budget_stops_early_with_the_best_model_saved(dataset, tmp_path):
     assert main([*arguments[:-1], "soon"]) == 2
 
 
+def test_time_budget_inside_a_later_epoch_keeps_the_checkpoint_of_the_last_complete_epoch(dataset, tmp_path, monkeypatch):
+    stopped = Trainer(tiny(dataset, tmp_path / "stopped", epochs=5, time_budget=3600.0))
+    # the budget runs out after the first batch of epoch 2 (only the in-epoch check passes a reserve)
+    monkeypatch.setattr(stopped.budget, "expired", lambda reserve=None: reserve is not None and stopped.epoch >= 1)
+    stopped.fit()
+    one_epoch = Trainer(tiny(dataset, tmp_path / "one", epochs=1))
+    one_epoch.fit()
+    kept = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    reference = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    assert kept["epoch"] == reference["epoch"] == 1
+    for name, value in reference["model"].items():
+        assert torch.equal(kept["model"][name], value), name
+
+
 def test_resume_with_weight_average_equals_uninterrupted(dataset, tmp_path):
     recipe = {"ema_decay": 0.8, "scheduler": "cosine", "warmup_epochs": 1, "stage_two_start": 3,
               "stage_two_energy_weight": 100.0, "amsgrad": True}

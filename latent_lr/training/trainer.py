@@ -24,6 +24,7 @@ from ..host_files import LATENT_LR_FILE, identify, load_host
 from ..model import LongRangeModel
 from ..neighbors import edge_count
 from ..serialization import load, save
+from ..sign_convention import MAX_STRUCTURES as SIGN_STRUCTURES
 from ..sign_convention import apply_sign_convention
 from ..wrap import wrap
 from . import distributed
@@ -48,8 +49,6 @@ from .references import fit_reference_energies
 from .sampler import EpochPlan, oversized_structures, plan_epoch
 
 CHECKPOINT = "checkpoint.pt"
-#: Training structures on which the sign convention of the latent charges is decided.
-SIGN_CONVENTION_FRAMES = 256
 BEST_MODEL = "best_model.pt"
 LOG_CSV = "log.csv"
 
@@ -500,7 +499,8 @@ class Trainer:
 
         Early stopping during stage one starts stage two instead (when one is set).  When the
         time budget runs out mid-epoch, the partial epoch is validated and may become the best
-        model, but is not checkpointed (``--resume`` repeats it).  Weights that turn non-finite
+        model, but is not checkpointed (``--resume`` repeats it): the live state returns to the
+        end of the last completed epoch.  Weights that turn non-finite
         are rolled back to the end of the previous epoch before anything is saved.
         """
         self.budget.start()
@@ -525,6 +525,7 @@ class Trainer:
             self.validation_seconds = time.perf_counter() - validation_started
             if not complete:
                 self._save_if_best(valid_loss)
+                self._restore(last_good)  # the live state is again the checkpointed one; --resume repeats this epoch
                 self._say(f"time budget of {self.config.time_budget:g} s reached during epoch {self.epoch + 1} "
                           f"(validation loss {valid_loss:.4g}); best model: {self.out / BEST_MODEL}")
                 break
@@ -564,7 +565,7 @@ class Trainer:
         """
         if not self.config.sign_convention or self.model.long_range is None:
             return
-        frames = self.train_frames[: min(len(self.train_frames), SIGN_CONVENTION_FRAMES)]
+        frames = self.train_frames[:SIGN_STRUCTURES]  # the convention reads no more than these
         labels = {"dipole": [f.dipole for f in frames], "charges": [f.charges for f in frames]}
         weights = {"dipole": self.config.dipole_weight, "charges": self.config.charges_weight}
         trained_on = [name for name, values in labels.items() if weights[name] and any(v is not None for v in values)]
@@ -578,7 +579,7 @@ class Trainer:
         best = load(self.out / BEST_MODEL)
         decisions = {"best_model": apply_sign_convention(best, structures, labels, trained_on), "checkpoint": checkpoint_decision}
         save(best, self.out / BEST_MODEL)
-        if (self.out / CHECKPOINT).exists():  # a run stopped inside its first epoch has none (resume repeats it)
+        if (self.out / CHECKPOINT).exists():  # a run stopped inside its first epoch has none
             self._checkpoint()
         (self.out / "sign_convention.json").write_text(json.dumps({k: d.to_dict() for k, d in decisions.items()}, indent=1))
         print(decisions["best_model"].summary())
