@@ -134,6 +134,8 @@ class TrainConfig:
             )
         if self.time_budget is not None:
             self.time_budget = parse_duration(self.time_budget)
+        if self.trainable_host_parameters and not self.freeze_host:
+            raise ValueError("trainable_host_parameters (--trainable-host-parameters) needs freeze_host (--freeze-host).")
         self._check_recipe()
 
     def _check_recipe(self) -> None:

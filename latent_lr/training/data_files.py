@@ -12,6 +12,8 @@ import glob
 from pathlib import Path
 from typing import Sequence, Union
 
+import h5py
+
 from ..errors import UserInputError
 from .dataset import LabelKeys, read_frames
 from .frame_sets import ConcatFrames, FrameList, FrameSet
@@ -19,8 +21,6 @@ from .store import FrameStore
 
 #: File endings of prepared shards looked for in a folder.
 SHARD_SUFFIXES = (".h5", ".hdf5")
-
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def data_paths(spec: Union[str, Sequence[str]]) -> list[str]:
@@ -47,12 +47,8 @@ def data_paths(spec: Union[str, Sequence[str]]) -> list[str]:
 
 
 def is_prepared_file(path: Union[str, Path]) -> bool:
-    """True for an HDF5 file (what ``latent-lr prepare-data`` writes), by its signature."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
-    except OSError:
-        return False
+    """True for an HDF5 file (what ``latent-lr prepare-data`` writes)."""
+    return bool(h5py.is_hdf5(path))  # False also for a missing or unreadable path
 
 
 def open_frames(spec: Union[str, Sequence[str]], keys: LabelKeys) -> FrameSet:

@@ -152,11 +152,11 @@ def _normalised_loads(
             raise UserInputError(f"{len(sizes)} {name} counts for {len(n_atoms)} structures.")
         columns.append(np.asarray(sizes, dtype=float) / budget)
     loads = np.stack(columns, axis=1)
-    oversized = np.flatnonzero((loads > 1.0).any(axis=1))
-    if oversized.size:
-        first = int(oversized[0])
+    oversized = oversized_structures(n_atoms, n_edges, max_atoms, max_edges)
+    if oversized:
+        first = oversized[0]
         raise UserInputError(
-            f"structure {first} (0-based; {oversized.size} in all) alone exceeds the per-batch budget "
+            f"structure {first} (0-based; {len(oversized)} in all) alone exceeds the per-batch budget "
             f"({int(n_atoms[first])} atoms{'' if n_edges is None else f', {int(n_edges[first])} edges'}); "
             "raise --max-atoms-per-batch / --max-edges-per-batch."
         )

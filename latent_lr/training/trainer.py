@@ -110,8 +110,6 @@ def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
                      backbone=None if source else config.backbone)
     if config.freeze_host:
         model.freeze_host(trainable=config.trainable_host_parameters)
-    elif config.trainable_host_parameters:
-        raise ValueError("trainable_host_parameters (--trainable-host-parameters) needs freeze_host (--freeze-host).")
     return model.to(dtype)
 
 
