@@ -22,9 +22,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .backbone import ADAPTERS, adapter_class
+from .backbone import adapter_class
 from .errors import UserInputError
-from .safe_pickle import unsafe_globals
+from .safe_pickle import is_torch_package, unsafe_globals
 from .serialization import FORMAT
 
 #: What :func:`load_host` reads, for messages.
@@ -52,7 +52,7 @@ def _torchscript_error(path: Path) -> UserInputError:
     eager = path.with_name(path.name.replace("_compiled", "")) if "_compiled" in path.name else None
     instead = (
         f"give {eager} instead (mace_run_train writes it beside the compiled file)"
-        if eager is not None and eager != path and eager.is_file()
+        if eager is not None and eager.is_file()
         else "give the eager model file the export was made from (for MACE: the .model without _compiled)"
     )
     return UserInputError(
@@ -90,7 +90,7 @@ def identify(path: Union[str, Path]) -> str:
             names = archive.namelist()
         if any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names):
             raise _torchscript_error(path)
-        if any(name.endswith(".data/extern_modules") for name in names):
+        if is_torch_package(names):
             if any(name.split("/")[1:2] == ["nequip"] or "/nequip/" in name for name in names):
                 return "nequip"
             raise _unrecognised(path, "a torch.package archive that is not a nequip-package")
@@ -149,6 +149,4 @@ def load_host(path: Union[str, os.PathLike], backbone: Optional[str] = None, *, 
         raise UserInputError(f"{file} is a latent-lr model file, not a host; read it with latent_lr.load({str(file)!r}).")
     if backbone is not None and backbone != kind:
         raise UserInputError(f"{file} is a {kind} model file, but backbone {backbone!r} was asked for; drop the backbone or give a {backbone} file.")
-    if kind not in ADAPTERS:
-        raise _unrecognised(file, f"a {kind} file")
     return adapter_class(kind).load_host_file(file, trust_pickle=trust_pickle)

@@ -296,3 +296,8 @@ def load_whole_model(path: Union[str, Path], packages: Sequence[str], label: str
     if loaded.dropped:
         raise needs_trust(path, f"it holds generated code ({loaded.dropped[0]}, ...) that latent-lr does not rebuild for {label}")
     return loaded.model
+
+
+def is_torch_package(names: Sequence[str]) -> bool:
+    """True for the member names of a torch.package archive (such as a nequip-package): it lists its extern modules."""
+    return any(name.endswith(".data/extern_modules") for name in names)

@@ -115,16 +115,23 @@ def most_electronegative(numbers: Iterable[int]) -> Optional[int]:
 def latent_moments(
     model: LongRangeModel, structures: Sequence[Atoms], batch_size: int = 16
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-structure latent charges (N_k,) e and dipoles (3,) e·Å of ``model`` (no forces), in order."""
+    """Per-structure latent charges (N_k,) e and dipoles (3,) e·Å of ``model`` (no forces), in order.
+
+    Evaluated in eval mode; the model's training mode is restored afterwards.
+    """
+    was_training = model.training
     model.eval()
     charges: list[np.ndarray] = []
     dipoles: list[np.ndarray] = []
-    for start in range(0, len(structures), batch_size):
-        data = AtomsBatch.from_atoms(list(structures[start : start + batch_size]), dtype=model.dtype, device=model.device)
-        out = model(data, compute_forces=False, compute_stress=False)
-        values = out["charges"].detach().cpu().numpy()
-        charges.extend(np.split(values, np.cumsum(data.n_atoms.tolist())[:-1]))
-        dipoles.extend(out["dipole"].detach().cpu().numpy())
+    try:
+        for start in range(0, len(structures), batch_size):
+            data = AtomsBatch.from_atoms(list(structures[start : start + batch_size]), dtype=model.dtype, device=model.device)
+            out = model(data, compute_forces=False, compute_stress=False)
+            values = out["charges"].detach().cpu().numpy()
+            charges.extend(np.split(values, np.cumsum(data.n_atoms.tolist())[:-1]))
+            dipoles.extend(out["dipole"].detach().cpu().numpy())
+    finally:
+        model.train(was_training)
     return charges, dipoles
 
 

@@ -31,7 +31,7 @@ from latent_lr.backbone import Backbone, isolated_global_state
 from latent_lr.data import AtomsBatch
 from latent_lr.errors import UserInputError
 from latent_lr.neighbors import radius_graph
-from latent_lr.safe_pickle import load_trusted, needs_trust
+from latent_lr.safe_pickle import is_torch_package, load_trusted, needs_trust
 
 from . import nequip_host
 from .common import atomic_number, is_element_symbol, require_json, restored_environment, scalar_slices, species_lookup
@@ -177,8 +177,10 @@ class NequipBackbone(Backbone):
         ``hyper_parameters`` rebuilds the host through nequip's own builders
         (``nequip.model.*`` targets only) and the weights come from ``state_dict``.
         """
-        if zipfile.is_zipfile(path) and any(n.endswith(".data/extern_modules") for n in zipfile.ZipFile(path).namelist()):
-            return _host_from_package(path, trust_pickle)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if is_torch_package(archive.namelist()):
+                    return _host_from_package(path, trust_pickle)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # objects beyond tensors and containers
