@@ -83,10 +83,14 @@ class LearnedChargeRedistribution(nn.Module):
     ) -> torch.Tensor:
         """Args: raw_charges (N,), features (N, F), batch (N,), total_charge (B,). Returns (N,) e."""
         n_structures = total_charge.shape[0]
-        weights = torch.nn.functional.softplus(self.weight_net(features).squeeze(-1)) + 1e-6
+        weights = self.weights(features)
         sums = raw_charges.new_zeros(n_structures).index_add(0, batch, raw_charges)
         weight_sums = weights.new_zeros(n_structures).index_add(0, batch, weights)
         return raw_charges + weights * ((total_charge - sums) / weight_sums)[batch]
+
+    def weights(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) positive redistribution weights w_i = softplus(MLP(h_i)) + 1e-6 of features (N, F)."""
+        return torch.nn.functional.softplus(self.weight_net(features).squeeze(-1)) + 1e-6
 
 
 class ChargeModel(nn.Module):
@@ -166,12 +170,16 @@ class ChargeHead(ChargeModel):
     ) -> torch.Tensor:
         """Args: features (N, F), numbers (N,), batch (N,), total_charge (B,), charge_sign (±1, scalar).
         Returns (N,) e."""
+        return self.constraint(self.raw_charges(features, numbers, charge_sign), features, batch, total_charge)
+
+    def raw_charges(self, features: torch.Tensor, numbers: torch.Tensor, charge_sign: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N,) charges before the total-charge constraint, e: s · (MLP(h_i) + baseline(Z_i)), s = charge_sign (None: +1)."""
         raw = self.mlp(features).squeeze(-1)
         if self.element_baseline is not None:
             raw = raw + self.element_baseline(numbers).squeeze(-1)
         if charge_sign is not None:
             raw = raw * charge_sign.to(raw.dtype)
-        return self.constraint(raw, features, batch, total_charge)
+        return raw
 
     def forward(
         self,

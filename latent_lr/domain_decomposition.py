@@ -113,6 +113,7 @@ class DecomposedModel:
             )
         self.model = model.eval()
         self.head: ChargeHead = long_range.charge_head
+        self.charge_sign = long_range.charge_sign
         self.allreduce = allreduce
         self.charge_transfer_forces = charge_transfer_forces
         self.smearing = float(long_range.smearing)
@@ -206,9 +207,7 @@ class DecomposedModel:
         scalar whose gradient adds Σ_i φ_i ∂q_i/∂(sums) · ∂(sums)/∂r (all ranks' φ).
         """
         head, numbers = self.head, sub.numbers[: sub.n_local]
-        raw = head.mlp(features).squeeze(-1)
-        if head.element_baseline is not None:
-            raw = raw + head.element_baseline(numbers).squeeze(-1)
+        raw = head.raw_charges(features, numbers, self.charge_sign)
         constraint, total = head.constraint, sub.total_charge
         if isinstance(constraint, NoChargeConstraint):
             return raw, lambda potential: raw.new_zeros(())
@@ -222,7 +221,7 @@ class DecomposedModel:
 
             return raw + shift, uniform_chain
         if isinstance(constraint, LearnedChargeRedistribution):
-            weights = torch.nn.functional.softplus(constraint.weight_net(features).squeeze(-1)) + 1e-6
+            weights = constraint.weights(features)
             raw_sum, weight_sum = self._sum(np.array([float(raw.detach().sum()), float(weights.detach().sum())]))
             share = (total - raw_sum) / weight_sum
 

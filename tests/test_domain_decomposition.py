@@ -4,7 +4,7 @@ One "rank" owns every atom of a periodic cell and sees periodic images as
 ghosts out to the decomposition's ghost cut-off (built here with NumPy, not by
 the code under test); the allreduce is the identity.  Reference: the wrapped
 model itself (energy, forces, charges, virial = -V × stress), for the three total-charge
-redistributions, in a triclinic cell with a net charge.  The multi-rank case
+redistributions and both charge signs, in a triclinic cell with a net charge.  The multi-rank case
 runs under mpiexec in tests/test_lammps_mpi.py.
 """
 
@@ -43,9 +43,11 @@ def one_rank_subdomain(atoms, cutoff: float) -> Subdomain:
     )
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("redistribution", ["learned", "uniform", "none"])
-def test_one_rank_decomposition_equals_the_model(redistribution):
+def test_one_rank_decomposition_equals_the_model(redistribution, sign):
     model = make_model(seed=0, charge_redistribution=redistribution)
+    model.long_range.charge_sign.fill_(sign)  # the sign convention's gauge (with a net charge it changes the energy)
     atoms = triclinic_water()
     atoms.info["charge"] = 1.0
     reference = model(latent_lr.AtomsBatch.from_atoms(atoms))
