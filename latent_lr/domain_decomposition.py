@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -114,6 +114,8 @@ class DecomposedModel:
         self.model = model.eval()
         self.head: ChargeHead = long_range.charge_head
         self.charge_sign = long_range.charge_sign
+        #: Å, how far ghosts reach (LAMMPS's ``comm_modify cutoff``, set by :func:`latent_lr.lammps.attach`); None: not checked.
+        self.ghost_reach: Optional[float] = None
         self.allreduce = allreduce
         self.charge_transfer_forces = charge_transfer_forces
         self.smearing = float(long_range.smearing)
@@ -167,6 +169,12 @@ class DecomposedModel:
         cluster_charges = torch.from_numpy(self._sum(by_tag)).to(positions)[sub.tags]
 
         ewald = ewald_setup(sub.cell.detach().cpu().numpy(), sub.n_atoms, self.accuracy, self.smearing)
+        needed = max(receptive_field, ewald.parameters.r_cut)
+        if self.ghost_reach is not None and needed > self.ghost_reach:
+            raise UserInputError(
+                f"the box grew: the model needs ghosts out to {needed:.3f} Å but LAMMPS's ghost cut-off is "
+                f"{self.ghost_reach:.3f} Å (set by attach); call latent_lr.lammps.attach again after large volume changes."
+            )
         real_energy, real_potential, real_surrogate = self._real_space(strained, cluster_charges, n_local, ewald)
         k_energy, k_potential, k_surrogate = self._k_space(
             positions[:n_local], cluster_charges[:n_local], sub, strained_cell, ewald

@@ -323,6 +323,7 @@ def _decomposed_model(lmp: Any, model: LongRangeModel, field: Optional[np.ndarra
     decomposed = DecomposedModel(model, allreduce)
     cutoff = decomposed.ghost_cutoff(cell, int(lmp.get_natoms())) + float(lmp.extract_global("skin") or GHOST_MARGIN)
     lmp.command(f"comm_modify cutoff {cutoff}")
+    decomposed.ghost_reach = cutoff
     return decomposed
 
 

@@ -73,3 +73,17 @@ def test_unsupported_models_are_refused():
         DecomposedModel(make_model(polarizability="one_step"), allreduce=lambda values: values)
     with pytest.raises(UserInputError, match="latent charges"):
         DecomposedModel(make_model(charge_model="qeq"), allreduce=lambda values: values)
+
+
+def test_ghosts_that_no_longer_reach_far_enough_are_an_error():
+    model = make_model(seed=0)
+    atoms = triclinic_water()
+    atoms.info["charge"] = 0.0
+    decomposed = DecomposedModel(model, allreduce=lambda values: values)
+    needed = decomposed.ghost_cutoff(atoms.cell.array, len(atoms))
+    subdomain = one_rank_subdomain(atoms, needed)
+    decomposed.ghost_reach = needed  # as attach sets it: the evaluation runs
+    decomposed(subdomain)
+    decomposed.ghost_reach = 0.9 * needed  # a box that grew under a barostat needs more than LAMMPS was told
+    with pytest.raises(UserInputError, match="the box grew"):
+        decomposed(subdomain)
