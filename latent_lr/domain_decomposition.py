@@ -32,7 +32,7 @@ and to the engine's accuracy where it uses PME.
 
 Supported: fully periodic boxes, the latent charge head
 (:class:`~latent_lr.charges.ChargeHead`, any redistribution), backbones with
-:meth:`~latent_lr.backbone.Backbone.per_atom_energies` (built-in radial, MACE, NequIP), no
+:meth:`~latent_lr.backbone.Backbone.per_atom_energies` (built-in radial, MACE, NequIP, CHGNet, CACE), no
 polarisabilities, no external field.  The virial comes from a homogeneous
 strain of all positions (ghost images included) and of the cell, summed over
 the ranks' shares (9 more numbers per step).

@@ -23,10 +23,12 @@ from adapter_checks import (
     triclinic_salt,
 )
 from ase.build import molecule
+from test_domain_decomposition import one_rank_subdomain
 
 import latent_lr
 from latent_lr import AtomsBatch
 from latent_lr.backbone import isolated_global_state
+from latent_lr.domain_decomposition import DecomposedModel
 
 cace = pytest.importorskip("cace")
 import cace.modules as cace_modules  # noqa: E402
@@ -107,6 +109,23 @@ def test_energy_forces_stress_equal_caces_own(host):
     print(f"max deviation from CACE (salt E, F, stress; ethanol E, F): {deviations}")
     assert max(deviations) < 1e-10
     assert abs(energy) > 1e-6  # not trivially zero
+
+
+def test_per_atom_energies_sum_to_caces_own_energy_and_decompose(host, model):
+    crystal = triclinic_salt()
+    energy, _, _ = cace_results(host, crystal, stress=False)
+    short = latent_lr.wrap(host, backbone="cace", long_range=False).eval()
+    atomic, _ = short.backbone.per_atom_energies(AtomsBatch.from_atoms(crystal))
+    assert float(atomic.detach().sum()) == pytest.approx(energy, rel=1e-12)
+    assert short.backbone.receptive_field == pytest.approx(2 * CUTOFF)
+
+    crystal.info["charge"] = 0.0
+    reference = model(AtomsBatch.from_atoms(crystal))
+    decomposed = DecomposedModel(model, allreduce=lambda values: values)
+    subdomain = one_rank_subdomain(crystal, decomposed.ghost_cutoff(crystal.cell.array, len(crystal)))
+    total, forces, _, _ = decomposed(subdomain)
+    assert total == pytest.approx(float(reference["energy"][0]), rel=1e-10)
+    assert float((forces - reference["forces"]).abs().max()) <= 1e-9 * float(reference["forces"].abs().max())
 
 
 def test_forces_match_finite_differences(model):

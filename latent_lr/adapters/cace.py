@@ -269,7 +269,7 @@ class CaceBackbone(Backbone):
         self.zs = [int(z) for z in rep.zs]
         self._cutoff = float(rep.cutoff)
         self.output_index = None if output_index is None else int(output_index)
-        self._run, self.energy_key, self.skipped_modules = _plan(host.output_modules, energy_key)
+        self.kept_modules, self.energy_key, self.skipped_modules = _plan(host.output_modules, energy_key)
 
         self.atomic_energies: Optional[dict[int, float]] = None
         if atomic_energies is not None:
@@ -298,7 +298,40 @@ class CaceBackbone(Backbone):
     def known_elements(self) -> list[int]:
         return sorted(self.zs)
 
+    @property
+    def receptive_field(self) -> float:
+        """Å: CACE's first layer plus its message-passing layers, each one cut-off."""
+        layers = int(getattr(self.host.representation, "num_message_passing", 0)) + 1
+        return layers * self.cutoff
+
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        energy, features = self._energy_and_features(data, per_atom=False)
+        return self._add_atomic_energies(energy, data, data.batch), features
+
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energies (N,) eV (``atomic_energies`` included) and the features (N, F).
+
+        The kept output modules run with every atom as its own structure, so each
+        sum-aggregating read-out returns its per-atom terms; read-outs that average
+        (``aggregation_mode="avg"``) have no per-atom split and are refused.
+        """
+        modules: Any = self.host.output_modules  # a CACE model (untyped)
+        averaging = [
+            type(modules[index]).__name__
+            for index in self.kept_modules
+            if getattr(modules[index], "aggregation_mode", None) not in (None, "sum")
+        ]
+        if averaging:
+            raise NotImplementedError(
+                f"CACE output modules {averaging} average over atoms, so this model has no per-atom energies, "
+                "which runs on several MPI ranks need; run LAMMPS on one rank."
+            )
+        energy, features = self._energy_and_features(data, per_atom=True)
+        own_structure = torch.arange(len(data.numbers), device=data.numbers.device)
+        return self._add_atomic_energies(energy, data, own_structure), features
+
+    def _energy_and_features(self, data: AtomsBatch, per_atom: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The energy under ``energy_key`` ((B,), or (N,) if ``per_atom``) and the features (N, F), in ``data``'s dtype."""
         reference = _first_tensor(self.host)
         dtype = reference.dtype if reference is not None else data.positions.dtype
         inputs = cace_inputs(data, self.cutoff, dtype)
@@ -308,7 +341,11 @@ class CaceBackbone(Backbone):
             out = host.representation(inputs)
             node_feats = out["node_feats"]
             features = node_feats.reshape(node_feats.shape[0], -1)
-            for index in self._run:
+            if per_atom:
+                n_atoms = len(data.numbers)
+                out = dict(out, batch=torch.arange(n_atoms, device=data.numbers.device))
+                out["ptr"] = torch.arange(n_atoms + 1, device=data.numbers.device)
+            for index in self.kept_modules:
                 out = host.output_modules[index](
                     out, training=self.training, output_index=self.output_index
                 )
@@ -320,13 +357,16 @@ class CaceBackbone(Backbone):
                 f"CACE energy {self.energy_key!r} has shape {tuple(energy.shape)}; for a multi-head "
                 "model pass adapter_options={'output_index': ...}."
             )
-        energy = energy.to(data.positions.dtype)
-        if self.atomic_energies is not None:
-            table = torch.zeros(max(self.atomic_energies) + 1, dtype=energy.dtype, device=energy.device)
-            for z, e0 in self.atomic_energies.items():
-                table[z] = e0
-            energy = energy.index_add(0, data.batch, table[data.numbers])
-        return energy, features.to(data.positions.dtype)
+        return energy.to(data.positions.dtype), features.to(data.positions.dtype)
+
+    def _add_atomic_energies(self, energy: torch.Tensor, data: AtomsBatch, owner: torch.Tensor) -> torch.Tensor:
+        """``energy`` plus the per-element reference energies of the atoms, summed by ``owner``."""
+        if self.atomic_energies is None:
+            return energy
+        table = torch.zeros(max(self.atomic_energies) + 1, dtype=energy.dtype, device=energy.device)
+        for z, e0 in self.atomic_energies.items():
+            table[z] = e0
+        return energy.index_add(0, owner, table[data.numbers])
 
     # -- save / load ------------------------------------------------------------
 

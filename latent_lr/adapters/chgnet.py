@@ -110,7 +110,39 @@ class ChgnetBackbone(Backbone):
             converter = CrystalGraphConverter(atom_graph_cutoff=atom_cutoff, bond_graph_cutoff=bond_cutoff)
         return converter.create_graph
 
+    @property
+    def receptive_field(self) -> float:
+        """Å: n_conv atom-graph hops plus, between them, one bond-graph hop each (undirected bond
+        features are updated from both ends), a bound rather than the exact reach."""
+        atom_cutoff, bond_cutoff = self._graph_cutoffs()
+        layers = len(self.host.atom_conv_layers)
+        return layers * atom_cutoff + (layers - 1) * bond_cutoff
+
     def forward(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        prediction, features, dtype = self._run(data)
+        energy = prediction["e"] + self._composition_energy(data, dtype)
+        if self.host.is_intensive:
+            energy = energy * data.n_atoms.to(dtype)
+        return energy.to(data.positions.dtype), features
+
+    def per_atom_energies(self, data: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """CHGNet's site energies plus each atom's composition (AtomRef) energy, (N,) eV, and the features (N, F).
+
+        Only CHGNets that read out per atom before pooling (``mlp_first=True``,
+        the pretrained models' setting) have per-atom energies.
+        """
+        if not self.host.mlp_first:
+            raise NotImplementedError(
+                "this CHGNet pools atom features before its read-out (mlp_first=False), so it has no "
+                "per-atom energies, which runs on several MPI ranks need; run LAMMPS on one rank."
+            )
+        prediction, features, dtype = self._run(data, site_energies=True)
+        atomic = torch.cat(list(prediction["site_energies"])).reshape(-1)
+        atomic = atomic + self._atomic_composition_energy(data, dtype)
+        return atomic.to(data.positions.dtype), features
+
+    def _run(self, data: AtomsBatch, site_energies: bool = False) -> tuple[dict[str, Any], torch.Tensor, torch.dtype]:
+        """CHGNet's prediction dictionary, the features (N, F) in ``data.positions``' dtype, and the host's dtype."""
         host = self.host
         out_dtype = data.positions.dtype
         dtype = next(host.parameters()).dtype
@@ -156,11 +188,24 @@ class ChgnetBackbone(Backbone):
         )
 
         with captured_output(host.atom_conv_layers[-1]) as captured:
-            prediction = host._compute(graph, compute_force=False, compute_stress=False)
-        energy = prediction["e"] + self._composition_energy(data, dtype)
-        if host.is_intensive:
-            energy = energy * counts.to(dtype)
-        return energy.to(out_dtype), captured[-1].to(out_dtype)
+            prediction = host._compute(
+                graph, compute_force=False, compute_stress=False, return_site_energies=site_energies
+            )
+        return prediction, captured[-1].to(out_dtype), dtype
+
+    def _atomic_composition_energy(self, data: AtomsBatch, dtype: torch.dtype) -> torch.Tensor | float:
+        """Each atom's share (N,) of the composition-model energy, in ``dtype``; they sum to the extensive total."""
+        model: Any = self.host.composition_model
+        if model is None:
+            return 0.0
+        if not isinstance(model, AtomRef):
+            raise NotImplementedError(
+                f"CHGNet's {type(model).__name__} composition model is not a sum over atoms, so this CHGNet "
+                "has no per-atom energies, which runs on several MPI ranks need; run LAMMPS on one rank."
+            )
+        one_hot = torch.zeros(len(data.numbers), int(model.max_num_elements), dtype=dtype, device=data.positions.device)
+        one_hot[torch.arange(len(data.numbers), device=one_hot.device), data.numbers - 1] = 1.0
+        return model._get_energy(one_hot).reshape(-1)  # AtomRef is linear: each atom alone gives its own w_Z
 
     def _composition_energy(self, data: AtomsBatch, dtype: torch.dtype) -> torch.Tensor | float:
         """CHGNet's composition-model energy (per atom for intensive models), in ``dtype``."""
