@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from latent_lr import coulomb_energy
+from ase import Atoms
+
+from latent_lr import AtomsBatch, LongRangeModule, coulomb_energy
 from latent_lr.defects import (
     SIMPLE_CUBIC_MADELUNG,
     clausius_mossotti_permittivity,
@@ -29,6 +31,7 @@ from latent_lr.defects import (
     makov_payne_correction,
 )
 from latent_lr.electrostatics import electric_field, self_consistent_induction
+from latent_lr.fixed_parameters import fix_element_parameters
 from latent_lr.units import COULOMB_CONSTANT as K_E
 
 from test_conductors_insulators import EPSILON_0, clausius_mossotti_alpha, cubic_lattice
@@ -131,6 +134,54 @@ def test_charged_defect_in_a_polarisable_host_follows_makov_payne_with_the_host_
     assert abs(corrected[-1] - corrected[0]) < 0.1 * abs(raw_spread)
     assert abs(corrected[-1] - fit.e_infinity) < 0.02
     assert abs(vacuum[-1] - vacuum[0]) > 0.5 * abs(raw_spread)
+
+
+MODEL_SPACING, MODEL_SMEARING = 4.0, 0.8  # σ/a = 0.2: the model's α cap (α' < 3.4σ³) allows ε ≈ 1.22
+
+
+def physics_model() -> LongRangeModule:
+    """Latent-charge model with fixed parameters: Na⁺-like defect (q = +1, α' ≈ 0), polarisable Ar host."""
+    module = LongRangeModule(4, polarizability="self_consistent", smearing=MODEL_SMEARING, accuracy=ACCURACY)
+    return fix_element_parameters(module.double().eval(), charges={18: 0.0, 11: 1.0}, polarizability={18: 1.2, 11: 1e-4})
+
+
+def model_outputs(module: LongRangeModule, atoms: Atoms) -> dict[str, torch.Tensor]:
+    return module(torch.zeros(len(atoms), 4, dtype=torch.float64), AtomsBatch.from_atoms(atoms))
+
+
+def defect_supercell(repeats: int) -> Atoms:
+    sites, cell = cubic_lattice(repeats, MODEL_SPACING)
+    positions = np.vstack([np.full((1, 3), MODEL_SPACING / 2), sites.numpy()])
+    atoms = Atoms(f"NaAr{repeats**3}", positions=positions, cell=cell.numpy(), pbc=True)
+    atoms.info["charge"] = 1.0
+    return atoms
+
+
+def test_model_energy_of_a_charged_defect_follows_makov_payne_with_the_models_own_permittivity():
+    """End to end: the model's ε from its ``polarization`` in a field (tin-foil cell), then its ``energy``
+    of the charged defect in 3³-7³ supercells; fitted 1/L coefficient −k_e α_M/(2ε) (1 %; 0.01 % measured)."""
+    module = physics_model()
+    sites, cell = cubic_lattice(2, MODEL_SPACING)
+    host = Atoms("Ar8", positions=sites.numpy(), cell=cell.numpy(), pbc=True)
+    host.info["external_field"] = np.array([0.0, 0.0, 0.01])
+    epsilon = 1.0 + float(model_outputs(module, host)["polarization"][0, 2].detach()) / (EPSILON_0 * 0.01)
+    repeats = [3, 4, 5, 6, 7]
+    energies = [float(model_outputs(module, defect_supercell(r))["energy"][0].detach()) for r in repeats]
+    fit = fit_finite_size(MODEL_SPACING * np.array(repeats, dtype=float), energies, powers=(1, 3, 5))
+    print(f"\nmodel ε = {epsilon:.5f}, ε from the 1/L coefficient {fit.permittivity(1.0):.5f}")
+    assert epsilon > 1.2
+    assert fit.permittivity(1.0) == pytest.approx(epsilon, rel=1e-2)
+
+
+def test_model_energy_with_induced_dipoles_is_the_same_under_no_grad():
+    """The charges' field is an autograd derivative; under torch.no_grad() it was silently zero (U = 0)."""
+    module, atoms = physics_model(), defect_supercell(2)
+    reference = model_outputs(module, atoms)
+    with torch.no_grad():
+        inference = model_outputs(module, atoms)
+    assert float(reference["induction_energy"][0].detach()) < -0.1
+    torch.testing.assert_close(inference["energy"], reference["energy"].detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(inference["electric_field"], reference["electric_field"].detach(), rtol=1e-12, atol=0)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -24,8 +24,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 
+from latent_lr import AtomsBatch, LongRangeModule
 from latent_lr.electrostatics import electric_field, equilibrate_charges, self_consistent_induction
+from latent_lr.fixed_parameters import fix_element_parameters
 from latent_lr.units import COULOMB_CONSTANT as K_E
 
 EPSILON_0 = 1.0 / (4.0 * math.pi * K_E)  # e/(V·Å)
@@ -189,3 +192,54 @@ def test_open_sphere_of_the_same_lattice_feels_the_applied_field_locally():
     local_field_ratio = float((dipoles[:, 2] / (alpha * 0.01)).mean())
     print(f"\n{n} sites: <p>/(αE) = {local_field_ratio:.4f} (tin-foil cell: {1 / (1 - x):.4f})")
     assert local_field_ratio == pytest.approx(1.0, abs=0.015)  # 1.0066 measured
+
+
+# --- the same physics through the model (fixed per-element parameters) -------------------
+
+
+def fixed_module(**options) -> LongRangeModule:
+    return LongRangeModule(FEATURES, **options).double().eval()
+
+
+FEATURES = 4
+
+
+def test_qeq_model_with_fixed_parameters_is_a_conductor_slab():
+    """LongRangeModule(charge_model="qeq") with χ = 0, J = 0.2 eV/e² and a field in atoms.info: σ_top = ε₀E."""
+    module = fix_element_parameters(fixed_module(charge_model="qeq", smearing=SMEARING),
+                                    electronegativity={29: 0.0}, hardness={29: 0.2})
+    positions = column(12).numpy()
+    atoms = Atoms("Cu12", positions=positions, cell=np.diag([SPACING, SPACING, 33.0]), pbc=[True, True, False])
+    atoms.info["external_field"] = np.array([0.0, 0.0, 0.1])
+    out = module(torch.zeros(12, FEATURES, dtype=torch.float64), AtomsBatch.from_atoms(atoms))
+    charges = out["charges"].detach()
+    assert float(charges[6:].sum()) / SPACING**2 == pytest.approx(EPSILON_0 * 0.1, rel=1e-3)
+    torch.testing.assert_close(charges, -charges.flip(0), atol=1e-9, rtol=0)  # antisymmetric about the midplane (CG rtol)
+
+
+def test_polarisable_model_with_fixed_parameters_has_the_clausius_mossotti_permittivity():
+    """LongRangeModule(polarizability="self_consistent") with zero charges and α' fixed: the model's own
+    ``polarization`` in a tin-foil cell gives ε with (ε−1)/(ε+2) = 4πnα'/3, α' the (capped) value it used."""
+    spacing, smearing = 4.0, 0.8
+    module = fix_element_parameters(fixed_module(polarizability="self_consistent", smearing=smearing),
+                                    charges={18: 0.0}, polarizability={18: 1.2})
+    sites, cell = cubic_lattice(2, spacing)
+    atoms = Atoms("Ar8", positions=sites.numpy(), cell=cell.numpy(), pbc=True)
+    atoms.info["external_field"] = np.array([0.0, 0.0, 0.01])
+    out = module(torch.zeros(8, FEATURES, dtype=torch.float64), AtomsBatch.from_atoms(atoms))
+    assert float(out["charges"].detach().abs().max()) == 0.0
+    alpha_volume = float(out["polarizabilities"][0]) * K_E  # Å³, after the catastrophe cap
+    x = 4.0 * math.pi * alpha_volume / (3.0 * spacing**3)
+    epsilon = 1.0 + float(out["polarization"][0, 2]) / (EPSILON_0 * 0.01)
+    print(f"\nmodel: α' = {alpha_volume:.4f} Å³ (asked 1.2, capped), ε = {epsilon:.6f}, CM {(1 + 2 * x) / (1 - x):.6f}")
+    assert 0.9 < alpha_volume < 1.2
+    assert (epsilon - 1.0) / (epsilon + 2.0) == pytest.approx(x, rel=1e-4)
+
+
+def test_fixed_parameters_reject_bad_values():
+    with pytest.raises(ValueError, match="floor"):
+        fix_element_parameters(fixed_module(charge_model="qeq"), hardness={1: 0.05})
+    with pytest.raises(ValueError, match="charge_model='qeq'"):
+        fix_element_parameters(fixed_module(), electronegativity={1: 0.0})
+    with pytest.raises(ValueError, match="polarizability='one_step'"):
+        fix_element_parameters(fixed_module(), polarizability={1: 1.0})
