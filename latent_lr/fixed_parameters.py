@@ -68,6 +68,8 @@ def fix_element_parameters(
         polarizability: {Z: α' (Å³)} (``polarizability`` other than ``"none"``).
     """
     long_range = module.long_range if isinstance(module, LongRangeModel) else module
+    if long_range is None:
+        raise ValueError("this model has no long-range module (short-range only): nothing to fix.")
     head = long_range.charge_head
     with torch.no_grad():
         long_range.charge_sign.fill_(1.0)
