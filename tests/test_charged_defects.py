@@ -197,7 +197,8 @@ def test_model_energy_of_a_charged_defect_follows_makov_payne_with_the_models_ow
 
 
 def test_model_energy_with_induced_dipoles_is_the_same_under_no_grad():
-    """The charges' field is an autograd derivative; under torch.no_grad() it was silently zero (U = 0)."""
+    """The charges' field is an autograd derivative; under torch.no_grad() it was silently zero (U = 0),
+    under torch.inference_mode() it cannot be built: a clear error."""
     module, atoms = physics_model(), defect_supercell(2)
     reference = model_outputs(module, atoms)
     with torch.no_grad():
@@ -205,6 +206,22 @@ def test_model_energy_with_induced_dipoles_is_the_same_under_no_grad():
     assert float(reference["induction_energy"][0].detach()) < -0.1
     torch.testing.assert_close(inference["energy"], reference["energy"].detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(inference["electric_field"], reference["electric_field"].detach(), rtol=1e-12, atol=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad"):
+        model_outputs(module, atoms)
+
+
+def test_qeq_runs_under_no_grad_and_refuses_inference_mode():
+    """Qeq builds K v by autograd: under inference_mode it got only the diagonal (wrong charges, silently)."""
+    positions = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    chi = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    args = (torch.ones(3, dtype=torch.float64), positions, torch.zeros(1, 3, 3, dtype=torch.float64),
+            torch.zeros(1, 3, dtype=torch.bool), torch.zeros(3, dtype=torch.long), torch.zeros(1, dtype=torch.float64),
+            torch.tensor(1.0, dtype=torch.float64))
+    reference = equilibrate_charges(chi, *args).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(equilibrate_charges(chi, *args), reference, rtol=1e-12, atol=1e-14)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        equilibrate_charges(chi, *args)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -33,7 +33,7 @@ import torch
 
 from .coulomb import coulomb_energy
 from .state import EngineState
-from .validation import PbcLike
+from .validation import PbcLike, require_autograd
 
 
 def electric_field(
@@ -67,6 +67,7 @@ def electric_field(
         (N, 3) field F_i = -Σ_j k_e q_j ∇_i ψ(r_ij), V/Å, with ψ the engine's
         (smeared) pair kernel; under ``torch.no_grad()`` the same values, without a graph.
     """
+    require_autograd("electric_field")
     if not torch.is_grad_enabled():  # the field is a derivative: build it with autograd, return it detached
         with torch.enable_grad():
             return electric_field(
