@@ -228,7 +228,7 @@ def test_polarisable_model_with_fixed_parameters_has_the_clausius_mossotti_permi
     atoms.info["external_field"] = np.array([0.0, 0.0, 0.01])
     out = module(torch.zeros(8, FEATURES, dtype=torch.float64), AtomsBatch.from_atoms(atoms))
     assert float(out["charges"].detach().abs().max()) == 0.0
-    alpha_volume = float(out["polarizabilities"][0]) * K_E  # Å³, after the catastrophe cap
+    alpha_volume = float(out["polarizabilities"][0].detach()) * K_E  # Å³, after the catastrophe cap
     x = 4.0 * math.pi * alpha_volume / (3.0 * spacing**3)
     epsilon = 1.0 + float(out["polarization"][0, 2]) / (EPSILON_0 * 0.01)
     print(f"\nmodel: α' = {alpha_volume:.4f} Å³ (asked 1.2, capped), ε = {epsilon:.6f}, CM {(1 + 2 * x) / (1 - x):.6f}")
