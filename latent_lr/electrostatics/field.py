@@ -33,7 +33,7 @@ import torch
 
 from .coulomb import coulomb_energy
 from .state import EngineState
-from .validation import PbcLike
+from .validation import PbcLike, require_autograd
 
 
 def electric_field(
@@ -65,8 +65,14 @@ def electric_field(
 
     Returns:
         (N, 3) field F_i = -Σ_j k_e q_j ∇_i ψ(r_ij), V/Å, with ψ the engine's
-        (smeared) pair kernel.
+        (smeared) pair kernel; under ``torch.no_grad()`` the same values, without a graph.
     """
+    require_autograd("electric_field")
+    if not torch.is_grad_enabled():  # the field is a derivative: build it with autograd, return it detached
+        with torch.enable_grad():
+            return electric_field(
+                positions, charges, cell=cell, pbc=pbc, batch=batch, smearing=smearing, state=state, **engine_options
+            ).detach()
     # Differentiate with respect to a copy of the positions that the charges were
     # not computed from: the field is ∂/∂r at *fixed* charges, even when the
     # charges themselves depend on the positions (latent or Qeq charges).

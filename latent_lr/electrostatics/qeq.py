@@ -46,6 +46,7 @@ from ..units import COULOMB_CONSTANT
 from .coulomb import coulomb_energy
 from .linear_solve import solve_spd
 from .state import EngineState
+from .validation import require_autograd
 
 #: Accepted ``solver`` values.
 SOLVERS = ("auto", "dense", "cg")
@@ -261,6 +262,7 @@ def equilibrate_charges(
     """
     if solver not in SOLVERS:
         raise ValueError(f"Qeq solver must be one of {SOLVERS}, got {solver!r}.")
+    require_autograd("charge equilibration (Qeq)")
     if not bool((hardness > 0).all()):
         raise ValueError("Qeq hardness J must be > 0 eV/e² for every atom (the energy must be convex).")
     smearing = torch.as_tensor(smearing, dtype=positions.dtype, device=positions.device)

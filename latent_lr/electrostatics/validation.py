@@ -23,6 +23,15 @@ OVERLAP_DISTANCE = 1e-4
 PbcLike = Union[bool, torch.Tensor, None]
 
 
+def require_autograd(function: str) -> None:
+    """Raise if ``function`` (which differentiates the energy internally) runs under torch.inference_mode()."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{function} differentiates the Coulomb energy internally and cannot run under "
+            "torch.inference_mode() (the result would be silently wrong); use torch.no_grad() instead."
+        )
+
+
 @dataclass
 class Structures:
     """Validated, normalised description of a batch of structures.
