@@ -174,6 +174,15 @@ class _ShardWriter:
         self.partial.unlink(missing_ok=True)
 
 
+def _reject_spin_keys(keys: LabelKeys, where: str) -> None:
+    """Prepared files hold no total spins: a spin key given with one is an error, not a silent S = 0."""
+    if keys.total_spin or keys.multiplicity:
+        raise UserInputError(
+            f"{where}: prepared HDF5 files do not hold total spins (--total-spin-key, --multiplicity-key) yet; "
+            "train on the extended-XYZ files instead."
+        )
+
+
 def prepare_data(
     inputs: Sequence[Union[str, Path]],
     out: Union[str, Path],
@@ -194,6 +203,7 @@ def prepare_data(
     """
     if not inputs:
         raise UserInputError("prepare-data needs at least one input file.")
+    _reject_spin_keys(keys, "prepare-data")
     if shard_size is not None and shard_size < 1:
         raise UserInputError(f"--shard-size must be at least 1, got {shard_size}.")
     target = Path(out)
@@ -275,6 +285,7 @@ class FrameStore(FrameSet):
         except OSError as error:
             raise UserInputError(f"cannot read {self.path} ({error}); prepare it again with latent-lr prepare-data.") from error
         self._starts = np.concatenate([[0], np.cumsum(self._n_atoms)])
+        _reject_spin_keys(keys, self.path)
         self.labels = []
         for name in (*LABELS, "total_charge"):
             if getattr(keys, name) is None:
