@@ -272,3 +272,10 @@ def test_save_load_predict_and_training_keys(tmp_path):
 
 def test_total_spin_reader_skips_parity_for_fractional_charge():
     assert total_spin({"spin": 1}, [8, 1, 1], charge=0.5) == 1
+
+
+def test_several_mpi_ranks_refuse_the_spin_channel():
+    from latent_lr.domain_decomposition import DecomposedModel
+
+    with pytest.raises(UserInputError, match="spin channel"):
+        DecomposedModel(_model(), allreduce=lambda values: values)
