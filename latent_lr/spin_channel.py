@@ -63,7 +63,14 @@ class SpinChargeHead(ChargeHead):
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "SpinChargeHead":
         return cls(feature_dim, config.hidden_dim, config.element_baseline)
 
-    def charges(self, *unused: torch.Tensor) -> torch.Tensor:
+    def charges(
+        self,
+        features: torch.Tensor,
+        numbers: torch.Tensor,
+        batch: torch.Tensor,
+        total_charge: torch.Tensor,
+        charge_sign: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Not available: the charges of the spin channel depend on the total spin (use :meth:`populations`)."""
         raise ValueError("the spin channel's charges depend on the total spin; call SpinChargeHead.populations().")
 

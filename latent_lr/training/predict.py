@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UserInputError
 from ..model import LongRangeModel
-from ..spin import MULTIPLICITY_KEY, SPIN_KEY
 from ..sign_convention import MAX_STRUCTURES, apply_sign_convention
+from ..spin import MULTIPLICITY_KEY, SPIN_KEY
 from .dataset import Frame, LabelKeys, check_frame_elements, iter_frames
 from .devices import resolve_device
 from .metrics import predict_frames
