@@ -4,7 +4,8 @@
 
 The long-range module alone, as in ``bench_charge_models.py`` (random invariant
 features of width 16, SPC/E-like water, energy + forces by autograd, float64,
-medians in ms): plain latent charges vs ``spin_channel=True`` with a total spin
+medians in ms of
+interleaved runs): plain latent charges vs ``spin_channel=True`` with a total spin
 2S_z = 2, periodic (engine ``auto``: Ewald below 300 atoms, PME above) and open.
 The spin channel adds three per-atom MLPs and two redistributions; the engine
 call is the same, so the ratio should approach 1 as the engine dominates.
@@ -13,11 +14,12 @@ call is the same, so the ratio should approach 1 as the engine dominates.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from functools import partial
 
 import torch
 from bench_charge_models import FEATURES, batch_of, energy_and_forces
-from bench_engine_scaling import timed
 
 from latent_lr.long_range import LongRangeModule
 
@@ -43,12 +45,19 @@ def main() -> None:
             data.total_spin = torch.full_like(data.total_charge, 2.0)
             generator = torch.Generator().manual_seed(0)
             features = torch.randn(data.positions.shape[0], FEATURES, generator=generator, dtype=dtype)
-            times = []
+            calls = []
             for spin_channel in (False, True):
                 torch.manual_seed(0)
                 module = LongRangeModule(FEATURES, accuracy=args.accuracy, spin_channel=spin_channel).to(dtype)
-                seconds, _ = timed(partial(energy_and_forces, module, features, data), args.repeats)
-                times.append(seconds)
+                calls.append(partial(energy_and_forces, module, features, data))
+                calls[-1]()  # warm-up (engine set-up, PME mesh)
+            samples: list[list[float]] = [[], []]
+            for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+                for index, call in enumerate(calls):
+                    start = time.perf_counter()
+                    call()
+                    samples[index].append(time.perf_counter() - start)
+            times = [statistics.median(values) for values in samples]
             label = "periodic" if periodic else "open"
             print(f"{label:<9}{data.positions.shape[0]:>7}{1e3 * times[0]:>10.1f}{1e3 * times[1]:>10.1f}"
                   f"{times[1] / times[0]:>8.2f}", flush=True)

@@ -86,13 +86,14 @@ class Calculator(AseCalculator):
 
     def calculate(self, atoms: Optional[Atoms] = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        info = self.atoms.info
-        if self.charge is not None or self.spin is not None:
-            info = {key: value for key, value in info.items() if self.spin is None or key not in (SPIN_KEY, MULTIPLICITY_KEY)}
-            info.update({} if self.charge is None else {"charge": self.charge})
-            info.update({} if self.spin is None else {SPIN_KEY: self.spin})
-        atoms = self.atoms.copy() if info is not self.atoms.info else self.atoms
-        atoms.info = info
+        atoms = self.atoms
+        if self.charge is not None or self.spin is not None:  # the arguments win over atoms.info
+            atoms = self.atoms.copy()
+            if self.charge is not None:
+                atoms.info["charge"] = self.charge
+            if self.spin is not None:
+                atoms.info.pop(MULTIPLICITY_KEY, None)
+                atoms.info[SPIN_KEY] = self.spin
         data = AtomsBatch.from_atoms(atoms, dtype=self.model.dtype, device=self.model.device)
         if self.external_field is not None:
             data.external_field = torch.tensor(

@@ -9,8 +9,10 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
 
 import latent_lr
+from latent_lr.cli import main
 from latent_lr.errors import UserInputError
 from latent_lr.sign_convention import apply_sign_convention
 from latent_lr.spin import total_spin
@@ -279,3 +281,20 @@ def test_several_mpi_ranks_refuse_the_spin_channel():
 
     with pytest.raises(UserInputError, match="spin channel"):
         DecomposedModel(_model(), allreduce=lambda values: values)
+
+
+def test_cli_trains_and_predicts_with_a_multiplicity_key(tmp_path):
+    """latent-lr train --spin-channel on --multiplicity-key mult, then predict: the spins sum to mult − 1."""
+    structures, energies = _spin_gap_data(4, seed=2)
+    for atoms, energy in zip(structures, energies):
+        atoms.info["mult"] = atoms.info.pop("spin") + 1
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=np.zeros((len(atoms), 3)))
+    ase.io.write(tmp_path / "train.xyz", structures, format="extxyz")
+    tiny = ["--backbone", "radial", "--host-options", '{"cutoff": 4.0, "hidden_dim": 8}', "--no-progress"]
+    assert main(["train", "--train", str(tmp_path / "train.xyz"), "--valid", str(tmp_path / "train.xyz"), "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--spin-channel", "on", "--multiplicity-key", "mult", *tiny]) in (0, None)
+    assert latent_lr.load(tmp_path / "run" / "best_model.pt").long_range.config.spin_channel
+    main(["predict", str(tmp_path / "run" / "best_model.pt"), str(tmp_path / "train.xyz"), str(tmp_path / "out.xyz"),
+          "--multiplicity-key", "mult"])
+    sums = [a.arrays["latent_spins"].sum() for a in ase.io.read(tmp_path / "out.xyz", ":")]
+    np.testing.assert_allclose(sums, [0.0, 2.0] * 4, rtol=0, atol=1e-7)
