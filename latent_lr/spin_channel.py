@@ -31,7 +31,7 @@ and the spin sign is physical (fixed by S).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -63,14 +63,7 @@ class SpinChargeHead(ChargeHead):
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "SpinChargeHead":
         return cls(feature_dim, config.hidden_dim, config.element_baseline)
 
-    def charges(
-        self,
-        features: torch.Tensor,
-        numbers: torch.Tensor,
-        batch: torch.Tensor,
-        total_charge: torch.Tensor,
-        charge_sign: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def charges(self, *arguments: Any, **options: Any) -> torch.Tensor:
         """Not available: the charges of the spin channel depend on the total spin (use :meth:`populations`)."""
         raise ValueError("the spin channel's charges depend on the total spin; call SpinChargeHead.populations().")
 
@@ -130,15 +123,7 @@ class SpinChargeHead(ChargeHead):
         spin_energy = self.spin_energy(features, spins, data.batch, data.n_structures)
         return {"charges": charges, "spins": spins, "energy": coulomb + spin_energy, "spin_energy": spin_energy}
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        data: AtomsBatch,
-        smearing: torch.Tensor,
-        accuracy: float,
-        engine_state: Optional[EngineState] = None,
-        charge_sign: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Charges (N,) e and the Coulomb plus spin energy (B,) eV (:meth:`spin_resolved` has the spins)."""
-        out = self.spin_resolved(features, data, smearing, accuracy, engine_state, charge_sign)
+    def forward(self, *arguments: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Charges (N,) e and the Coulomb plus spin energy (B,) eV; arguments as :meth:`spin_resolved`, which also has the spins."""
+        out = self.spin_resolved(*arguments, **options)
         return out["charges"], out["energy"]
