@@ -19,7 +19,7 @@ from latent_lr.spin import total_spin
 from latent_lr.synthetic import make_structure
 from latent_lr.training.dataset import LabelKeys, frame_from_atoms
 from latent_lr.training.predict import predict_file
-from latent_lr.training.store import prepare_data
+from latent_lr.training.store import FrameStore, prepare_data
 
 SPECIES = [1, 6, 8, 11, 17]
 
@@ -268,8 +268,14 @@ def test_save_load_predict_and_training_keys(tmp_path):
     frame = frame_from_atoms(_with(structures[0], mult=3), LabelKeys(multiplicity="mult"))
     assert frame.total_spin == 2 and frame.atoms.info["spin"] == 2
     assert frame_from_atoms(structures[0], LabelKeys()).total_spin == 0  # no key given: not read
-    with pytest.raises(UserInputError, match="do not hold total spins"):
-        prepare_data([tmp_path / "in.xyz"], tmp_path / "data.h5", LabelKeys(total_spin="spin"))
+    keys = LabelKeys(energy=None, forces=None, multiplicity="multiplicity")
+    prepare_data([tmp_path / "in.xyz"], tmp_path / "spins.h5", keys)
+    stored = FrameStore(tmp_path / "spins.h5", keys).frames([0, 1])
+    assert [f.total_spin for f in stored] == [2, 2] and stored[0].atoms.info["spin"] == 2
+    assert FrameStore(tmp_path / "spins.h5", LabelKeys(energy=None, forces=None)).frames([0])[0].total_spin == 0
+    prepare_data([tmp_path / "in.xyz"], tmp_path / "plain.h5", LabelKeys(energy=None, forces=None))
+    with pytest.raises(UserInputError, match="prepared without total spins"):
+        FrameStore(tmp_path / "plain.h5", keys)
 
 
 def test_total_spin_reader_skips_parity_for_fractional_charge():
