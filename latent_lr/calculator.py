@@ -13,6 +13,7 @@ from ase.calculators.calculator import all_changes
 from .data import AtomsBatch
 from .electrostatics import EngineState
 from .model import LongRangeModel
+from .spin import MULTIPLICITY_KEY, SPIN_KEY, total_spin
 
 
 class Calculator(AseCalculator):
@@ -21,20 +22,26 @@ class Calculator(AseCalculator):
     charges (e, shape (N, 3, 3)) and the polarisability tensor ∂M/∂E_ext (e·Å²/V,
     shape (3, 3); ``calc.get_property("polarizability", atoms)``) from a wrapped model.
 
-    The net charge is read from ``atoms.info['charge']`` and a uniform external
-    field (V/Å) from ``atoms.info['external_field']`` when present; the
-    ``charge`` and ``external_field`` arguments, when given, take precedence.
+    The net charge is read from ``atoms.info['charge']``, the total spin 2S_z from
+    ``atoms.info['spin']`` or ``atoms.info['multiplicity']`` (see :mod:`latent_lr.spin`) and a
+    uniform external field (V/Å) from ``atoms.info['external_field']`` when present; the
+    ``charge``, ``spin`` and ``external_field`` arguments, when given, take precedence.
+    A model with the spin channel also gives per-atom spin populations n↑ − n↓ as ASE's
+    ``magmoms`` (μ_B for g = 2; ``atoms.get_magnetic_moments()``) and their sum 2S_z as ``magmom``.
 
     Args:
         model: a model from :func:`latent_lr.wrap` or :func:`latent_lr.load`.
         device: torch device to run on.
         dtype: torch dtype (default: the model's).
         charge: net charge of every structure this calculator sees, e.
+        spin: total spin 2S_z = N↑ − N↓ of every structure this calculator sees (an integer;
+            checked against the electron count like ``atoms.info['spin']``).
         external_field: uniform field (3,), V/Å (fixed-field ensemble; for periodic
             structures keep positions unwrapped during a run, see ``LongRangeModel._field_energy``).
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "bec", "polarizability"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "bec", "polarizability",
+                              "magmoms", "magmom"]
 
     def __init__(
         self,
@@ -42,6 +49,7 @@ class Calculator(AseCalculator):
         device: Union[str, torch.device] = "cpu",
         dtype: Optional[torch.dtype] = None,
         charge: Optional[float] = None,
+        spin: Optional[int] = None,
         external_field: Optional[Sequence[float]] = None,
         **kwargs,
     ):
@@ -53,6 +61,9 @@ class Calculator(AseCalculator):
                 f"external_field must be 3 numbers (V/Å), got shape {np.shape(external_field)}."
             )
         self.charge = None if charge is None else float(charge)
+        if spin is not None:
+            total_spin({SPIN_KEY: spin}, [], float("nan"), where="Calculator(spin=...)")
+        self.spin = None if spin is None else int(spin)
         self.external_field = None if external_field is None else np.asarray(external_field, dtype=float)
         self.model = model.to(device=device, dtype=dtype or model.dtype).eval()
         #: This calculator's engine state (PME keeps its mesh along a trajectory); never shared.
@@ -67,7 +78,7 @@ class Calculator(AseCalculator):
         """ASE's checks plus the net charge and external field held in ``atoms.info``."""
         changes = super().check_state(atoms, tol)
         if self.atoms is not None:
-            for key in ("charge", "external_field"):
+            for key in ("charge", "external_field", SPIN_KEY, MULTIPLICITY_KEY):
                 old, new = self.atoms.info.get(key, 0.0), atoms.info.get(key, 0.0)
                 if not np.array_equal(np.asarray(old, dtype=float), np.asarray(new, dtype=float)):
                     changes.append(f"info[{key!r}]")
@@ -75,9 +86,15 @@ class Calculator(AseCalculator):
 
     def calculate(self, atoms: Optional[Atoms] = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        data = AtomsBatch.from_atoms(self.atoms, dtype=self.model.dtype, device=self.model.device)
-        if self.charge is not None:
-            data.total_charge = torch.full_like(data.total_charge, self.charge)
+        atoms = self.atoms
+        if self.charge is not None or self.spin is not None:  # the arguments win over atoms.info
+            atoms = self.atoms.copy()
+            if self.charge is not None:
+                atoms.info["charge"] = self.charge
+            if self.spin is not None:
+                atoms.info.pop(MULTIPLICITY_KEY, None)
+                atoms.info[SPIN_KEY] = self.spin
+        data = AtomsBatch.from_atoms(atoms, dtype=self.model.dtype, device=self.model.device)
         if self.external_field is not None:
             data.external_field = torch.tensor(
                 self.external_field, dtype=self.model.dtype, device=self.model.device
@@ -101,6 +118,9 @@ class Calculator(AseCalculator):
             self.results["charges"] = out["charges"].cpu().numpy().astype(float)
             moment = out["polarization"][0] * abs(float(np.linalg.det(self.atoms.cell.array))) if periodic else out["dipole"][0]
             self.results["dipole"] = moment.cpu().numpy().astype(float)
+        if "spins" in out:
+            self.results["magmoms"] = out["spins"].cpu().numpy().astype(float)
+            self.results["magmom"] = float(out["spins"].sum())
         if want_bec:
             self.results["bec"] = out["bec"].cpu().numpy().astype(float)
         if want_polarizability:

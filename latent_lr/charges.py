@@ -61,6 +61,14 @@ class NoChargeConstraint(nn.Module):
         return raw_charges
 
 
+def redistribute(raw: torch.Tensor, weights: torch.Tensor, batch: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """(N,) raw + w_i (T - Σ_j raw_j) / Σ_j w_j per structure: raw (N,), weights (N,) > 0, batch (N,), total (B,)."""
+    n_structures = total.shape[0]
+    sums = raw.new_zeros(n_structures).index_add(0, batch, raw)
+    weight_sums = weights.new_zeros(n_structures).index_add(0, batch, weights)
+    return raw + weights * ((total - sums) / weight_sums)[batch]
+
+
 class LearnedChargeRedistribution(nn.Module):
     """Match each structure's total charge with learned positive per-atom weights.
 
@@ -82,11 +90,7 @@ class LearnedChargeRedistribution(nn.Module):
         total_charge: torch.Tensor,
     ) -> torch.Tensor:
         """Args: raw_charges (N,), features (N, F), batch (N,), total_charge (B,). Returns (N,) e."""
-        n_structures = total_charge.shape[0]
-        weights = self.weights(features)
-        sums = raw_charges.new_zeros(n_structures).index_add(0, batch, raw_charges)
-        weight_sums = weights.new_zeros(n_structures).index_add(0, batch, weights)
-        return raw_charges + weights * ((total_charge - sums) / weight_sums)[batch]
+        return redistribute(raw_charges, self.weights(features), batch, total_charge)
 
     def weights(self, features: torch.Tensor) -> torch.Tensor:
         """(N,) positive redistribution weights w_i = softplus(MLP(h_i)) + 1e-6 of features (N, F)."""

@@ -108,6 +108,8 @@ def _add_label_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--charges-key", help="arrays key of reference charges, e (adds a charge loss)")
     parser.add_argument("--total-charge-key", help="info key of each structure's net charge, e")
     parser.add_argument("--bec-key", help="arrays key of reference BECs (N×9), e, for evaluation")
+    parser.add_argument("--total-spin-key", help="info key of each structure's total spin 2S_z = N↑ − N↓ (spin channel)")
+    parser.add_argument("--multiplicity-key", help="info key of each structure's spin multiplicity 2S + 1 (spin channel)")
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +164,8 @@ def _build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (cuda:N)")
     predict_parser.add_argument("--batch-size", type=int, default=16, help="structures per forward pass (default 16)")
     predict_parser.add_argument("--total-charge-key", default="charge", help="info key of net charges, e (default charge)")
+    predict_parser.add_argument("--total-spin-key", default="spin", help="info key of total spins 2S_z (default spin)")
+    predict_parser.add_argument("--multiplicity-key", default="multiplicity", help="info key of multiplicities 2S + 1 (default multiplicity)")
     predict_parser.add_argument("--no-progress", dest="progress", action="store_false")
     prepare_parser = commands.add_parser("prepare-data", help="convert extended XYZ to the on-disk HDF5 format, read lazily by train")
     prepare_parser.add_argument("paths", nargs="+", metavar="PATH", help="IN.xyz [IN2.xyz ...] OUT (OUT: a .h5 file, or a folder with --shard-size)")
@@ -206,7 +210,8 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "predict":
         count = predict_file(
             args.model, args.input, args.output, batch_size=args.batch_size,
-            total_charge_key=args.total_charge_key, device=args.device, progress=args.progress,
+            total_charge_key=args.total_charge_key, total_spin_key=args.total_spin_key,
+            multiplicity_key=args.multiplicity_key, device=args.device, progress=args.progress,
             sign_reference=args.sign_reference,
         )
         print(f"wrote {count} structures to {args.output}")
@@ -217,6 +222,7 @@ def _run(args: argparse.Namespace) -> None:
         keys = LabelKeys(
             energy=args.energy_key or defaults.energy_key, forces=args.forces_key or defaults.forces_key,
             dipole=args.dipole_key, charges=args.charges_key, total_charge=args.total_charge_key, bec=args.bec_key,
+            total_spin=args.total_spin_key, multiplicity=args.multiplicity_key,
         )
         written = prepare_data(args.paths[:-1], args.paths[-1], keys, shard_size=args.shard_size, progress=args.progress)
         print(f"wrote {len(written)} file{'s' if len(written) > 1 else ''}: {', '.join(str(p) for p in written)}")

@@ -60,6 +60,12 @@ class LongRangeConfig:
     polarizability_hidden_dim: Optional[int] = _option(
         None, "hidden width of the polarisability MLP (default: hidden_dim // 2)"
     )
+    # Issue 15, item 2: spin channel (spin-up/-down latent charges, total spin imposed, local spin energy).
+    spin_channel: bool = _option(
+        False, "latent charges split into spin-up and spin-down channels: total charge and total spin 2S_z "
+        "imposed by learned Fukui-like weights per channel, plus a learned local spin energy (needs "
+        "charge_model='latent', charge_redistribution='learned')"
+    )
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "polarizability_hidden_dim"):
@@ -81,6 +87,13 @@ class LongRangeConfig:
             raise ValueError(
                 f"charge_redistribution={self.charge_redistribution!r} applies to charge_model='latent' only; "
                 "Qeq imposes the total charge through its constraint. Leave charge_redistribution at its default."
+            )
+
+        if self.spin_channel and (self.charge_model != "latent" or self.charge_redistribution != "learned"):
+            raise ValueError(
+                f"spin_channel=True needs charge_model='latent' and charge_redistribution='learned' (got "
+                f"{self.charge_model!r}, {self.charge_redistribution!r}): both spin channels impose their totals "
+                "with learned weights. Use those settings or turn spin_channel off."
             )
 
     @property

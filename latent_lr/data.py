@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from .spin import MULTIPLICITY_KEY, SPIN_KEY, total_spin
+
 
 @dataclass
 class AtomsBatch:
@@ -22,6 +24,8 @@ class AtomsBatch:
         batch: (N,) structure index of each atom, sorted.
         total_charge: (B,) net charge of each structure, e.
         external_field: (B, 3) uniform external field, V/Å (zeros if none).
+        total_spin: (B,) total spin 2S_z = N↑ − N↓ of each structure (None: 0; see
+            :mod:`latent_lr.spin`); only a model with ``spin_channel`` reads it.
     """
 
     positions: torch.Tensor
@@ -31,6 +35,7 @@ class AtomsBatch:
     batch: torch.Tensor
     total_charge: torch.Tensor
     external_field: Optional[torch.Tensor] = None
+    total_spin: Optional[torch.Tensor] = None
 
     @property
     def n_structures(self) -> int:
@@ -82,11 +87,16 @@ class AtomsBatch:
         device=None,
         total_charge_key: str = "charge",
         external_field_key: str = "external_field",
+        spin_key: Optional[str] = SPIN_KEY,
+        multiplicity_key: Optional[str] = MULTIPLICITY_KEY,
     ) -> "AtomsBatch":
         """Batch ASE structures.
 
         The net charge of each structure is read from ``atoms.info[total_charge_key]``
-        (0 when absent), the external field (V/Å) from ``atoms.info[external_field_key]``.
+        (0 when absent), the external field (V/Å) from ``atoms.info[external_field_key]``,
+        the total spin 2S_z from ``atoms.info[spin_key]`` or the multiplicity
+        ``atoms.info[multiplicity_key]`` (0 when both are absent; checked by
+        :func:`latent_lr.spin.total_spin`, a bad value is a ValueError).
         """
         if isinstance(structures, Atoms):
             structures = [structures]
@@ -110,6 +120,11 @@ class AtomsBatch:
         pbc = np.stack([atoms.pbc for atoms in structures])
         batch = np.repeat(np.arange(len(structures)), [len(a) for a in structures])
         charge = [float(atoms.info.get(total_charge_key, 0.0)) for atoms in structures]
+        spin = [
+            total_spin(atoms.info, atoms.numbers, total, spin_key, multiplicity_key,
+                       where=f"structure {index} of the {len(structures)} given")
+            for index, (atoms, total) in enumerate(zip(structures, charge))
+        ]
         field = np.stack(
             [
                 np.asarray(atoms.info.get(external_field_key, np.zeros(3)), dtype=float)
@@ -124,4 +139,5 @@ class AtomsBatch:
             batch=torch.tensor(batch, dtype=torch.long, device=device),
             total_charge=torch.tensor(charge, dtype=dtype, device=device),
             external_field=torch.tensor(field, dtype=dtype, device=device),
+            total_spin=torch.tensor(spin, dtype=dtype, device=device),
         )

@@ -104,6 +104,8 @@ class DecomposedModel:
         long_range = model.long_range
         if long_range is None or not isinstance(long_range.charge_head, ChargeHead):
             raise UserInputError("several MPI ranks need a model with latent charges (charge_model='latent').")
+        if long_range.config.spin_channel:
+            raise UserInputError("several MPI ranks do not support the spin channel (spin_channel) yet; run on one rank.")
         if long_range.polarizability_head is not None:
             raise UserInputError("several MPI ranks do not support latent polarisabilities yet; run on one rank.")
         if model.backbone.receptive_field is None:

@@ -28,8 +28,9 @@ barostats, minimisers, thermo output and dumps work unchanged:
   when the atom style has one (``charge``, ``full``), so ``dump ... q`` records
   them.  Do not add a LAMMPS Coulomb pair or k-space style on top: the model
   already contains the long-range energy of these charges.
-* **Net charge** (e) and a uniform **external field** (V/Å) are arguments of
-  :func:`attach` and reach the model as in :class:`latent_lr.Calculator`.
+* **Net charge** (e), the **total spin** 2S_z (spin channel) and a uniform
+  **external field** (V/Å) are arguments of :func:`attach` and reach the model as
+  in :class:`latent_lr.Calculator`.
 
 The results equal :class:`latent_lr.Calculator` on the same structure (tested
 to 1e-8 relative).  Only this module imports ``lammps`` (and ``mpi4py``).
@@ -61,6 +62,7 @@ from .domain_decomposition import DecomposedModel, Subdomain
 from .electrostatics import EngineState
 from .errors import UserInputError
 from .model import LongRangeModel
+from .spin import SPIN_KEY, total_spin
 
 
 def _preload_mpi_library() -> None:
@@ -110,6 +112,7 @@ class LammpsPotential:
         numbers_by_type: (ntypes + 1,) atomic number of each LAMMPS type (index 0 unused).
         charge: net charge of the system, e.
         external_field: (3,) uniform field, V/Å, or None.
+        spin: total spin 2S_z = N↑ − N↓ of the system (read by a model with ``spin_channel``).
         engine_state: the engine state of this run (PME keeps its mesh along the trajectory).
         energy: the last energy, eV; charges: the last latent charges (nlocal,), e,
             in LAMMPS's current local order; calls: number of evaluations so far;
@@ -126,12 +129,14 @@ class LammpsPotential:
         charge: float,
         external_field: Optional[np.ndarray],
         fix_id: str,
+        spin: int = 0,
     ):
         self.lmp = lmp
         self.model = model
         self.fix_id = fix_id
         self.numbers_by_type = numbers_by_type
         self.charge = float(charge)
+        self.spin = int(spin)
         self.external_field = external_field
         self.engine_state = EngineState()
         self.energy = float("nan")
@@ -182,6 +187,7 @@ class LammpsPotential:
             batch=torch.zeros(nlocal, dtype=torch.long, device=model.device),
             total_charge=as_float([self.charge]),
             external_field=as_float(field)[None],
+            total_spin=as_float([self.spin]),
         )
 
     def _image_flags(self, packed: np.ndarray) -> np.ndarray:
@@ -256,6 +262,7 @@ def attach(
     external_field: Optional[Sequence[float]] = None,
     fix_id: str = DEFAULT_FIX_ID,
     group: str = "all",
+    spin: int = 0,
 ) -> LammpsPotential:
     """Make ``model`` the source of forces, energy and virial of a LAMMPS instance.
 
@@ -272,6 +279,7 @@ def attach(
         external_field: uniform external field (3,), V/Å (fixed-field ensemble).
         fix_id: ID of the fix to create.
         group: LAMMPS group the forces are applied to (the model always sees all atoms).
+        spin: total spin 2S_z = N↑ − N↓ of the simulated system (an integer; spin channel only).
 
     Returns:
         The :class:`LammpsPotential` (keep a reference while LAMMPS runs; its
@@ -294,7 +302,11 @@ def attach(
     if external_field is not None and np.shape(external_field) != (3,):
         raise UserInputError(f"external_field must be 3 numbers (V/Å), got shape {np.shape(external_field)}.")
     field = None if external_field is None else np.asarray(external_field, dtype=float)
-    potential = LammpsPotential(lmp, model.eval(), numbers_by_type, charge, field, fix_id)
+    try:
+        total_spin({SPIN_KEY: spin}, [], float("nan"), where="attach(spin=...)")
+    except ValueError as error:
+        raise UserInputError(str(error)) from error
+    potential = LammpsPotential(lmp, model.eval(), numbers_by_type, charge, field, fix_id, spin=spin)
     if int(lmp.extract_setting("world_size")) > 1:
         potential.decomposed = _decomposed_model(lmp, model, field)
     lmp.command(f"fix {fix_id} {group} external pf/callback 1 1")

@@ -15,6 +15,7 @@ from .electrostatics import EngineState
 from .polarizability import POLARIZABILITY_MODELS, PolarizabilityHead
 from .properties import dipole_moment, polarization, slab_dipole
 from .qeq import QeqChargeHead
+from .spin_channel import SpinChargeHead
 
 #: ``LongRangeConfig.charge_model`` -> charge model class.
 CHARGE_MODELS: dict[str, type[ChargeModel]] = {"latent": ChargeHead, "qeq": QeqChargeHead}
@@ -46,7 +47,8 @@ class LongRangeModule(nn.Module):
             config = config.replace(**options)
         self.feature_dim = feature_dim
         self.config = config
-        self.charge_head = CHARGE_MODELS[config.charge_model].from_config(feature_dim, config)
+        charge_model = SpinChargeHead if config.spin_channel else CHARGE_MODELS[config.charge_model]
+        self.charge_head = charge_model.from_config(feature_dim, config)
         log_sigma = torch.tensor(math.log(config.smearing))
         if config.learnable_smearing:
             self.log_smearing = nn.Parameter(log_sigma)
@@ -115,7 +117,9 @@ class LongRangeModule(nn.Module):
             induced dipoles; extra keys ``induction_energy`` (B,) eV,
             ``induced_dipoles`` (N, 3) e·Å, ``polarizabilities`` (N,) e·Å²/V and
             ``electric_field`` (N, 3) V/Å (latent charges' field plus the applied
-            field ``data.external_field``, zeros if None).
+            field ``data.external_field``, zeros if None).  With ``spin_channel`` on,
+            ``energy`` includes the local spin energy; extra keys ``spins`` (N,) spin
+            populations n↑ − n↓ summing to ``data.total_spin`` and ``spin_energy`` (B,) eV.
         """
         if features.ndim != 2 or features.shape[0] != data.positions.shape[0]:
             raise ValueError(
@@ -125,7 +129,12 @@ class LongRangeModule(nn.Module):
         features = features.to(data.positions.dtype)
         sigma = self.smearing.to(data.positions.dtype)
         state = self.engine_state if engine_state is None else engine_state
-        charges, energy = self.charge_head(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
+        spin_outputs: dict[str, torch.Tensor] = {}
+        if isinstance(self.charge_head, SpinChargeHead):
+            spin_outputs = self.charge_head.spin_resolved(features, data, sigma, self.accuracy, state, self.charge_sign)
+            charges, energy = spin_outputs.pop("charges"), spin_outputs.pop("energy")
+        else:
+            charges, energy = self.charge_head(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)
@@ -134,7 +143,7 @@ class LongRangeModule(nn.Module):
         )
         polar = polarization(charges, data.positions, data.cell, data.batch)
         polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
-        out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}
+        out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar, **spin_outputs}
         if self.polarizability_head is not None:
             self._add_induction(features, charges, sigma, data, out, state)
         return out

@@ -24,6 +24,15 @@ is reported as a conflict (never silently resolved).  Labels present only for
 evaluation (weight 0) do not override the convention; a disagreement with them
 is reported too.
 
+Spin channel (``spin_channel``, :mod:`latent_lr.spin_channel`): the sign s
+flips the charges of both spin channels together, (q↑, q↓) -> (−q↓, −q↑),
+so q -> −q while the spin populations and the spin energy stay bit-identical.
+A total spin 2S_z therefore does not fix the charge sign (neutral structures
+with S ≠ 0 follow the convention), and the convention never changes the sign
+of the spin populations: that sign is physical, set by the given 2S_z
+(spin-up majority for 2S_z > 0).  For structures given with 2S_z = 0 only, the
+sign of local moments is a second, unfixed gauge; no convention is applied to it.
+
 Electronegativities: Pauling scale, values as revised by A. L. Allred,
 J. Inorg. Nucl. Chem. 17, 215 (1961), as tabulated in the CRC Handbook of
 Chemistry and Physics ("Electronegativity" table).  He, Ne and Ar have no

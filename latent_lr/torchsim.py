@@ -33,6 +33,8 @@ from .data import AtomsBatch
 from .electrostatics import EngineState
 from .errors import UserInputError
 from .model import LongRangeModel
+from .spin import SPIN_KEY
+from .spin import total_spin as total_spin_of
 
 #: A per-structure quantity: one value for every structure, or a (B,) / (B, 3) tensor.
 PerStructure = Union[float, Sequence[float], torch.Tensor]
@@ -49,6 +51,8 @@ class TorchSimModel(ModelInterface):
             (default: ``state.external_field`` where present, else none).
         compute_stress: return ``stress`` (B, 3, 3), eV/Å³ (periodic batches only;
             zeros for open ones).
+        total_spin: total spin 2S_z = N↑ − N↓ (an integer): a number for every structure or (B,)
+            per structure (default 0); read only by a model with ``spin_channel``.
 
     Outputs of a call: ``energy`` (B,) eV, ``forces`` (N, 3) eV/Å, ``stress``
     (B, 3, 3) eV/Å³ when computed, and ``charges`` (N,) e (latent charges).
@@ -61,6 +65,7 @@ class TorchSimModel(ModelInterface):
         total_charge: Optional[PerStructure] = None,
         external_field: Optional[PerStructure] = None,
         compute_stress: bool = True,
+        total_spin: Optional[PerStructure] = None,
     ):
         super().__init__()
         if not isinstance(model, LongRangeModel):
@@ -73,6 +78,9 @@ class TorchSimModel(ModelInterface):
         self._memory_scales_with = "n_atoms_x_density"
         self.total_charge = total_charge
         self.external_field = external_field
+        for value in [] if total_spin is None else torch.as_tensor(total_spin).reshape(-1).tolist():
+            total_spin_of({SPIN_KEY: value}, [], float("nan"), where="TorchSimModel(total_spin=...)")
+        self.total_spin = total_spin
         #: This model's engine state (PME keeps its meshes along a run); never shared.
         self.engine_state = EngineState()
 
@@ -96,6 +104,7 @@ class TorchSimModel(ModelInterface):
             external_field=self._per_structure(
                 "external_field", self.external_field, getattr(state, "external_field", None), (n_systems, 3)
             ),
+            total_spin=self._per_structure("total_spin", self.total_spin, None, (n_systems,)),
         )
 
     def _per_structure(

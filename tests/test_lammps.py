@@ -78,7 +78,7 @@ def lammps_step_zero(lmp, atoms: Atoms, model):
     """Attach the model, run 0; return energy (eV), forces (eV/Å), ASE-convention stress (eV/Å³), q."""
     potential = latent_lr_lammps.attach(
         lmp, model, elements=ELEMENTS, charge=atoms.info.get("charge", 0.0),
-        external_field=atoms.info.get("external_field"),
+        external_field=atoms.info.get("external_field"), spin=atoms.info.get("spin", 0),
     )
     lmp.command("compute virial all pressure NULL virial")
     lmp.command("thermo_style custom step pe c_virial[1]")
@@ -170,3 +170,20 @@ def test_bad_setups_raise_one_line_errors(model, tmp_path):
     with pytest.raises(UserInputError, match="units metal"):
         latent_lr_lammps.attach(real, model, elements=["O"])
     real.close()
+
+
+def test_total_spin_reaches_a_spin_channel_model(tmp_path):
+    """attach(spin=2) equals the ASE calculator with info['spin'] = 2, which differs from the singlet."""
+    model = make_model(seed=1, spin_channel=True)
+    atoms = triclinic_water()
+    atoms.info["spin"] = 2
+    energy, forces, _, _ = lammps_step_zero(lammps_from_atoms(atoms, tmp_path), atoms, model)
+    atoms.calc = latent_lr.Calculator(model)
+    assert energy == pytest.approx(atoms.get_potential_energy(), rel=1e-8)
+    assert np.abs(forces - atoms.get_forces()).max() <= 1e-8 * np.abs(forces).max()
+    singlet = atoms.copy()
+    singlet.info["spin"] = 0
+    singlet.calc = latent_lr.Calculator(model)
+    assert abs(singlet.get_potential_energy() - energy) > 1e-6
+    with pytest.raises(UserInputError, match="not an integer"):
+        latent_lr_lammps.attach(lammps_from_atoms(atoms, tmp_path), model, elements=ELEMENTS, spin=0.5)

@@ -115,3 +115,22 @@ def test_per_structure_charges_that_do_not_fit_the_batch_raise(model):
     ts_model = TorchSimModel(model, total_charge=[0.0, 1.0])
     with pytest.raises(latent_lr.errors.UserInputError, match="does not fit this batch of 3"):
         ts_model(ts.initialize_state(structures, ts_model.device, ts_model.dtype))
+
+
+def test_total_spin_reaches_a_spin_channel_model():
+    """total_spin per structure equals the ASE calculator with info['spin'] on each structure alone."""
+    model = make_model(seed=1, spin_channel=True)
+    structures = [water_box(8, seed=0), triclinic_water(seed=1)]
+    spins = [2, 4]
+    references = []
+    for atoms, spin in zip(structures, spins):
+        atoms = atoms.copy()
+        atoms.info["spin"] = spin
+        references.append(single(model, atoms))
+    ts_model = TorchSimModel(model, total_spin=spins)
+    outputs = ts_model(ts.initialize_state(structures, ts_model.device, ts_model.dtype))
+    assert_batch_equals_singles(outputs, references, [len(a) for a in structures])
+    singlet = TorchSimModel(model)(ts.initialize_state(structures, ts_model.device, ts_model.dtype))
+    assert (singlet["energy"] - outputs["energy"]).abs().min() > 1e-6
+    with pytest.raises(ValueError, match="not an integer"):
+        TorchSimModel(model, total_spin=[0, 1.5])

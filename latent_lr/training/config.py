@@ -85,6 +85,8 @@ class TrainConfig:
     charges_key: Optional[str] = None
     total_charge_key: Optional[str] = None
     bec_key: Optional[str] = None
+    total_spin_key: Optional[str] = None
+    multiplicity_key: Optional[str] = None
     energy_weight: float = 1.0
     forces_weight: float = 10.0
     dipole_weight: float = 1.0

@@ -13,6 +13,7 @@ from ase import Atoms
 
 from ..data import AtomsBatch
 from ..errors import UserInputError, frame_location
+from ..spin import SPIN_KEY, total_spin
 
 
 @dataclass
@@ -29,6 +30,8 @@ class LabelKeys:
     charges: Optional[str] = None
     total_charge: Optional[str] = None
     bec: Optional[str] = None
+    total_spin: Optional[str] = None
+    multiplicity: Optional[str] = None
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Frame:
     charges: Optional[np.ndarray] = None
     bec: Optional[np.ndarray] = None
     total_charge: float = 0.0
+    total_spin: int = 0
     info: dict = field(default_factory=dict)
     source: Optional[tuple[str, int]] = None
 
@@ -88,6 +92,14 @@ def frame_from_atoms(atoms: Atoms, keys: LabelKeys, source: Optional[tuple[str, 
     total = _lookup(atoms, keys.total_charge, per_atom=False) if keys.total_charge else None
     clean = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     clean.info["charge"] = float(total) if total is not None else 0.0
+    spin = 0
+    if keys.total_spin or keys.multiplicity:
+        try:
+            spin = total_spin(atoms.info, atoms.numbers, clean.info["charge"], keys.total_spin, keys.multiplicity, where)
+        except ValueError as error:
+            raise UserInputError(str(error)) from error
+    if spin:
+        clean.info[SPIN_KEY] = spin
     return Frame(
         atoms=clean,
         energy=None if energy is None else float(energy),
@@ -96,6 +108,7 @@ def frame_from_atoms(atoms: Atoms, keys: LabelKeys, source: Optional[tuple[str, 
         charges=charges,
         bec=None if bec is None else bec.reshape(len(atoms), 3, 3),
         total_charge=clean.info["charge"],
+        total_spin=spin,
         info={k: v for k, v in atoms.info.items() if np.isscalar(v)},
         source=source,
     )

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import UserInputError
 from ..model import LongRangeModel
 from ..sign_convention import MAX_STRUCTURES, apply_sign_convention
+from ..spin import MULTIPLICITY_KEY, SPIN_KEY
 from .dataset import Frame, LabelKeys, check_frame_elements, iter_frames
 from .devices import resolve_device
 from .metrics import predict_frames
@@ -36,6 +37,8 @@ def annotated_structures(model: LongRangeModel, frames: list[Frame]) -> list[Ato
         atoms = frame.atoms.copy()
         atoms.info.update(frame.info)
         atoms.arrays["latent_charges"] = predictions["charges"][index]
+        if "spins" in predictions:
+            atoms.arrays["latent_spins"] = predictions["spins"][index]
         atoms.arrays["bec"] = predictions["bec"][index].reshape(len(atoms), 9)
         atoms.arrays["forces"] = predictions["forces"][index]
         atoms.info["energy"] = float(predictions["energy"][index])
@@ -54,6 +57,8 @@ def predict_file(
     output_path: Union[str, Path],
     batch_size: int = 16,
     total_charge_key: str = "charge",
+    total_spin_key: Optional[str] = SPIN_KEY,
+    multiplicity_key: Optional[str] = MULTIPLICITY_KEY,
     device: Union[str, torch.device] = "cpu",
     progress: bool = False,
     sign_reference: Optional[Union[str, Path]] = None,
@@ -61,7 +66,9 @@ def predict_file(
     """Write per-atom ``latent_charges`` (e) and ``bec`` (e, 9 columns: xx xy xz yx … zz,
     row α = dipole component, column β = displacement), per-structure ``dipole`` (e·Å,
     open boundary) or ``polarization`` (e/Å², periodic), ``energy`` (eV) and
-    ``forces`` (eV/Å).  Returns the number of structures written.
+    ``forces`` (eV/Å); with the spin channel also per-atom ``latent_spins`` (spin
+    populations n↑ − n↓, summing to the total spin 2S_z read from ``total_spin_key``
+    or ``multiplicity_key``).  Returns the number of structures written.
 
     ``model_path`` is ``best_model.pt`` or a training ``checkpoint.pt``.
     ``device`` is ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).  The input is read lazily and each batch
@@ -82,7 +89,8 @@ def predict_file(
     model = load_model_file(model_path).to(target).eval()
     if model.long_range is None:
         raise UserInputError(f"{model_path} is a short-range model: it has no latent charges to predict from; give a long-range model.")
-    keys = LabelKeys(energy=None, forces=None, total_charge=total_charge_key)
+    keys = LabelKeys(energy=None, forces=None, total_charge=total_charge_key, total_spin=total_spin_key,
+                     multiplicity=multiplicity_key)
     if sign_reference is not None or not model.long_range.charge_sign_stored:
         source = input_path if sign_reference is None else sign_reference
         frames = list(islice(iter_frames(source, keys), MAX_STRUCTURES))

@@ -28,6 +28,7 @@ order::
     charges       (N,)       float64  e         + has_charges (S,) bool
     bec           (N, 3, 3)  float64  e         + has_bec     (S,) bool
     total_charge  (S,)       float64  e
+    total_spin    (S,)       int64    2S_z = N↑ − N↓ (only if a spin or multiplicity key was given)
 
 A label column exists only if its key was given to ``prepare-data``
 (attribute ``label_keys``: label -> key in the input files); ``has_*`` marks the
@@ -53,6 +54,7 @@ from ase import Atoms
 from tqdm.auto import tqdm
 
 from ..errors import UserInputError, frame_location
+from ..spin import SPIN_KEY
 from .dataset import Frame, LabelKeys, iter_frames, require_labels
 from .frame_sets import FrameSet, Indices
 
@@ -109,8 +111,13 @@ class _ShardWriter:
         self.file.attrs["format"] = FORMAT
         self.file.attrs["version"] = VERSION
         self.file.attrs["sources"] = json.dumps([str(s) for s in sources])
-        self.file.attrs["label_keys"] = json.dumps({name: getattr(keys, name) for name in (*self.labels, "total_charge") if getattr(keys, name)})
+        label_keys = {name: getattr(keys, name) for name in (*self.labels, "total_charge") if getattr(keys, name)}
+        self.spin_key = _spin_key(keys)
         columns = dict(_GEOMETRY)
+        if self.spin_key is not None:
+            label_keys["total_spin"] = self.spin_key
+            columns["total_spin"] = ((), np.int64, "structure")
+        self.file.attrs["label_keys"] = json.dumps(label_keys)
         for name in self.labels:
             shape, per_atom = LABELS[name]
             columns[name] = (shape, np.float64, "atom" if per_atom else "structure")
@@ -144,6 +151,8 @@ class _ShardWriter:
             "source_index": np.array([f.source[1] if f.source else -1 for f in frames], dtype=np.int64),
             "total_charge": np.array([f.total_charge for f in frames], dtype=np.float64),
         }
+        if self.spin_key is not None:
+            values["total_spin"] = np.array([f.total_spin for f in frames], dtype=np.int64)
         for name in self.labels:
             shape, per_atom = LABELS[name]
             present = [getattr(f, name) is not None for f in frames]
@@ -172,6 +181,13 @@ class _ShardWriter:
     def abort(self) -> None:
         self.file.close()
         self.partial.unlink(missing_ok=True)
+
+
+def _spin_key(keys: LabelKeys) -> Optional[str]:
+    """How the total spins were read (``"spin"`` or ``"multiplicity mult"``, say), or None without a spin key."""
+    if keys.total_spin:
+        return keys.total_spin
+    return f"multiplicity {keys.multiplicity}" if keys.multiplicity else None
 
 
 def prepare_data(
@@ -275,6 +291,12 @@ class FrameStore(FrameSet):
         except OSError as error:
             raise UserInputError(f"cannot read {self.path} ({error}); prepare it again with latent-lr prepare-data.") from error
         self._starts = np.concatenate([[0], np.cumsum(self._n_atoms)])
+        self.with_spin = _spin_key(keys) is not None
+        if self.with_spin and "total_spin" not in prepared:
+            raise UserInputError(
+                f"{self.path} was prepared without total spins; run latent-lr prepare-data again with "
+                "--total-spin-key or --multiplicity-key, or leave both out."
+            )
         self.labels = []
         for name in (*LABELS, "total_charge"):
             if getattr(keys, name) is None:
@@ -345,6 +367,8 @@ class FrameStore(FrameSet):
             per_structure = {name: self._column(name)[first:stop] for name in ("cell", "pbc")}
             if "total_charge" in self.labels:
                 per_structure["total_charge"] = self._column("total_charge")[first:stop]
+            if self.with_spin:
+                per_structure["total_spin"] = self._column("total_spin")[first:stop]
             info_begin = int(self._info_starts[first])
             per_structure["info"] = bytes(self._column("info")[info_begin : int(self._info_starts[stop])])
             labels = {}
@@ -368,6 +392,9 @@ class FrameStore(FrameSet):
         atoms = Atoms(per_atom["numbers"][atoms_slice].astype(np.int64), per_atom["positions"][atoms_slice], cell=per_structure["cell"][k], pbc=pbc)
         total = float(per_structure["total_charge"][k]) if "total_charge" in self.labels else 0.0
         atoms.info["charge"] = total
+        spin = int(per_structure["total_spin"][k]) if self.with_spin else 0
+        if spin:
+            atoms.info[SPIN_KEY] = spin
         values: dict[str, Any] = {}
         for name, (column, present) in labels.items():
             if present[k]:
@@ -383,6 +410,7 @@ class FrameStore(FrameSet):
             charges=values.get("charges"),
             bec=values.get("bec"),
             total_charge=total,
+            total_spin=spin,
             info=json.loads(info),
             source=(self.path, index),
         )

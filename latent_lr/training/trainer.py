@@ -61,6 +61,8 @@ def label_keys(config: TrainConfig) -> LabelKeys:
         charges=config.charges_key,
         total_charge=config.total_charge_key,
         bec=config.bec_key,
+        total_spin=config.total_spin_key,
+        multiplicity=config.multiplicity_key,
     )
 
 
