@@ -135,6 +135,7 @@ class DecomposedModel:
         charge_transfer_forces: include −Σ φ_i ∂q_i/∂r (always True in use;
             False exists to show that tests detect the term).
         method: k-space sum, one of :data:`METHODS`.
+        external_field: the run's uniform field (3,), V/Å, or None; only None or zero is supported.
 
     Raises:
         UserInputError: a model this decomposition does not support.
@@ -146,8 +147,13 @@ class DecomposedModel:
         allreduce: Allreduce,
         charge_transfer_forces: bool = True,
         method: str = "auto",
+        external_field: Optional[np.ndarray] = None,
     ):
         long_range = model.long_range
+        if external_field is not None and np.any(np.asarray(external_field) != 0.0):
+            raise UserInputError(
+                "an external field is not supported on several MPI ranks; run on one rank or drop external_field."
+            )
         if long_range is None or not isinstance(long_range.charge_head, ChargeHead):
             raise UserInputError("several MPI ranks need a model with latent charges (charge_model='latent').")
         if long_range.polarizability_head is not None:
