@@ -306,7 +306,9 @@ class DecomposedModel:
         raw = head.raw_charges(features, numbers, self.charge_sign)
         constraint, total = head.constraint, sub.total_charge
         learned = isinstance(constraint, LearnedChargeRedistribution)
-        weights = constraint.weights(features) if learned else raw.new_ones(len(raw))
+        weights = raw.new_ones(len(raw))
+        if isinstance(constraint, LearnedChargeRedistribution):
+            weights = constraint.weights(features)
         raw_sum, weight_sum, _, ranks = self._sum(
             np.array([float(raw.detach().sum()), float(weights.detach().sum()), float(sub.n_local), 1.0])
         )

@@ -197,13 +197,13 @@ class LammpsPotential:
 
     def _evaluate(self, nlocal: int, x: np.ndarray, f: np.ndarray) -> None:
         if self.decomposed is not None:
-            energy, forces, charges, virial = self.decomposed(self.subdomain(nlocal))
-            self._publish(nlocal, f, energy, forces, virial, charges)
+            energy, forces, charges, box_virial = self.decomposed(self.subdomain(nlocal))
+            self._publish(nlocal, f, energy, forces, box_virial, charges)
             return
         data = self.geometry(nlocal, x)
         periodic = bool(data.pbc.any())
         out = self.model(data, compute_forces=True, compute_stress=periodic, engine_state=self.engine_state)
-        virial = None
+        virial: Optional[torch.Tensor] = None
         if periodic:
             virial = -abs(float(torch.linalg.det(data.cell[0]))) * out["stress"][0]
         self._publish(nlocal, f, float(out["energy"][0]), out["forces"], virial, out.get("charges"))
