@@ -15,7 +15,8 @@ parameters for the whole box and the engine's choice of method
   the ranks, every rank solves it (one FFT pair, redundant) and interpolates
   the mesh potential at its own atoms (:func:`.electrostatics.mesh.interpolate_mesh`):
   φ_i and the k-space forces.  Ghosts need only reach the PME real-space
-  cut-off (~5-8 Å at accuracy 1e-6).
+  cut-off (0 where α sits at the smearing cap, as for σ = 1 Å at accuracy 1e-6),
+  so the host's receptive field sets the ghost shell.
 * **Ewald** (below): the structure factor S(k) is summed over the ranks
   instead of the mesh (ghosts to the longer Ewald real-space cut-off).
 
@@ -67,15 +68,7 @@ from .charges import ChargeHead, LearnedChargeRedistribution, NoChargeConstraint
 from .data import AtomsBatch
 from .electrostatics.coulomb import PME_MIN_ATOMS
 from .electrostatics.kernels import switched_real_space_kernel
-from .electrostatics.mesh import (
-    _cached_influence,
-    _half_weights,
-    _influence,
-    interpolate_mesh,
-    mesh_potential,
-    spline_stencil,
-    spread_charges,
-)
+from .electrostatics.mesh import influence_function, interpolate_mesh, solve_mesh, spline_stencil, spread_charges
 from .electrostatics.mesh_parameters import MeshParameters, mesh_parameters
 from .electrostatics.parameters import EwaldParameters
 from .electrostatics.reciprocal import k_space_weights
@@ -392,21 +385,20 @@ class _MeshKSpace(_KSpace):
         flat, weights = self._stencil(positions, self.cell)
         return spread_charges(charges, flat, weights, self.size).cpu().numpy()
 
-    def solve(self, summed, positions, charges, strained_cell, ranks):
+    def solve(
+        self, summed: np.ndarray, positions: torch.Tensor, charges: torch.Tensor, strained_cell: torch.Tensor, ranks: float
+    ) -> tuple[float, torch.Tensor, torch.Tensor]:
         p, cell = self.parameters, self.cell
         alpha = cell.new_tensor([p.alpha])
         grid = torch.from_numpy(summed).to(cell).reshape(1, *self.shape)
-        spectrum = torch.fft.rfftn(grid, dim=(1, 2, 3))
-        theta = _cached_influence(cell[None], alpha, self.shape, p.order, self.state.influence,
-                                  self.state.influence_cache_size)
-        half = _half_weights(self.shape[2], cell.dtype, cell.device)
-        power = half * torch.view_as_real(spectrum).pow(2).sum(-1)
-        energy = float((theta * power).sum())
-        mesh = mesh_potential(spectrum, theta, list(self.shape)).reshape(-1)
-        potential = interpolate_mesh(mesh, *self._stencil(positions, cell))
-        strained_theta = _influence(strained_cell[None], alpha, self.shape, p.order)
+        energy, mesh, power = solve_mesh(
+            grid, cell[None], alpha, p.order, self.state.influence, self.state.influence_cache_size
+        )
+        potential = interpolate_mesh(mesh.reshape(-1), *self._stencil(positions, cell))
+        # Fractional coordinates do not change under the strain: only the influence function does.
+        strained_theta = influence_function(strained_cell[None], alpha, self.shape, p.order)
         surrogate = (charges * potential).sum() + (strained_theta * power).sum() / ranks
-        return energy, potential.detach(), surrogate
+        return float(energy[0]), potential.detach(), surrogate
 
 
 class _EwaldKSpace(_KSpace):
@@ -425,7 +417,9 @@ class _EwaldKSpace(_KSpace):
         phase = positions @ self.k_vectors.T
         return torch.cat([charges @ torch.cos(phase), charges @ torch.sin(phase)]).cpu().numpy()
 
-    def solve(self, summed, positions, charges, strained_cell, ranks):
+    def solve(
+        self, summed: np.ndarray, positions: torch.Tensor, charges: torch.Tensor, strained_cell: torch.Tensor, ranks: float
+    ) -> tuple[float, torch.Tensor, torch.Tensor]:
         if len(self.weight) == 0:
             return 0.0, positions.new_zeros(len(positions)), positions.new_zeros(())
         total = torch.from_numpy(summed).to(positions)

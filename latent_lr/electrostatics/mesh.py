@@ -78,7 +78,7 @@ def _spline_modulus(size: int, order: int, dtype: torch.dtype, device: torch.dev
     return modulus.to(dtype=dtype, device=device)
 
 
-def _influence(
+def influence_function(
     cell: torch.Tensor, alpha: torch.Tensor, shape: tuple[int, int, int], order: int
 ) -> torch.Tensor:
     """θ(m) on the half spectrum of ``rfftn`` (the weight 2 of the omitted half is
@@ -138,7 +138,7 @@ def _cached_influence(
     cache: Dict[str, torch.Tensor],
     capacity: int,
 ) -> torch.Tensor:
-    """:func:`_influence`, reused from ``cache`` when neither ``cell`` nor ``alpha``
+    """:func:`influence_function`, reused from ``cache`` when neither ``cell`` nor ``alpha``
     requires a gradient (keyed on their exact values, mesh, order, dtype and
     device; at most ``capacity`` entries, least recently used dropped first);
     recomputed otherwise, so stress and alpha gradients are exact.
@@ -147,7 +147,7 @@ def _cached_influence(
     (insertion order is recency order).
     """
     if cell.requires_grad or alpha.requires_grad or capacity <= 0:
-        return _influence(cell, alpha, shape, order)
+        return influence_function(cell, alpha, shape, order)
     key = "|".join(
         (
             cell.detach().cpu().numpy().tobytes().hex(),
@@ -160,7 +160,7 @@ def _cached_influence(
     )
     theta = cache.pop(key, None)
     if theta is None:
-        theta = _influence(cell, alpha, shape, order)
+        theta = influence_function(cell, alpha, shape, order)
     cache[key] = theta  # (re)inserted last: most recently used
     while len(cache) > capacity:
         del cache[next(iter(cache))]
@@ -313,6 +313,35 @@ def mesh_potential(spectrum: torch.Tensor, theta: torch.Tensor, shape: list[int]
     return torch.fft.irfftn(torch.view_as_complex(potential), s=shape, dim=(1, 2, 3), norm="forward")
 
 
+def solve_mesh(
+    grid: torch.Tensor,
+    cell: torch.Tensor,
+    alpha: torch.Tensor,
+    order: int,
+    influence_cache: Optional[Dict[str, torch.Tensor]] = None,
+    influence_cache_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve G meshes of one shape: energies, mesh potentials and weighted powers (no autograd graph needed).
+
+    Args:
+        grid: (G, K1, K2, K3) spread charges Q, e; cell: (G, 3, 3) Å; alpha: (G,) 1/Å;
+        order: B-spline order; influence_cache, influence_cache_size: as in :func:`spme_reciprocal_energy`.
+
+    Returns:
+        energy (G,) / k_e; potential ∂E/∂Q (G, K1, K2, K3) / k_e; power half(m3) |rfftn(Q)|²
+        (G, K1, K2, K3 // 2 + 1), so that energy = Σ influence_function · power for any cell.
+    """
+    shape = (grid.shape[1], grid.shape[2], grid.shape[3])
+    spectrum = torch.fft.rfftn(grid, dim=(1, 2, 3))
+    if influence_cache is None:
+        theta = influence_function(cell, alpha, shape, order)
+    else:
+        theta = _cached_influence(cell, alpha, shape, order, influence_cache, influence_cache_size)
+    power = _half_weights(shape[2], grid.dtype, grid.device) * torch.view_as_real(spectrum).pow(2).sum(-1)
+    energy = (theta * power).sum((1, 2, 3))
+    return energy, mesh_potential(spectrum, theta, list(shape)), power
+
+
 def spme_reciprocal_energy(
     positions: torch.Tensor,
     charges: torch.Tensor,
@@ -359,13 +388,13 @@ def spme_reciprocal_energy(
         rows_tensor = torch.tensor(rows, dtype=torch.long, device=device)
         half = _half_weights(shape[2], dtype, device)
         if torch.jit.is_scripting():
-            theta = _influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+            theta = influence_function(cell[rows_tensor], alpha[rows_tensor], shape, order)
             spectrum = torch.fft.rfftn(block, dim=(1, 2, 3))
             power = spectrum.real**2 + spectrum.imag**2
             contribution = (theta * half * power).sum((1, 2, 3))
         else:
             if influence_cache is None:
-                theta = _influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+                theta = influence_function(cell[rows_tensor], alpha[rows_tensor], shape, order)
             else:
                 theta = _cached_influence(
                     cell[rows_tensor], alpha[rows_tensor], shape, order, influence_cache, influence_cache_size
