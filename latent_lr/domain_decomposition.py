@@ -97,6 +97,9 @@ class Subdomain:
         cell: (3, 3) lattice vectors as rows, Å, of the whole periodic box.
         n_atoms: atoms in the whole box.
         total_charge: net charge of the whole box, e.
+        spans: (3,) whether the subdomain is the whole periodic box along each lattice
+            vector (LAMMPS's processor grid is 1 there); the host then sees that
+            direction as periodic, one copy of each atom, instead of ghost images.
     """
 
     positions: torch.Tensor
@@ -106,6 +109,7 @@ class Subdomain:
     cell: torch.Tensor
     n_atoms: int
     total_charge: float
+    spans: tuple[bool, bool, bool] = (False, False, False)
 
 
 @dataclass
@@ -230,10 +234,15 @@ class DecomposedModel:
         deformation = torch.eye(3, dtype=positions.dtype, device=positions.device) + strain
         strained, strained_cell = positions @ deformation, sub.cell.to(positions) @ deformation
         host_atoms, pairs = _neighbours(positions.detach(), n_local, receptive_field, parameters.r_cut)
-        # The host sees the local atoms and the ghosts within its receptive field of them.
+        # The host sees the local atoms and the ghosts within its receptive field of them, periodic
+        # (one copy of each atom) along the directions the subdomain spans whole.
+        spans = torch.tensor(sub.spans, dtype=torch.bool, device=positions.device)
+        if bool(spans.any()):
+            host_atoms = _one_copy_along(spans, host_atoms, positions.detach(), sub.tags, sub.cell.to(positions))
         cluster = AtomsBatch(
-            positions=strained[host_atoms], numbers=sub.numbers[host_atoms], cell=positions.new_zeros(1, 3, 3),
-            pbc=torch.zeros(1, 3, dtype=torch.bool, device=positions.device),
+            positions=strained[host_atoms], numbers=sub.numbers[host_atoms],
+            cell=strained_cell[None] if bool(spans.any()) else positions.new_zeros(1, 3, 3),
+            pbc=spans[None],
             batch=torch.zeros(len(host_atoms), dtype=torch.long, device=positions.device),
             total_charge=positions.new_zeros(1), external_field=positions.new_zeros(1, 3),
         )
@@ -462,6 +471,22 @@ def _neighbours(
         both_local=torch.from_numpy(both_local).to(device),
     )
     return torch.from_numpy(host_atoms).to(device), pairs
+
+
+def _one_copy_along(
+    spans: torch.Tensor, atoms: torch.Tensor, positions: torch.Tensor, tags: torch.Tensor, cell: torch.Tensor
+) -> torch.Tensor:
+    """The rows of ``atoms`` (ascending, local atoms first) left when copies of one atom that differ by
+    lattice vectors along the ``spans`` directions only are reduced to the first one.
+
+    Copies of one atom differ by integer fractional shifts, so (tag, ⌊fractional coordinate⌋ along
+    the other directions) names one copy up to shifts along ``spans``.
+    """
+    fractional = positions[atoms] @ torch.linalg.inv(cell)
+    image = torch.floor(fractional).long() * (~spans).long()
+    keys = torch.cat([tags[atoms, None], image], dim=1).cpu().numpy()
+    _, first = np.unique(keys, axis=0, return_index=True)
+    return atoms[torch.from_numpy(np.sort(first)).to(atoms.device)]
 
 
 __all__ = ["Allreduce", "DecomposedModel", "METHODS", "Subdomain"]

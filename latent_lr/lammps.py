@@ -239,7 +239,9 @@ class LammpsPotential:
         """This rank's local and ghost atoms (LAMMPS order: local first), for :class:`DecomposedModel`."""
         lmp, model = self.lmp, self.model
         count = nlocal + int(lmp.extract_global("nghost"))
-        cell, _ = box_cell(lmp)
+        cell, pbc = box_cell(lmp)
+        grid = lmp.extract_global("procgrid")
+        spans = tuple(bool(pbc[axis] and int(grid[axis]) == 1) for axis in range(3))
         types = lmp.numpy.extract_atom("type")[:count]
         return Subdomain(
             positions=torch.tensor(lmp.numpy.extract_atom("x")[:count], dtype=model.dtype, device=model.device),
@@ -249,6 +251,7 @@ class LammpsPotential:
             cell=torch.tensor(cell, dtype=model.dtype, device=model.device),
             n_atoms=int(lmp.get_natoms()),
             total_charge=self.charge,
+            spans=(spans[0], spans[1], spans[2]),
         )
 
 

@@ -25,7 +25,7 @@ from latent_lr.domain_decomposition import DecomposedModel, Subdomain
 from latent_lr.errors import UserInputError
 
 
-def one_rank_subdomain(atoms, cutoff: float) -> Subdomain:
+def one_rank_subdomain(atoms, cutoff: float, spans=(False, False, False)) -> Subdomain:
     """All atoms local; ghosts: periodic images within ``cutoff`` of some atom of the cell."""
     cell, count = atoms.cell.array, len(atoms)
     heights = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(np.roll(cell, -1, 0), np.roll(cell, -2, 0)), axis=1)
@@ -42,7 +42,7 @@ def one_rank_subdomain(atoms, cutoff: float) -> Subdomain:
     return Subdomain(
         positions=torch.tensor(np.concatenate(positions)), numbers=torch.tensor(atoms.numbers[tag - 1]),
         tags=torch.tensor(tag), n_local=count, cell=torch.tensor(cell), n_atoms=count,
-        total_charge=float(atoms.info["charge"]),
+        total_charge=float(atoms.info["charge"]), spans=spans,
     )
 
 
@@ -69,6 +69,33 @@ def test_one_rank_decomposition_equals_the_model(redistribution, sign):
             torch.testing.assert_close(virial, expected_virial, rtol=0, atol=1e-11 * float(expected_virial.abs().max()))
         else:  # the charge-transfer term −Σ φ_i ∂q_i/∂r is a large part of the forces
             assert error > 1e-2 * scale
+
+
+@pytest.mark.parametrize("spans", [(True, True, True), (False, True, True)])
+def test_host_periodic_along_the_directions_a_subdomain_spans(spans):
+    """The host sees one copy of each atom, periodic along ``spans``, instead of ghost images there."""
+    model = make_model(seed=0)
+    atoms = triclinic_water()
+    atoms.info["charge"] = 1.0
+    reference = model(latent_lr.AtomsBatch.from_atoms(atoms))
+    decomposed = DecomposedModel(model, allreduce=lambda values: values)
+    cutoff = decomposed.ghost_cutoff(atoms.cell.array, len(atoms))
+    host_inputs = []
+    host_energies = model.backbone.per_atom_energies
+    model.backbone.per_atom_energies = lambda batch: (host_inputs.append(batch), host_energies(batch))[1]
+    decomposed(one_rank_subdomain(atoms, cutoff))
+    energy, forces, _, virial = decomposed(one_rank_subdomain(atoms, cutoff, spans))
+    del model.backbone.per_atom_energies
+    open_cluster, periodic_cluster = host_inputs
+    assert periodic_cluster.pbc[0].tolist() == list(spans)
+    if all(spans):
+        assert len(periodic_cluster.positions) == len(atoms)  # no ghosts at all
+    else:
+        assert len(atoms) < len(periodic_cluster.positions) < 0.7 * len(open_cluster.positions)
+    assert energy == pytest.approx(float(reference["energy"][0]), rel=1e-12)
+    assert float((forces - reference["forces"]).abs().max()) <= 1e-12 * float(reference["forces"].abs().max())
+    expected_virial = -atoms.get_volume() * reference["stress"][0]
+    torch.testing.assert_close(virial, expected_virial, rtol=0, atol=1e-11 * float(expected_virial.abs().max()))
 
 
 def test_pme_decomposition_equals_the_model_and_ewald_to_the_engine_accuracy():

@@ -84,6 +84,7 @@ def test_two_ranks_equal_one_rank_including_charge_transfer_forces(tmp_path, n_m
 
     assert min(two["local_atoms"]) > 0 and sum(two["local_atoms"]) == len(atoms)  # really split
     assert two["pme"] == pme
+    assert sum(two["spans"]) == 2  # a 2 x 1 x 1 grid: the host is periodic along the two whole directions
     assert two["energy"] == pytest.approx(one["energy"], rel=1e-9)
     scale = np.abs(one["forces"]).max()
     forces = np.reshape(two["forces"], (-1, 3))
