@@ -4,7 +4,9 @@ Each MPI rank owns its *local* atoms and sees *ghost* atoms (periodic images
 and other ranks' atoms) out to :meth:`DecomposedModel.ghost_cutoff` beyond its
 subdomain, as LAMMPS provides them.  The rank evaluates, for its local atoms
 only: host per-atom energies and features (exact, since ghosts reach the
-host's receptive field), latent charges, the real-space sum over pairs
+host's receptive field; along directions the subdomain spans whole, the host
+sees the box as periodic with one copy of each atom instead of ghost images,
+:attr:`Subdomain.spans`), latent charges, the real-space sum over pairs
 (local, local-or-ghost; one vesin cell-list search per step), and its part of
 the k-space sum.  The k-space sum is the engine's, with the engine's
 parameters for the whole box and the engine's choice of method
