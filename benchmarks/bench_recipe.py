@@ -1,6 +1,6 @@
 """Training recipe before/after (issue 12 item 5) on the SPICE dipeptides.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_recipe.py --data ../shared/data/dipeptides --out runs/bench_recipe \
+    OMP_NUM_THREADS=1 python benchmarks/bench_recipe.py --data ../shared/data --out runs/bench_recipe \
         --backbone mace --n-train 150 --n-valid 30 --epochs 12
 
 Trains the same model (same seed, data, loss weights and epoch budget) with each recipe:
@@ -30,6 +30,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import torch
+from dipeptide_data import dipeptide_folder
 
 from latent_lr import load
 from latent_lr.training import TrainConfig, Trainer
@@ -63,7 +64,7 @@ def write_splits(data: Path, out: Path, n_train: int, n_valid: int, seed: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder with spice-dipep-dipolar_{train,val}.xyz")
+    parser.add_argument("--data", type=Path, required=True, help="the folder that holds dipeptides/ (e.g. ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_recipe"))
     parser.add_argument("--backbone", default="mace")
     parser.add_argument("--host-options", type=json.loads, default={})
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    paths = write_splits(args.data, args.out / "data", args.n_train, args.n_valid, args.seed)
+    paths = write_splits(dipeptide_folder(args.data), args.out / "data", args.n_train, args.n_valid, args.seed)
     common = TrainConfig(
         train=str(paths["train"]), valid=str(paths["valid"]), test=str(paths["test"]), backbone=args.backbone, host_options=args.host_options,
         long_range=args.long_range == "on", forces_key="force", epochs=args.epochs, batch_size=args.batch_size,

@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_maceles import ARCHITECTURE, KEYS, _run, average_neighbours, budget_parser, write_subsets  # noqa: E402
+from dipeptide_data import dipeptide_folder  # noqa: E402
 
 from latent_lr.serialization import load  # noqa: E402
 from latent_lr.training.dataset import read_frames  # noqa: E402
@@ -61,7 +62,7 @@ def prepare(
 
     ``trained``: the formulas whose frames train (the others that are not held out are unused).
     """
-    source = data / "dipeptides"
+    source = dipeptide_folder(data)
     train_file = ase.io.read(source / "spice-dipep-dipolar_train.xyz", index=":")
     val_file = ase.io.read(source / "spice-dipep-dipolar_val.xyz", index=":")
     pool = [a for a in train_file if a.get_chemical_formula() in trained]
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--train-molecules", type=int, help="train on the first K other formulas only (diversity)")
     parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
-    formulas = sorted({a.get_chemical_formula() for a in ase.io.read(args.data / "dipeptides/spice-dipep-dipolar_val.xyz", index=":")})
+    formulas = sorted({a.get_chemical_formula() for a in ase.io.read(dipeptide_folder(args.data) / "spice-dipep-dipolar_val.xyz", index=":")})
     held_out = args.held_out or formulas[-2:]
     trained = [f for f in formulas if f not in held_out][: args.train_molecules]
     paths = prepare(args.data, args.out, args.n_train, args.n_valid, held_out, trained, args.seed)

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+from dipeptide_data import dipeptide_folder
 
 from latent_lr.serialization import load
 from latent_lr.training.dataset import LabelKeys, read_frames
@@ -84,7 +85,7 @@ def prepare(data: Path, out: Path, n_train: int, n_valid: int, seed: int) -> dic
     Labels are renamed REF_energy (eV), REF_forces (eV/Å), REF_dipole (e·Å), REF_bec (N×9, e)
     so that neither code reads a calculator ASE attached.
     """
-    source = data / "dipeptides"
+    source = dipeptide_folder(data)
     frames = ase.io.read(source / "spice-dipep-dipolar_train.xyz", index=":")
     if n_train + n_valid > len(frames):
         raise SystemExit(f"--n-train + --n-valid = {n_train + n_valid} > {len(frames)} training frames.")
@@ -290,7 +291,7 @@ def format_table(results: dict[str, dict]) -> str:
 def budget_parser(description: str, out: str, n_train: int, n_valid: int, epochs: int) -> argparse.ArgumentParser:
     """The options every dipeptide benchmark shares: data, output, frames, epochs, batch, lr, seed."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the folder that holds dipeptides/")
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--n-train", type=int, default=n_train)
     parser.add_argument("--n-valid", type=int, default=n_valid)

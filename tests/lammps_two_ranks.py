@@ -7,7 +7,8 @@ Reads the box with LAMMPS's read_data, attaches the test model
 forces and latent charges by atom ID, the virial pressure (bar, LAMMPS's
 compute pressure NULL virial), the same forces with the charge-transfer
 term switched off, the total energy along ``STEPS`` velocity-Verlet steps, and
-the local atom count of every rank.
+the local atom count of every rank, whether the k-space sum is PME, and
+the directions along which a rank's subdomain spans the whole box.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> None:
         "virial_pressure": list(lmp.numpy.extract_compute("virial", 0, 1)),
     }
     assert potential.decomposed is not None
+    result["pme"] = potential.decomposed.uses_pme(int(lmp.get_natoms()))
+    result["spans"] = list(potential.subdomain(int(lmp.extract_global("nlocal"))).spans)
     potential.decomposed.charge_transfer_forces = False
     lmp.command("run 0")
     result["forces_without_charge_transfer"] = gathered(lmp, "f", 3)

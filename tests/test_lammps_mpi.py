@@ -2,11 +2,14 @@
 
 A test spawns ``mpiexec -n 2 python tests/lammps_two_ranks.py`` (skipped only
 where mpiexec is missing) on a 192-atom periodic water box with net charge 0
-and a model whose latent charges depend on positions.  Reference: the same
-LAMMPS set-up on one rank in this process (itself equal to the ASE calculator,
-tests/test_lammps.py).  Below 300 atoms the engine uses Ewald, which the
-decomposition evaluates with the same parameters, so the tolerance is
-round-off: 1e-9 relative for energy, forces and virial.  The charge-transfer force
+(Ewald k-space) and a 300-atom one (PME k-space: the mesh summed over the ranks)
+with net charge 0 and a model whose latent charges depend on positions.
+Reference: the same LAMMPS set-up on one rank in this process (itself equal to
+the ASE calculator, tests/test_lammps.py).  The decomposition uses the
+engine's method and parameters (Ewald below 300 atoms, PME with the same mesh
+from there on), so the tolerance is round-off, far below the engine accuracy
+1e-6: 1e-9 relative for energy, forces and virial (that PME itself is within
+the engine accuracy of Ewald is tests/test_domain_decomposition.py's).  The charge-transfer force
 term −Σ φ_i ∂q_i/∂r is checked by switching it off (forces must then differ).
 """
 
@@ -61,8 +64,9 @@ def one_rank(data: Path, backbone: str = "radial") -> dict:
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec is not installed (pip install mpich)")
-def test_two_ranks_equal_one_rank_including_charge_transfer_forces(tmp_path):
-    atoms = water_box(64)
+@pytest.mark.parametrize(("n_molecules", "pme"), [(64, False), (100, True)])
+def test_two_ranks_equal_one_rank_including_charge_transfer_forces(tmp_path, n_molecules, pme):
+    atoms = water_box(n_molecules)
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(1))
     data = tmp_path / "water.data"
     write(data, atoms, format="lammps-data", specorder=ELEMENTS, atom_style="full", masses=True, velocities=True,
@@ -79,6 +83,8 @@ def test_two_ranks_equal_one_rank_including_charge_transfer_forces(tmp_path):
     one = one_rank(data)
 
     assert min(two["local_atoms"]) > 0 and sum(two["local_atoms"]) == len(atoms)  # really split
+    assert two["pme"] == pme
+    assert sum(two["spans"]) == 2  # a 2 x 1 x 1 grid: the host is periodic along the two whole directions
     assert two["energy"] == pytest.approx(one["energy"], rel=1e-9)
     scale = np.abs(one["forces"]).max()
     forces = np.reshape(two["forces"], (-1, 3))

@@ -65,12 +65,15 @@ def test_per_atom_energies_sum_to_the_host_energy_and_decompose(backbone):
 
     reference = model(data)
     decomposed = DecomposedModel(model, allreduce=lambda values: values)
-    subdomain = one_rank_subdomain(atoms, decomposed.ghost_cutoff(atoms.cell.array, len(atoms)))
-    total, forces, charges, _ = decomposed(subdomain)
-    assert total == pytest.approx(float(reference["energy"][0]), rel=1e-10)
-    torch.testing.assert_close(charges, reference["charges"], rtol=0, atol=1e-10)
     scale = float(reference["forces"].abs().max())
-    assert float((forces - reference["forces"]).abs().max()) <= 1e-9 * scale
+    # Open cluster of ghosts, and periodic along the two directions a LAMMPS 2 x 1 x 1 grid spans whole.
+    for spans in [(False, False, False), (False, True, True)]:
+        subdomain = one_rank_subdomain(atoms, decomposed.ghost_cutoff(atoms.cell.array, len(atoms)), spans)
+        total, forces, charges, _ = decomposed(subdomain)
+        assert total == pytest.approx(float(reference["energy"][0]), rel=1e-10)
+        torch.testing.assert_close(charges, reference["charges"], rtol=0, atol=1e-10)
+        assert float((forces - reference["forces"]).abs().max()) <= 1e-9 * scale
+
 
 
 def test_cace_reference_energies_are_per_atom_and_averaging_read_outs_are_refused():

@@ -78,7 +78,7 @@ def _spline_modulus(size: int, order: int, dtype: torch.dtype, device: torch.dev
     return modulus.to(dtype=dtype, device=device)
 
 
-def _influence(
+def influence_function(
     cell: torch.Tensor, alpha: torch.Tensor, shape: tuple[int, int, int], order: int
 ) -> torch.Tensor:
     """θ(m) on the half spectrum of ``rfftn`` (the weight 2 of the omitted half is
@@ -138,7 +138,7 @@ def _cached_influence(
     cache: Dict[str, torch.Tensor],
     capacity: int,
 ) -> torch.Tensor:
-    """:func:`_influence`, reused from ``cache`` when neither ``cell`` nor ``alpha``
+    """:func:`influence_function`, reused from ``cache`` when neither ``cell`` nor ``alpha``
     requires a gradient (keyed on their exact values, mesh, order, dtype and
     device; at most ``capacity`` entries, least recently used dropped first);
     recomputed otherwise, so stress and alpha gradients are exact.
@@ -147,7 +147,7 @@ def _cached_influence(
     (insertion order is recency order).
     """
     if cell.requires_grad or alpha.requires_grad or capacity <= 0:
-        return _influence(cell, alpha, shape, order)
+        return influence_function(cell, alpha, shape, order)
     key = "|".join(
         (
             cell.detach().cpu().numpy().tobytes().hex(),
@@ -160,7 +160,7 @@ def _cached_influence(
     )
     theta = cache.pop(key, None)
     if theta is None:
-        theta = _influence(cell, alpha, shape, order)
+        theta = influence_function(cell, alpha, shape, order)
     cache[key] = theta  # (re)inserted last: most recently used
     while len(cache) > capacity:
         del cache[next(iter(cache))]
@@ -193,11 +193,7 @@ class _MeshEnergy(torch.autograd.Function):
         scale = grad[:, None, None, None]
         grad_grid = grad_theta = None
         if ctx.needs_input_grad[0]:
-            # Real view: a complex × real product would first convert θ to complex.
-            potential = torch.view_as_real(spectrum) * (theta * (2.0 * scale)).unsqueeze(-1)
-            grad_grid = torch.fft.irfftn(
-                torch.view_as_complex(potential), s=grid.shape[1:], dim=(1, 2, 3), norm="forward"
-            )
+            grad_grid = mesh_potential(spectrum, theta * scale, list(grid.shape[1:]))
         if ctx.needs_input_grad[1]:
             real = torch.view_as_real(spectrum)
             grad_theta = (scale * half) * (real[..., 0] ** 2 + real[..., 1] ** 2)
@@ -217,6 +213,133 @@ def _weighted_power(spectrum: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 def _mesh_energy(grid: torch.Tensor, theta: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
     """Eager-mode :class:`_MeshEnergy` (TorchScript differentiates rfftn directly)."""
     return _MeshEnergy.apply(grid, theta, half)
+
+
+def mesh_layout(
+    mesh_shapes: list[tuple[int, int, int]], device: torch.device
+) -> tuple[list[tuple[int, int, int]], list[list[int]], torch.Tensor, int]:
+    """How R structures' meshes are laid out in one flat buffer, group by group of equal shape.
+
+    Returns:
+        (distinct shapes, the structures of each shape, (R,) offset of each structure's
+        mesh in the buffer, buffer length).
+    """
+    shapes: list[tuple[int, int, int]] = []
+    groups: list[list[int]] = []
+    for row in range(len(mesh_shapes)):
+        group = -1
+        for index, shape in enumerate(shapes):
+            if shape == mesh_shapes[row]:
+                group = index
+        if group < 0:
+            shapes.append(mesh_shapes[row])
+            groups.append([row])
+        else:
+            groups[group].append(row)
+    offsets = [0] * len(mesh_shapes)
+    cursor = 0
+    for shape, rows in zip(shapes, groups):
+        for row in rows:
+            offsets[row] = cursor
+            cursor += shape[0] * shape[1] * shape[2]
+    return shapes, groups, torch.tensor(offsets, dtype=torch.long, device=device), cursor
+
+
+def spline_stencil(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    atom_row: torch.Tensor,
+    mesh_shapes: list[tuple[int, int, int]],
+    offset: torch.Tensor,
+    order: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The p³ mesh points each atom spreads onto, and its B-spline weights along each axis.
+
+    Args:
+        positions: (M, 3) positions, Å; cell: (R, 3, 3) lattice vectors as rows, Å.
+        atom_row: (M,) structure of each atom; mesh_shapes, offset: from :func:`mesh_layout`.
+        order: B-spline order p.
+
+    Returns:
+        flat: (M, p, p, p) indices into the flat mesh buffer (index data);
+        weights: (M, 3, p) spline weights, differentiable in positions and cell
+        (the weight of point (a, b, c) is weights[:, 0, a] weights[:, 1, b] weights[:, 2, c]).
+    """
+    device, dtype = positions.device, positions.dtype
+    mesh = torch.tensor([list(shape) for shape in mesh_shapes], dtype=torch.long, device=device)
+    mesh = mesh.reshape(len(mesh_shapes), 3)
+    fractional = torch.bmm(positions.unsqueeze(1), torch.linalg.inv(cell)[atom_row]).squeeze(1)
+    atom_mesh = mesh[atom_row]
+    scaled = fractional * atom_mesh.to(dtype)
+    below = torch.floor(scaled.detach())
+    weights = bspline_weights(scaled - below, order)  # (M, 3, p)
+    steps = torch.arange(order, device=device)
+    point = torch.remainder(below.long().unsqueeze(-1) - steps, atom_mesh.unsqueeze(-1))
+    strides = torch.stack(
+        [atom_mesh[:, 1] * atom_mesh[:, 2], atom_mesh[:, 2], torch.ones_like(atom_mesh[:, 2])], dim=1
+    )
+    point = point * strides.unsqueeze(-1)
+    flat = (
+        offset[atom_row][:, None, None, None]
+        + point[:, 0, :, None, None]
+        + point[:, 1, None, :, None]
+        + point[:, 2, None, None, :]
+    )
+    return flat, weights
+
+
+def spread_charges(charges: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
+    """Q(n) = Σ_i q_i Π_a M_p(u_ia - n_a): charges (M,) e spread on a flat mesh buffer of ``size`` points."""
+    order = weights.shape[2]
+    # Outer products by bmm: their backward is bmm too, cheaper than broadcast reductions.
+    spread = torch.bmm((charges[:, None] * weights[:, 0]).unsqueeze(2), weights[:, 1].unsqueeze(1))
+    spread = torch.bmm(spread.reshape(-1, order * order, 1), weights[:, 2].unsqueeze(1))
+    # In place on a fresh buffer: the out-of-place index_add would copy it first.
+    return weights.new_zeros(size).index_add_(0, flat.reshape(-1), spread.reshape(-1))
+
+
+def interpolate_mesh(values: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_n values(n) Π_a M_p(u_ia - n_a) at each atom (M,): the transpose of :func:`spread_charges`
+    (with ``values`` the mesh potential ∂E/∂Q, the atoms' potentials ∂E/∂q_i)."""
+    stencil = weights[:, 0, :, None, None] * weights[:, 1, None, :, None] * weights[:, 2, None, None, :]
+    return (values[flat] * stencil).sum((1, 2, 3))
+
+
+def mesh_potential(spectrum: torch.Tensor, theta: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """∂E/∂Q = 2 irfftn(θ rfftn(Q)) (unnormalised inverse) from the half spectrum (G, K1, K2, K3//2+1)
+    of the meshes (G, *shape), for E = Σ_m half(m3) θ(m) |rfftn(Q)(m)|²."""
+    # Real view: a complex × real product would first convert θ to complex.
+    potential = torch.view_as_real(spectrum) * (2.0 * theta).unsqueeze(-1)
+    return torch.fft.irfftn(torch.view_as_complex(potential), s=shape, dim=(1, 2, 3), norm="forward")
+
+
+def solve_mesh(
+    grid: torch.Tensor,
+    cell: torch.Tensor,
+    alpha: torch.Tensor,
+    order: int,
+    influence_cache: Optional[Dict[str, torch.Tensor]] = None,
+    influence_cache_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve G meshes of one shape: energies, mesh potentials and weighted powers (no autograd graph needed).
+
+    Args:
+        grid: (G, K1, K2, K3) spread charges Q, e; cell: (G, 3, 3) Å; alpha: (G,) 1/Å;
+        order: B-spline order; influence_cache, influence_cache_size: as in :func:`spme_reciprocal_energy`.
+
+    Returns:
+        energy (G,) / k_e; potential ∂E/∂Q (G, K1, K2, K3) / k_e; power half(m3) |rfftn(Q)|²
+        (G, K1, K2, K3 // 2 + 1), so that energy = Σ influence_function · power for any cell.
+    """
+    shape = (grid.shape[1], grid.shape[2], grid.shape[3])
+    spectrum = torch.fft.rfftn(grid, dim=(1, 2, 3))
+    if influence_cache is None:
+        theta = influence_function(cell, alpha, shape, order)
+    else:
+        theta = _cached_influence(cell, alpha, shape, order, influence_cache, influence_cache_size)
+    power = _half_weights(shape[2], grid.dtype, grid.device) * torch.view_as_real(spectrum).pow(2).sum(-1)
+    energy = (theta * power).sum((1, 2, 3))
+    return energy, mesh_potential(spectrum, theta, list(shape)), power
 
 
 def spme_reciprocal_energy(
@@ -250,52 +373,9 @@ def spme_reciprocal_energy(
     """
     device, dtype = positions.device, positions.dtype
     n_rows = len(mesh_shapes)
-    shapes: list[tuple[int, int, int]] = []
-    groups: list[list[int]] = []
-    for row in range(n_rows):
-        group = -1
-        for index, shape in enumerate(shapes):
-            if shape == mesh_shapes[row]:
-                group = index
-        if group < 0:
-            shapes.append(mesh_shapes[row])
-            groups.append([row])
-        else:
-            groups[group].append(row)
-
-    # Lay the structures out group by group in one flat buffer.
-    offsets = [0] * n_rows
-    cursor = 0
-    for shape, rows in zip(shapes, groups):
-        for row in rows:
-            offsets[row] = cursor
-            cursor += shape[0] * shape[1] * shape[2]
-    mesh = torch.tensor([list(shape) for shape in mesh_shapes], dtype=torch.long, device=device)
-    mesh = mesh.reshape(n_rows, 3)
-    offset = torch.tensor(offsets, dtype=torch.long, device=device)
-
-    fractional = torch.bmm(positions.unsqueeze(1), torch.linalg.inv(cell)[atom_row]).squeeze(1)
-    atom_mesh = mesh[atom_row]
-    scaled = fractional * atom_mesh.to(dtype)
-    below = torch.floor(scaled.detach())
-    weights = bspline_weights(scaled - below, order)  # (M, 3, p)
-    steps = torch.arange(order, device=device)
-    point = torch.remainder(below.long().unsqueeze(-1) - steps, atom_mesh.unsqueeze(-1))
-    strides = torch.stack(
-        [atom_mesh[:, 1] * atom_mesh[:, 2], atom_mesh[:, 2], torch.ones_like(atom_mesh[:, 2])], dim=1
-    )
-    point = point * strides.unsqueeze(-1)
-    flat = (
-        offset[atom_row][:, None, None, None]
-        + point[:, 0, :, None, None]
-        + point[:, 1, None, :, None]
-        + point[:, 2, None, None, :]
-    )
-    # Outer products by bmm: their backward is bmm too, cheaper than broadcast reductions.
-    spread = torch.bmm((charges[:, None] * weights[:, 0]).unsqueeze(2), weights[:, 1].unsqueeze(1))
-    spread = torch.bmm(spread.reshape(-1, order * order, 1), weights[:, 2].unsqueeze(1))
-    # In place on a fresh buffer: the out-of-place index_add would copy it first.
-    grid = positions.new_zeros(cursor).index_add_(0, flat.reshape(-1), spread.reshape(-1))
+    shapes, groups, offset, cursor = mesh_layout(mesh_shapes, device)
+    flat, weights = spline_stencil(positions, cell, atom_row, mesh_shapes, offset, order)
+    grid = spread_charges(charges, flat, weights, cursor)
 
     energy = positions.new_zeros(n_rows)
     start = 0
@@ -308,13 +388,13 @@ def spme_reciprocal_energy(
         rows_tensor = torch.tensor(rows, dtype=torch.long, device=device)
         half = _half_weights(shape[2], dtype, device)
         if torch.jit.is_scripting():
-            theta = _influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+            theta = influence_function(cell[rows_tensor], alpha[rows_tensor], shape, order)
             spectrum = torch.fft.rfftn(block, dim=(1, 2, 3))
             power = spectrum.real**2 + spectrum.imag**2
             contribution = (theta * half * power).sum((1, 2, 3))
         else:
             if influence_cache is None:
-                theta = _influence(cell[rows_tensor], alpha[rows_tensor], shape, order)
+                theta = influence_function(cell[rows_tensor], alpha[rows_tensor], shape, order)
             else:
                 theta = _cached_influence(
                     cell[rows_tensor], alpha[rows_tensor], shape, order, influence_cache, influence_cache_size
