@@ -94,7 +94,10 @@ class Calculator(AseCalculator):
             if self.spin is not None:
                 atoms.info.pop(MULTIPLICITY_KEY, None)
                 atoms.info[SPIN_KEY] = self.spin
-        data = AtomsBatch.from_atoms(atoms, dtype=self.model.dtype, device=self.model.device)
+        spin_keys = (SPIN_KEY, MULTIPLICITY_KEY) if self.model.reads_spin else (None, None)
+        data = AtomsBatch.from_atoms(
+            atoms, dtype=self.model.dtype, device=self.model.device, spin_key=spin_keys[0], multiplicity_key=spin_keys[1]
+        )
         if self.external_field is not None:
             data.external_field = torch.tensor(
                 self.external_field, dtype=self.model.dtype, device=self.model.device

@@ -67,6 +67,12 @@ class LongRangeModel(nn.Module):
             return parameter.device
         return torch.device("cpu")
 
+    @property
+    def reads_spin(self) -> bool:
+        """Whether the model reads the total spin 2S_z (``LongRangeConfig.spin_channel``); spin-blind
+        models ignore ``atoms.info['spin']`` / ``['multiplicity']`` and never check them."""
+        return self.long_range is not None and bool(self.long_range.config.spin_channel)
+
     def freeze_host(self, frozen: bool = True, trainable: Sequence[str] = ()) -> "LongRangeModel":
         """Stop (or restart) training the host; only the long-range head learns.
 

@@ -89,6 +89,8 @@ def predict_file(
     model = load_model_file(model_path).to(target).eval()
     if model.long_range is None:
         raise UserInputError(f"{model_path} is a short-range model: it has no latent charges to predict from; give a long-range model.")
+    if not model.reads_spin:  # a spin-blind model neither reads nor checks the spin keys
+        total_spin_key = multiplicity_key = None
     keys = LabelKeys(energy=None, forces=None, total_charge=total_charge_key, total_spin=total_spin_key,
                      multiplicity=multiplicity_key)
     if sign_reference is not None or not model.long_range.charge_sign_stored:
