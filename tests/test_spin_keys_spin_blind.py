@@ -10,6 +10,7 @@ import torch
 from ase.build import molecule
 
 import latent_lr
+from latent_lr.training.config import TrainConfig
 from latent_lr.training.predict import predict_file
 
 
@@ -51,3 +52,9 @@ def test_spin_blind_predict_ignores_foreign_spin_conventions(tmp_path):
     first, second = ase.io.read(tmp_path / "out.xyz", ":")
     np.testing.assert_array_equal(first.arrays["latent_charges"], second.arrays["latent_charges"])
 
+
+def test_training_a_spin_channel_model_needs_a_spin_key():
+    with pytest.raises(ValueError, match="--total-spin-key"):
+        TrainConfig(train="a.xyz", long_range_options={"spin_channel": True})
+    TrainConfig(train="a.xyz", long_range_options={"spin_channel": True}, multiplicity_key="mult")
+    TrainConfig(train="a.xyz")

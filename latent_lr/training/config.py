@@ -136,6 +136,11 @@ class TrainConfig:
             )
         if self.time_budget is not None:
             self.time_budget = parse_duration(self.time_budget)
+        if self.long_range and self.long_range_options.spin_channel and not (self.total_spin_key or self.multiplicity_key):
+            raise ValueError(
+                "spin_channel needs total_spin_key (--total-spin-key) or multiplicity_key (--multiplicity-key): "
+                "without one every training structure is read as 2S_z = 0; give the info key of the spins."
+            )
         if self.trainable_host_parameters and not self.freeze_host:
             raise ValueError("trainable_host_parameters (--trainable-host-parameters) needs freeze_host (--freeze-host).")
         self._check_recipe()
