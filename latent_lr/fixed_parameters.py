@@ -28,6 +28,7 @@ from .charges import ChargeHead
 from .long_range import LongRangeModule
 from .model import LongRangeModel
 from .qeq import QeqChargeHead
+from .spin_channel import SpinChargeHead
 
 
 def _inverse_softplus(value: float) -> float:
@@ -76,6 +77,11 @@ def fix_element_parameters(
         if charges is not None:
             if not isinstance(head, ChargeHead):
                 raise ValueError("charges= fixes latent charges; this module uses charge_model='qeq' (give electronegativity=/hardness=).")
+            if isinstance(head, SpinChargeHead):
+                raise ValueError(
+                    "charges= cannot fix the charges of a spin_channel module (its learned spin weights still move "
+                    "them); build the module with spin_channel=False."
+                )
             _zero_output_layer(head.mlp)
             _set_baseline(head.element_baseline, charges, "charges")
         if electronegativity is not None or hardness is not None:

@@ -243,3 +243,9 @@ def test_fixed_parameters_reject_bad_values():
         fix_element_parameters(fixed_module(), electronegativity={1: 0.0})
     with pytest.raises(ValueError, match="polarizability='one_step'"):
         fix_element_parameters(fixed_module(), polarizability={1: 1.0})
+
+
+def test_fixed_charges_are_refused_for_a_spin_channel_module():
+    """The spin channel's learned weights shift fixed raw charges (q ≠ the given value): refused, not silently wrong."""
+    with pytest.raises(ValueError, match="spin_channel"):
+        fix_element_parameters(fixed_module(spin_channel=True), charges={1: 0.5})
