@@ -50,7 +50,7 @@ mesh along a trajectory like the engine's :class:`~.electrostatics.EngineState`)
 Supported: fully periodic boxes, the latent charge head
 (:class:`~latent_lr.charges.ChargeHead`, any redistribution), backbones with
 :meth:`~latent_lr.backbone.Backbone.per_atom_energies` (built-in radial, MACE, NequIP, CHGNet, CACE), no
-polarisabilities, no external field (both refused with a one-line error).
+polarisabilities, no external field, no spin channel (each refused with a one-line error).
 The virial comes from a homogeneous strain of all positions (ghost images
 included) and of the cell, summed over the ranks' shares.
 """

@@ -43,8 +43,8 @@ PME or Ewald sum) (:func:`attach` sets ``comm_modify cutoff``), and the
 k-space sum is combined over LAMMPS's communicator (the PME mesh, or the
 Ewald structure factor below 300 atoms).  Limits there: fully periodic boxes,
 latent charges, backbones with per-atom energies (built-in radial, MACE,
-NequIP); an external field or latent polarisabilities are refused with a
-one-line error.
+NequIP, CHGNet, CACE); an external field, latent polarisabilities or the spin
+channel are refused with a one-line error.
 """
 
 from __future__ import annotations
