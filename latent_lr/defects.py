@@ -128,6 +128,11 @@ class FiniteSizeFit:
         """ε implied by the fitted 1/L coefficient b = −k_e q² α_M/(2ε)."""
         if self.powers[0] != 1:
             raise ValueError("the fit has no 1/L term: include power 1 in powers.")
+        if charge == 0 or not self.coefficients[0] < 0:
+            raise ValueError(
+                f"ε needs a charged cell (q = {charge:g} e) and a negative 1/L coefficient (fitted "
+                f"{self.coefficients[0]:.4g} eV·Å); b ≥ 0 means no screened monopole term (a conductor, ε = ∞)."
+            )
         return -COULOMB_CONSTANT * charge**2 * madelung / (2.0 * self.coefficients[0])
 
 

@@ -233,3 +233,9 @@ def test_bad_inputs_raise_clear_errors():
         madelung_constant(np.eye(2))
     with pytest.raises(ValueError, match="catastrophically"):
         clausius_mossotti_permittivity(1.0, 1.0)
+    lengths = np.array([6.0, 9.0, 12.0, 15.0])
+    overscreened = fit_finite_size(lengths, 2.0 / lengths + 1.0 / lengths**3)  # b > 0: no ε ≥ 1 gives it
+    with pytest.raises(ValueError, match="negative 1/L coefficient"):
+        overscreened.permittivity(1.0)
+    with pytest.raises(ValueError, match="charged cell"):
+        fit_finite_size(lengths, -2.0 / lengths).permittivity(0.0)
