@@ -13,7 +13,7 @@ from ase.calculators.calculator import all_changes
 from .data import AtomsBatch
 from .electrostatics import EngineState
 from .model import LongRangeModel
-from .spin import MULTIPLICITY_KEY, SPIN_KEY, total_spin
+from .spin import MULTIPLICITY_KEY, SPIN_KEY, spin_info_keys, total_spin
 
 
 class Calculator(AseCalculator):
@@ -94,7 +94,7 @@ class Calculator(AseCalculator):
             if self.spin is not None:
                 atoms.info.pop(MULTIPLICITY_KEY, None)
                 atoms.info[SPIN_KEY] = self.spin
-        spin_keys = (SPIN_KEY, MULTIPLICITY_KEY) if self.model.reads_spin else (None, None)
+        spin_keys = spin_info_keys(self.model.reads_spin)
         data = AtomsBatch.from_atoms(
             atoms, dtype=self.model.dtype, device=self.model.device, spin_key=spin_keys[0], multiplicity_key=spin_keys[1]
         )

@@ -58,3 +58,10 @@ def test_training_a_spin_channel_model_needs_a_spin_key():
         TrainConfig(train="a.xyz", long_range_options={"spin_channel": True})
     TrainConfig(train="a.xyz", long_range_options={"spin_channel": True}, multiplicity_key="mult")
     TrainConfig(train="a.xyz")
+
+
+def test_spin_blind_sign_convention_ignores_foreign_spin_conventions():
+    from latent_lr.sign_convention import apply_sign_convention
+
+    decision = apply_sign_convention(_model(spin_channel=False), [_water(spin=1), _water(spin=0.5)])
+    assert decision.rule
