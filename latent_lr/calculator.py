@@ -78,7 +78,8 @@ class Calculator(AseCalculator):
         """ASE's checks plus the net charge and external field held in ``atoms.info``."""
         changes = super().check_state(atoms, tol)
         if self.atoms is not None:
-            for key in ("charge", "external_field", SPIN_KEY, MULTIPLICITY_KEY):
+            spin_keys = [key for key in spin_info_keys(self.model.reads_spin) if key is not None]
+            for key in ("charge", "external_field", *spin_keys):
                 old, new = self.atoms.info.get(key, 0.0), atoms.info.get(key, 0.0)
                 if not np.array_equal(np.asarray(old, dtype=float), np.asarray(new, dtype=float)):
                     changes.append(f"info[{key!r}]")

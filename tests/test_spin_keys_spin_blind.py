@@ -30,11 +30,11 @@ def test_spin_blind_calculator_ignores_foreign_spin_conventions():
     model = _model(spin_channel=False)
     reference = _water()
     reference.calc = latent_lr.Calculator(model)
-    for info in ({"spin": 1}, {"spin": 0.5}, {"multiplicity": 2}):  # impossible as 2S_z / 2S+1 for 10 electrons
+    for info in ({"spin": 1}, {"spin": 0.5}, {"multiplicity": 2}, {"spin": "up"}):  # impossible as 2S_z / 2S+1 for 10 electrons
         atoms = _water(**info)
         atoms.calc = latent_lr.Calculator(model)
         assert atoms.get_potential_energy() == reference.get_potential_energy()
-        np.testing.assert_array_equal(atoms.get_forces(), reference.get_forces())
+        np.testing.assert_array_equal(atoms.get_forces(), reference.get_forces())  # a second call: check_state
 
 
 def test_spin_channel_calculator_still_checks_the_spin():
