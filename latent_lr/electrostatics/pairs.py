@@ -161,13 +161,13 @@ def periodic_pairs_within_cutoff(
 
 def concatenate_pair_lists(lists: list[PairList]) -> PairList:
     """One :class:`PairList` holding every pair of ``lists`` (each with shift vectors)."""
-    vectors = [p.shift_vectors for p in lists]
+    vectors = [p.shift_vectors for p in lists if p.shift_vectors is not None]
     return PairList(
         first=torch.cat([p.first for p in lists]),
         second=torch.cat([p.second for p in lists]),
         shifts=torch.cat([p.shifts for p in lists]),
         structure=torch.cat([p.structure for p in lists]),
-        shift_vectors=None if any(v is None for v in vectors) else torch.cat(vectors),  # type: ignore[misc]
+        shift_vectors=torch.cat(vectors) if len(vectors) == len(lists) else None,
     )
 
 
