@@ -30,6 +30,7 @@ from ..units import COULOMB_CONSTANT
 from .kernels import screened_pair_kernel, switched_real_space_kernel
 from .mesh import spme_reciprocal_energy
 from .mesh_parameters import MeshParameters, mesh_parameters
+from .pair_energy import switched_pair_energies
 from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
 from .parameters import EwaldParameters
 from .reciprocal import reciprocal_energy
@@ -191,19 +192,25 @@ def _pair_energy(
     energy = structures.positions.new_zeros(structures.n_structures)
     if pairs.first.numel() == 0:
         return energy
-    distance = pairs.vectors(structures.positions, structures.cell).norm(dim=1)
-    _check_overlap(distance, pairs)
+    vectors = pairs.vectors(structures.positions, structures.cell)
+    _check_overlap(vectors.detach().norm(dim=1), pairs)
     split = (
-        torch.zeros_like(distance) if alpha_split is None else alpha_split[pairs.structure]
+        vectors.new_zeros(len(vectors)) if alpha_split is None else alpha_split[pairs.structure]
     )
+    charges_first, charges_second = structures.charges[pairs.first], structures.charges[pairs.second]
     if switch is None:
-        kernel = screened_pair_kernel(distance, split, alpha_smear)
+        kernel = screened_pair_kernel(vectors.norm(dim=1), split, alpha_smear)
+        pair = charges_first * charges_second * kernel
     else:
-        r_switch, r_cut = switch
-        kernel = switched_real_space_kernel(
-            distance, split, alpha_smear, r_switch[pairs.structure], r_cut[pairs.structure]
-        )
-    pair = structures.charges[pairs.first] * structures.charges[pairs.second] * kernel
+        r_switch, r_cut = switch[0][pairs.structure], switch[1][pairs.structure]
+        constants = (split, r_switch, r_cut) + (() if alpha_smear is None else (alpha_smear,))
+        if any(c.requires_grad for c in constants):
+            kernel = switched_real_space_kernel(vectors.norm(dim=1), split, alpha_smear, r_switch, r_cut)
+            pair = charges_first * charges_second * kernel
+        else:
+            pair = switched_pair_energies(
+                vectors, charges_first, charges_second, split, alpha_smear, r_switch, r_cut
+            )
     return energy.index_add(0, pairs.structure, pair)
 
 
