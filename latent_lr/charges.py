@@ -123,6 +123,21 @@ class ChargeModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def outputs(
+        self,
+        features: torch.Tensor,
+        data: AtomsBatch,
+        smearing: torch.Tensor,
+        accuracy: float,
+        engine_state: Optional[EngineState] = None,
+        charge_sign: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """``charges`` and ``energy`` of :meth:`forward`, plus the by-products a model solves for with them
+        (``induced_dipoles`` (N, 3) e·Å, ``induced_moment`` (B, 3) e·Å, ``polarizabilities`` (N,) e·Å²/V
+        for :class:`~latent_lr.qeq_dipoles.QeqDipoleHead`)."""
+        charges, energy = self(features, data, smearing, accuracy, engine_state, charge_sign)
+        return {"charges": charges, "energy": energy}
+
 
 class ChargeHead(ChargeModel):
     """Per-atom latent charges q_i (e) from invariant features.

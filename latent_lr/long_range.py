@@ -15,9 +15,12 @@ from .electrostatics import EngineState
 from .polarizability import POLARIZABILITY_MODELS, PolarizabilityHead
 from .properties import dipole_moment, polarization, slab_dipole
 from .qeq import QeqChargeHead
+from .qeq_dipoles import QeqDipoleHead
 
 #: ``LongRangeConfig.charge_model`` -> charge model class.
-CHARGE_MODELS: dict[str, type[ChargeModel]] = {"latent": ChargeHead, "qeq": QeqChargeHead}
+CHARGE_MODELS: dict[str, type[ChargeModel]] = {
+    "latent": ChargeHead, "qeq": QeqChargeHead, "qeq_dipoles": QeqDipoleHead,
+}
 
 
 class LongRangeModule(nn.Module):
@@ -115,7 +118,10 @@ class LongRangeModule(nn.Module):
             induced dipoles; extra keys ``induction_energy`` (B,) eV,
             ``induced_dipoles`` (N, 3) e·Å, ``polarizabilities`` (N,) e·Å²/V and
             ``electric_field`` (N, 3) V/Å (latent charges' field plus the applied
-            field ``data.external_field``, zeros if None).
+            field ``data.external_field``, zeros if None).  With
+            ``charge_model="qeq_dipoles"`` the charge model's energy already contains
+            the dipoles' and the moments include them; extra keys ``induced_dipoles``
+            and ``polarizabilities``.
         """
         if features.ndim != 2 or features.shape[0] != data.positions.shape[0]:
             raise ValueError(
@@ -125,7 +131,8 @@ class LongRangeModule(nn.Module):
         features = features.to(data.positions.dtype)
         sigma = self.smearing.to(data.positions.dtype)
         state = self.engine_state if engine_state is None else engine_state
-        charges, energy = self.charge_head(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
+        solved = self.charge_head.outputs(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
+        charges, energy = solved.pop("charges"), solved.pop("energy")
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)
@@ -135,6 +142,9 @@ class LongRangeModule(nn.Module):
         polar = polarization(charges, data.positions, data.cell, data.batch)
         polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
         out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}
+        if "induced_moment" in solved:  # dipoles equilibrated with the charges
+            self._add_induced_moment(solved.pop("induced_moment"), data, out)
+            out.update(solved)
         if self.polarizability_head is not None:
             self._add_induction(features, charges, sigma, data, out, state)
         return out
@@ -146,13 +156,17 @@ class LongRangeModule(nn.Module):
         """Add the induced dipoles of the latent polarisabilities to ``out`` (in place)."""
         assert self.polarizability_head is not None
         induced = self.polarizability_head.induced_outputs(features, charges, sigma, data, self.accuracy, state)
-        moment = induced.pop("induced_moment")
+        out["energy"] = out["energy"] + induced["induction_energy"]
+        self._add_induced_moment(induced.pop("induced_moment"), data, out)
+        out.update(induced)
+
+    @staticmethod
+    def _add_induced_moment(moment: torch.Tensor, data: AtomsBatch, out: dict[str, torch.Tensor]) -> None:
+        """Add induced moments (B, 3) e·Å to ``dipole`` (open) or, per volume, to ``polarization`` (periodic)."""
         periodic = data.periodic
         volume = torch.linalg.det(data.cell).abs()
         volume = torch.where(periodic, volume, torch.ones_like(volume))
-        out["energy"] = out["energy"] + induced["induction_energy"]
         out["dipole"] = out["dipole"] + torch.where(periodic[:, None], torch.zeros_like(moment), moment)
         out["polarization"] = out["polarization"] + torch.where(
             periodic[:, None], moment / volume[:, None], torch.zeros_like(moment)
         )
-        out.update(induced)
