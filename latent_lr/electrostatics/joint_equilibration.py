@@ -53,7 +53,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .dipole_ewald import dipole_operator
+from .dipole_ewald import DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
 from .field import electric_field
 from .linear_solve import solve_spd
@@ -82,7 +82,7 @@ class _JointOperator:
             accuracy=geometry.accuracy, state=geometry.state,
         )
 
-    def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor):
+    def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> DipoleOperator:
         """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`)."""
         geometry = self.charges
         return dipole_operator(positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy)
