@@ -42,15 +42,9 @@ class QeqDipoleHead(ChargeModel):
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "QeqDipoleHead":
         return cls(feature_dim, config.hidden_dim, config.element_baseline, config.polarizability_width)
 
-    def outputs(
-        self,
-        features: torch.Tensor,
-        data: AtomsBatch,
-        smearing: torch.Tensor,
-        accuracy: float = 1e-6,
-        engine_state: Optional[EngineState] = None,
-        charge_sign: Optional[torch.Tensor] = None,
-    ) -> dict[str, torch.Tensor]:
+    def outputs(self, features: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float = 1e-6,
+                engine_state: Optional[EngineState] = None, charge_sign: Optional[torch.Tensor] = None
+                ) -> dict[str, torch.Tensor]:
         """``charges`` (N,) e, ``energy`` (B,) eV (without −(Σ q r)·E_ext, which the model adds),
         ``induced_dipoles`` (N, 3) e·Å, ``induced_moment`` (B, 3) e·Å and ``polarizabilities`` (N,) e·Å²/V.
 
@@ -71,16 +65,3 @@ class QeqDipoleHead(ChargeModel):
             "induced_moment": per_structure(dipoles, data.batch, data.n_structures),
             "polarizabilities": alpha,
         }
-
-    def forward(
-        self,
-        features: torch.Tensor,
-        data: AtomsBatch,
-        smearing: torch.Tensor,
-        accuracy: float = 1e-6,
-        engine_state: Optional[EngineState] = None,
-        charge_sign: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(charges (N,) e, energy (B,) eV); see :meth:`outputs`."""
-        out = self.outputs(features, data, smearing, accuracy, engine_state, charge_sign)
-        return out["charges"], out["energy"]

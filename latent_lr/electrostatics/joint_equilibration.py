@@ -57,7 +57,7 @@ from .dipole_ewald import DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
 from .field import electric_field
 from .linear_solve import solve_spd
-from .qeq import _Geometry, gaussian_self_hardness
+from .qeq import _charge_gradient, _Geometry, gaussian_self_hardness
 from .state import EngineState
 
 
@@ -98,7 +98,7 @@ class _JointOperator:
         with torch.enable_grad():
             charges = q if q.requires_grad else q.detach().requires_grad_()
             field = self.field(positions, charges, cell, smearing)
-            potential = _gradient((field * p).sum(), charges, create_graph=build)  # Gᵀp
+            potential = _charge_gradient((field * p).sum(), charges, create_graph=build)  # Gᵀp
         charge_rows = self.charges(q, positions, cell, smearing, hardness) - potential
         dipole_rows = x - scale[:, None] * (field + self.dipoles(positions, cell, smearing).apply(p))
         return torch.cat([charge_rows[:, None], dipole_rows], dim=1)
@@ -120,7 +120,7 @@ class _JointOperator:
             field = self.field(positions, reference, cell, smearing)
             probe = torch.zeros_like(field).requires_grad_()
             coupled = field.requires_grad
-            adjoint = _gradient((field * probe).sum(), reference, create_graph=True) if coupled else None
+            adjoint = _charge_gradient((field * probe).sum(), reference, create_graph=True) if coupled else None
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             q, x = v[:, 0], v[:, 1:]
@@ -137,22 +137,11 @@ class _JointOperator:
         return apply
 
 
-def _gradient(value: torch.Tensor, wrt: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """∂value/∂wrt, zeros where ``value`` does not depend on ``wrt`` (no pairs at all)."""
-    if not value.requires_grad:
-        return torch.zeros_like(wrt)
-    (gradient,) = torch.autograd.grad(value, wrt, create_graph=create_graph, allow_unused=True)
-    return torch.zeros_like(wrt) if gradient is None else gradient
-
-
 def equilibrate_charges_and_dipoles(
     electronegativity: torch.Tensor,
     hardness: torch.Tensor,
     polarizability: torch.Tensor,
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    pbc: torch.Tensor,
-    batch: torch.Tensor,
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor,
     total_charge: torch.Tensor,
     smearing: torch.Tensor,
     external_field: Optional[torch.Tensor] = None,
