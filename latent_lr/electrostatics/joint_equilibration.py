@@ -14,10 +14,13 @@ a = 1/(√2σ)), self-energies of the charges included::
 
     E_elec = E_coul(q) + ½ k_e √(2/π)/σ Σ q_i² − Σ_i p_i·F_i(q) − ½ Σ_{i≠j} p_iᵀ T_ij p_j,
 
-where F(q) is the field of the charges (:func:`.field.electric_field`, the
-engine's own derivative) and T the Gaussian-damped dipole tensor
-(:mod:`.dipole_tensor`, :mod:`.dipole_ewald`).  Periodic structures use the
-engine's tin-foil Ewald sums for all three terms.  Slabs raise
+where F(q) = G q is the field of the charges and T the Gaussian-damped dipole
+tensor (:mod:`.dipole_tensor`, :mod:`.dipole_ewald`).  G is built from T's pair
+tensors and k-vectors (:class:`_ChargeDipoleCoupling`), so it is the gradient of
+the same sums of which −T is the Hessian: for open boundaries and Ewald it equals
+:func:`.field.electric_field` to round-off; where the engine switches to PME
+(``method="auto"``, large cells) E_coul and G differ at the engine accuracy.
+Periodic structures use tin-foil sums for all three terms.  Slabs raise
 :class:`NotImplementedError` (the dipole tensor has no slab form here).
 
 The unknowns are solved for together: with S = diag √α and p = S x, the
@@ -55,10 +58,56 @@ import torch
 
 from .dipole_ewald import DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
-from .field import electric_field
 from .linear_solve import solve_spd
-from .qeq import _charge_gradient, _Geometry, gaussian_self_hardness
+from .qeq import _Geometry, gaussian_self_hardness
 from .state import EngineState
+
+
+class _ChargeDipoleCoupling:
+    """The charge-to-field matrix G (F = G q, V/Å per e) and its transpose, from the dipole tensor's sums.
+
+    The field of a Gaussian charge is −k_e ∇ψ, whose radial factor k_e ψ'(r)/r is the
+    transverse eigenvalue of the pair tensor k_e ∇∇ψ = k_e[(ψ'/r) I + (ψ'' − ψ'/r) R̂R̂ᵀ]:
+    ½(tr T_p − R̂ᵀT_pR̂).  So G uses the pairs, tensors and k-vectors of
+    :class:`.dipole_ewald.DipoleOperator` (open pairs, periodic real-space pairs with
+    images, tin-foil reciprocal sum with the engine's Ewald parameters): it is the
+    gradient of the same Ewald energy of which −T is the Hessian.
+    """
+
+    def __init__(self, operator: DipoleOperator, positions: torch.Tensor, cell: torch.Tensor):
+        self.operator = operator
+        vectors = operator.pairs.vectors(positions, cell)  # r_second − r_first (+ image shift)
+        along = torch.einsum("pa,pab,pb->p", vectors, operator.tensors, vectors) / (vectors * vectors).sum(1)
+        transverse = 0.5 * (torch.einsum("paa->p", operator.tensors) - along)
+        self.pair_field = transverse[:, None] * vectors  # field at `first` of a unit charge at `second`
+
+    def field(self, charges: torch.Tensor) -> torch.Tensor:
+        """(N, 3) field G q of charges (N,) e at every atom, V/Å (own charge excluded)."""
+        pairs, pair_field = self.operator.pairs, self.pair_field
+        field = charges.new_zeros(charges.shape[0], 3)
+        field = field.index_add(0, pairs.first, pair_field * charges[pairs.second, None])
+        field = field.index_add(0, pairs.second, -pair_field * charges[pairs.first, None])
+        for g in self.operator.groups:
+            padded = charges[g.atoms] * g.mask  # (R, S)
+            cos_sum = (padded[:, :, None] * g.cos).sum(1) * g.weight  # (R, K)
+            sin_sum = (padded[:, :, None] * g.sin).sum(1) * g.weight
+            amplitude = g.sin * cos_sum[:, None, :] - g.cos * sin_sum[:, None, :]  # (R, S, K)
+            field = field.index_add(0, g.atoms[g.mask], torch.bmm(amplitude, g.k_vectors)[g.mask])
+        return field
+
+    def potential(self, dipoles: torch.Tensor) -> torch.Tensor:
+        """(N,) Gᵀp: the potential of dipoles (N, 3) e·Å at every atom, V (own dipole excluded)."""
+        pairs, pair_field = self.operator.pairs, self.pair_field
+        potential = dipoles.new_zeros(dipoles.shape[0])
+        potential = potential.index_add(0, pairs.second, (pair_field * dipoles[pairs.first]).sum(1))
+        potential = potential.index_add(0, pairs.first, -(pair_field * dipoles[pairs.second]).sum(1))
+        for g in self.operator.groups:
+            kp = torch.bmm(dipoles[g.atoms] * g.mask[..., None], g.k_vectors.transpose(1, 2))  # (R, S, K)
+            sin_sum = (kp * g.sin).sum(1) * g.weight  # (R, K)
+            cos_sum = (kp * g.cos).sum(1) * g.weight
+            amplitude = (g.cos * sin_sum[:, None, :] - g.sin * cos_sum[:, None, :]).sum(2)  # (R, S)
+            potential = potential.index_add(0, g.atoms[g.mask], amplitude[g.mask])
+        return potential
 
 
 class _JointOperator:
@@ -74,14 +123,6 @@ class _JointOperator:
         self.charges = _Geometry(pbc, batch, n_structures, accuracy, state)
         self.periodic = pbc.all(dim=1)
 
-    def field(self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> torch.Tensor:
-        """(N, 3) field of the charges, V/Å, with a graph to ``charges``."""
-        geometry = self.charges
-        return electric_field(
-            positions, charges, cell=cell, pbc=geometry.pbc, batch=geometry.batch, smearing=smearing,
-            accuracy=geometry.accuracy, state=geometry.state,
-        )
-
     def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> DipoleOperator:
         """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`)."""
         geometry = self.charges
@@ -92,47 +133,33 @@ class _JointOperator:
         hardness: torch.Tensor, scale: torch.Tensor,
     ) -> torch.Tensor:
         """H v, (N, 4): charge rows eV/e, dipole rows in the scaled units; differentiable in all tensors."""
+        operator = self.dipoles(positions, cell, smearing)
+        return self._product(v, self.charges(v[:, 0], positions, cell, smearing, hardness), operator, positions, cell, scale)
+
+    @staticmethod
+    def _product(
+        v: torch.Tensor, charge_product: torch.Tensor, operator: DipoleOperator, positions: torch.Tensor,
+        cell: torch.Tensor, scale: torch.Tensor, coupling: Optional[_ChargeDipoleCoupling] = None,
+    ) -> torch.Tensor:
+        """H v from the Coulomb product (J + K) q and the dipole tensor."""
+        coupling = _ChargeDipoleCoupling(operator, positions, cell) if coupling is None else coupling
         q, x = v[:, 0], v[:, 1:]
         p = scale[:, None] * x
-        build = torch.is_grad_enabled() and any(t.requires_grad for t in (v, positions, cell, smearing, scale))
-        with torch.enable_grad():
-            charges = q if q.requires_grad else q.detach().requires_grad_()
-            field = self.field(positions, charges, cell, smearing)
-            potential = _charge_gradient((field * p).sum(), charges, create_graph=build)  # Gᵀp
-        charge_rows = self.charges(q, positions, cell, smearing, hardness) - potential
-        dipole_rows = x - scale[:, None] * (field + self.dipoles(positions, cell, smearing).apply(p))
+        charge_rows = charge_product - coupling.potential(p)
+        dipole_rows = x - scale[:, None] * (coupling.field(q) + operator.apply(p))
         return torch.cat([charge_rows[:, None], dipole_rows], dim=1)
 
     def frozen(
         self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,
         scale: torch.Tensor,
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v ↦ H v at fixed geometry: every graph is built once and reused by each CG iteration.
-
-        F(q) = G q is linear in q, so the field of unit charges keeps a graph whose
-        vector-Jacobian product with p is Gᵀp; the product of that (linear in a
-        probe w) with q, taken with respect to w, is G q.
-        """
+        """v ↦ H v at fixed geometry: the Coulomb graph, pair tensors and k-vectors are built once."""
         charge_apply = self.charges.frozen(positions, cell, smearing, hardness)
         operator = self.dipoles(positions, cell, smearing)
-        reference = torch.ones_like(hardness).requires_grad_()
-        with torch.enable_grad():
-            field = self.field(positions, reference, cell, smearing)
-            probe = torch.zeros_like(field).requires_grad_()
-            coupled = field.requires_grad
-            adjoint = _charge_gradient((field * probe).sum(), reference, create_graph=True) if coupled else None
+        coupling = _ChargeDipoleCoupling(operator, positions, cell)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
-            q, x = v[:, 0], v[:, 1:]
-            p = scale[:, None] * x
-            potential, charge_field = torch.zeros_like(q), torch.zeros_like(x)
-            if coupled and adjoint is not None and adjoint.requires_grad:
-                with torch.enable_grad():
-                    (potential,) = torch.autograd.grad(field, reference, grad_outputs=p, retain_graph=True)
-                    (charge_field,) = torch.autograd.grad(adjoint, probe, grad_outputs=q, retain_graph=True)
-            charge_rows = charge_apply(q) - potential
-            dipole_rows = x - scale[:, None] * (charge_field + operator.apply(p))
-            return torch.cat([charge_rows[:, None], dipole_rows], dim=1)
+            return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
 
         return apply
 
