@@ -272,3 +272,23 @@ def test_slabs_and_a_second_polarisability_model_are_clear_errors(joint_model):
     chi, hardness, alpha, positions = random_problem(3, seed=6)
     with pytest.raises(ValueError, match="polarisabilities must lie"):
         solve(chi, hardness, alpha * 10, positions, *open_geometry(3), [0.0], None)
+
+
+def test_a_mixed_open_and_periodic_batch_equals_its_structures_solved_alone():
+    chi_s, hardness_s, alpha_s, (positions_s, cell_s, _, _) = salt_problem(seed=7)
+    chi_m, hardness_m, alpha_m, positions_m = random_problem(5, seed=8)
+    n_s, n_m = len(chi_s), len(chi_m)
+    cell = torch.cat([torch.zeros(1, 3, 3, dtype=torch.float64), cell_s])
+    pbc = torch.tensor([[False] * 3, [True] * 3])
+    batch = torch.cat([torch.zeros(n_m, dtype=torch.long), torch.ones(n_s, dtype=torch.long)])
+    fields = torch.tensor(np.stack([FIELD, -2 * FIELD]))
+    together = solve(
+        np.concatenate([chi_m, chi_s]), np.concatenate([hardness_m, hardness_s]), np.concatenate([alpha_m, alpha_s]),
+        torch.cat([torch.tensor(positions_m), positions_s]), cell, pbc, batch, [0.5, -1.0], fields,
+    )
+    alone_m = solve(chi_m, hardness_m, alpha_m, positions_m, *open_geometry(n_m), [0.5], fields[:1])
+    alone_s = solve(
+        chi_s, hardness_s, alpha_s, positions_s, cell_s, pbc[1:], torch.zeros(n_s, dtype=torch.long), [-1.0], fields[1:]
+    )
+    for joint, first, second in zip(together, alone_m, alone_s):
+        torch.testing.assert_close(joint, torch.cat([first, second]), atol=1e-10, rtol=0)
