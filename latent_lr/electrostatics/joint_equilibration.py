@@ -87,12 +87,12 @@ class _ChargeDipoleCoupling:
         field = charges.new_zeros(charges.shape[0], 3)
         field = field.index_add(0, pairs.first, pair_field * charges[pairs.second, None])
         field = field.index_add(0, pairs.second, -pair_field * charges[pairs.first, None])
-        for g in self.operator.groups:
-            padded = charges[g.atoms] * g.mask  # (R, S)
-            cos_sum = (padded[:, :, None] * g.cos).sum(1) * g.weight  # (R, K)
-            sin_sum = (padded[:, :, None] * g.sin).sum(1) * g.weight
-            amplitude = g.sin * cos_sum[:, None, :] - g.cos * sin_sum[:, None, :]  # (R, S, K)
-            field = field.index_add(0, g.atoms[g.mask], torch.bmm(amplitude, g.k_vectors)[g.mask])
+        for g in self.operator.groups:  # F_i = Σ_k W(k) k [sin(k·r_i) C(k) − cos(k·r_i) S(k)]
+            padded = (charges[g.atoms] * g.mask)[:, None, :]  # (R, 1, S)
+            cos_sum = torch.bmm(padded, g.cos).transpose(1, 2) * g.weight[..., None]  # (R, K, 1)
+            sin_sum = torch.bmm(padded, g.sin).transpose(1, 2) * g.weight[..., None]
+            group_field = torch.bmm(g.sin, cos_sum * g.k_vectors) - torch.bmm(g.cos, sin_sum * g.k_vectors)
+            field = field.index_add(0, g.atoms[g.mask], group_field[g.mask])
         return field
 
     def potential(self, dipoles: torch.Tensor) -> torch.Tensor:
@@ -101,12 +101,13 @@ class _ChargeDipoleCoupling:
         potential = dipoles.new_zeros(dipoles.shape[0])
         potential = potential.index_add(0, pairs.second, (pair_field * dipoles[pairs.first]).sum(1))
         potential = potential.index_add(0, pairs.first, -(pair_field * dipoles[pairs.second]).sum(1))
-        for g in self.operator.groups:
-            kp = torch.bmm(dipoles[g.atoms] * g.mask[..., None], g.k_vectors.transpose(1, 2))  # (R, S, K)
-            sin_sum = (kp * g.sin).sum(1) * g.weight  # (R, K)
-            cos_sum = (kp * g.cos).sum(1) * g.weight
-            amplitude = (g.cos * sin_sum[:, None, :] - g.sin * cos_sum[:, None, :]).sum(2)  # (R, S)
-            potential = potential.index_add(0, g.atoms[g.mask], amplitude[g.mask])
+        for g in self.operator.groups:  # φ_j = Σ_k W(k) [cos(k·r_j) A(k) − sin(k·r_j) B(k)]
+            padded = dipoles[g.atoms] * g.mask[..., None]  # (R, S, 3)
+            sin_sum = (torch.bmm(g.sin.transpose(1, 2), padded) * g.k_vectors).sum(-1, keepdim=True)  # A: (R, K, 1)
+            cos_sum = (torch.bmm(g.cos.transpose(1, 2), padded) * g.k_vectors).sum(-1, keepdim=True)  # B
+            weight = g.weight[..., None]
+            group_potential = (torch.bmm(g.cos, weight * sin_sum) - torch.bmm(g.sin, weight * cos_sum))[..., 0]
+            potential = potential.index_add(0, g.atoms[g.mask], group_potential[g.mask])
         return potential
 
 
