@@ -11,7 +11,8 @@ in for the host's), energy + forces by autograd, float64, medians of
   atoms, PME above): plain, Qeq (CG), one-step polarisation;
 * open clusters (the same boxes without periodicity; direct O(N²) pair sums):
   plain, Qeq (CG), one-step and self-consistent polarisation (CG; open
-  structures only).
+  structures only), joint charge-dipole equilibration (``qeq_dipoles``, CG, open
+  and periodic).
 
 Ratios are to the plain latent-charge model in the same geometry.  CG
 iteration counts are not printed; the cost ratio is what a user pays.
@@ -35,6 +36,7 @@ VARIANTS = {
     "qeq-cg": dict(charge_model="qeq", qeq_solver="cg"),
     "pol-1step": dict(polarizability="one_step"),
     "pol-scf": dict(polarizability="self_consistent", polarizability_solver="cg"),
+    "qeq-dipoles": dict(charge_model="qeq_dipoles"),
 }
 
 
@@ -57,13 +59,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accuracy", type=float, default=1e-4)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="models to time ('plain' is always timed first: the ratios refer to it)")
     parser.add_argument("--open-max-atoms", type=int, default=3000, help="largest open cluster (direct sums are O(N²))")
     args = parser.parse_args()
+    variants = {name: VARIANTS[name] for name in VARIANTS if name == "plain" or name in args.variants}
     torch.set_num_threads(args.threads)
     dtype = torch.float64
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, engine accuracy {args.accuracy:g}; "
           "energy + forces, ms (ratio to plain)")
-    print(f"{'geometry':<9}{'N':>7} " + "".join(f"{name:>20}" for name in VARIANTS))
+    print(f"{'geometry':<9}{'N':>7} " + "".join(f"{name:>20}" for name in variants))
     for periodic in (True, False):
         for n_atoms in args.sizes:
             if not periodic and n_atoms > args.open_max_atoms:
@@ -72,7 +77,7 @@ def main() -> None:
             generator = torch.Generator().manual_seed(0)
             features = torch.randn(data.positions.shape[0], FEATURES, generator=generator, dtype=dtype)
             cells, plain = [], None
-            for name, options in VARIANTS.items():
+            for name, options in variants.items():
                 if periodic and name == "pol-scf":
                     cells.append(f"{'n/a':>20}")
                     continue

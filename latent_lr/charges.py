@@ -125,7 +125,20 @@ class ChargeModel(nn.Module):
         engine_state: Optional[EngineState] = None,
         charge_sign: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(charges, energy); a model overrides this or :meth:`outputs`."""
+        if type(self).outputs is ChargeModel.outputs:
+            raise NotImplementedError(f"{type(self).__name__} must override forward or outputs.")
+        out = self.outputs(features, data, smearing, accuracy, engine_state, charge_sign)
+        return out["charges"], out["energy"]
+
+    def outputs(self, features: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+                engine_state: Optional[EngineState] = None, charge_sign: Optional[torch.Tensor] = None
+                ) -> dict[str, torch.Tensor]:
+        """``charges`` and ``energy`` of :meth:`forward`, plus the by-products a model solves for with them
+        (``induced_dipoles`` (N, 3) e·Å, ``induced_moment`` (B, 3) e·Å, ``polarizabilities`` (N,) e·Å²/V
+        for :class:`~latent_lr.qeq_dipoles.QeqDipoleHead`)."""
+        charges, energy = self(features, data, smearing, accuracy, engine_state, charge_sign)
+        return {"charges": charges, "energy": energy}
 
 
 class ChargeHead(ChargeModel):

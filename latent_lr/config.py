@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-CHARGE_MODELS = ("latent", "qeq")
+CHARGE_MODELS = ("latent", "qeq", "qeq_dipoles")
 CHARGE_REDISTRIBUTIONS = ("learned", "uniform", "none")
 QEQ_SOLVERS = ("auto", "dense", "cg")
 POLARIZABILITY_MODES = ("none", "one_step", "self_consistent")
@@ -41,7 +41,10 @@ class LongRangeConfig:
     element_baseline: bool = _option(True, "add a learned per-element offset to the charges")
     accuracy: float = _option(1e-6, "relative accuracy requested from the Ewald/PME engine")
     charge_model: str = _option(
-        "latent", "latent: charges from an MLP; qeq: charge equilibration with learned χ and J", CHARGE_MODELS
+        "latent",
+        "latent: charges from an MLP; qeq: charge equilibration with learned χ and J; qeq_dipoles: charges "
+        "and induced dipoles (learned α) equilibrated together",
+        CHARGE_MODELS,
     )
     charge_redistribution: str = _option(
         "learned",
@@ -83,10 +86,15 @@ class LongRangeConfig:
             choices = f.metadata["choices"]
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}.")
-        if self.charge_model == "qeq" and self.charge_redistribution != "learned":
+        if self.charge_model != "latent" and self.charge_redistribution != "learned":
             raise ValueError(
                 f"charge_redistribution={self.charge_redistribution!r} applies to charge_model='latent' only; "
                 "Qeq imposes the total charge through its constraint. Leave charge_redistribution at its default."
+            )
+        if self.charge_model == "qeq_dipoles" and self.polarizability != "none":
+            raise ValueError(
+                f"charge_model='qeq_dipoles' solves its own induced dipoles; polarizability={self.polarizability!r} "
+                "would add a second set. Leave polarizability='none' (its width: polarizability_hidden_dim)."
             )
 
         if self.spin_channel and (self.charge_model != "latent" or self.charge_redistribution != "learned"):

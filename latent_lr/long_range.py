@@ -16,9 +16,12 @@ from .polarizability import POLARIZABILITY_MODELS, PolarizabilityHead
 from .properties import dipole_moment, polarization, slab_dipole
 from .qeq import QeqChargeHead
 from .spin_channel import SpinChargeHead
+from .qeq_dipoles import QeqDipoleHead
 
 #: ``LongRangeConfig.charge_model`` -> charge model class.
-CHARGE_MODELS: dict[str, type[ChargeModel]] = {"latent": ChargeHead, "qeq": QeqChargeHead}
+CHARGE_MODELS: dict[str, type[ChargeModel]] = {
+    "latent": ChargeHead, "qeq": QeqChargeHead, "qeq_dipoles": QeqDipoleHead,
+}
 
 
 class LongRangeModule(nn.Module):
@@ -120,6 +123,10 @@ class LongRangeModule(nn.Module):
             field ``data.external_field``, zeros if None).  With ``spin_channel`` on,
             ``energy`` includes the local spin energy; extra keys ``spins`` (N,) spin
             populations n↑ − n↓ summing to ``data.total_spin`` and ``spin_energy`` (B,) eV.
+            With
+            ``charge_model="qeq_dipoles"`` the charge model's energy already contains
+            the dipoles' and the moments include them; extra keys ``induced_dipoles``
+            and ``polarizabilities``.
         """
         if features.ndim != 2 or features.shape[0] != data.positions.shape[0]:
             raise ValueError(
@@ -131,10 +138,12 @@ class LongRangeModule(nn.Module):
         state = self.engine_state if engine_state is None else engine_state
         spin_outputs: dict[str, torch.Tensor] = {}
         if isinstance(self.charge_head, SpinChargeHead):
-            spin_outputs = self.charge_head.spin_resolved(features, data, sigma, self.accuracy, state, self.charge_sign)
-            charges, energy = spin_outputs.pop("charges"), spin_outputs.pop("energy")
+            solved = self.charge_head.spin_resolved(features, data, sigma, self.accuracy, state, self.charge_sign)
         else:
-            charges, energy = self.charge_head(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
+            solved = self.charge_head.outputs(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
+        charges, energy = solved.pop("charges"), solved.pop("energy")
+        if isinstance(self.charge_head, SpinChargeHead):
+            spin_outputs, solved = solved, {}
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)
@@ -144,6 +153,9 @@ class LongRangeModule(nn.Module):
         polar = polarization(charges, data.positions, data.cell, data.batch)
         polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
         out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar, **spin_outputs}
+        if "induced_moment" in solved:  # dipoles equilibrated with the charges
+            self._add_induced_moment(solved.pop("induced_moment"), data, out)
+            out.update(solved)
         if self.polarizability_head is not None:
             self._add_induction(features, charges, sigma, data, out, state)
         return out
@@ -155,13 +167,17 @@ class LongRangeModule(nn.Module):
         """Add the induced dipoles of the latent polarisabilities to ``out`` (in place)."""
         assert self.polarizability_head is not None
         induced = self.polarizability_head.induced_outputs(features, charges, sigma, data, self.accuracy, state)
-        moment = induced.pop("induced_moment")
+        out["energy"] = out["energy"] + induced["induction_energy"]
+        self._add_induced_moment(induced.pop("induced_moment"), data, out)
+        out.update(induced)
+
+    @staticmethod
+    def _add_induced_moment(moment: torch.Tensor, data: AtomsBatch, out: dict[str, torch.Tensor]) -> None:
+        """Add induced moments (B, 3) e·Å to ``dipole`` (open) or, per volume, to ``polarization`` (periodic)."""
         periodic = data.periodic
         volume = torch.linalg.det(data.cell).abs()
         volume = torch.where(periodic, volume, torch.ones_like(volume))
-        out["energy"] = out["energy"] + induced["induction_energy"]
         out["dipole"] = out["dipole"] + torch.where(periodic[:, None], torch.zeros_like(moment), moment)
         out["polarization"] = out["polarization"] + torch.where(
             periodic[:, None], moment / volume[:, None], torch.zeros_like(moment)
         )
-        out.update(induced)

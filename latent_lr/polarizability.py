@@ -43,7 +43,8 @@ charges are equilibrated *without* the induction energy (charges and dipoles
 are not solved jointly), so the energy is not stationary in q: forces and
 stress remain exact gradients and ``polarizability`` is still the exact
 derivative ∂μ/∂E_ext of the reported dipole, but that tensor need not be
-symmetric and the Maxwell relation holds only approximately.
+symmetric and the Maxwell relation holds only approximately; ``charge_model="qeq_dipoles"``
+(:mod:`latent_lr.qeq_dipoles`) solves charges and dipoles jointly instead.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def sign_fixed_by_data(model: LongRangeModel, structures: Sequence[Atoms]) -> Op
     """Why the structures themselves fix the sign (total charge the model uses, a field), or None."""
     assert model.long_range is not None
     config = model.long_range.config
-    uses_total_charge = config.charge_model == "qeq" or config.charge_redistribution != "none"
+    uses_total_charge = config.charge_model in ("qeq", "qeq_dipoles") or config.charge_redistribution != "none"
     charged = sum(abs(float(atoms.info.get("charge", 0.0))) > 0 for atoms in structures)
     if uses_total_charge and charged:
         return f"{charged} charged structure(s) with a total-charge input fix the sign"

@@ -6,7 +6,9 @@
 optionally imposes one linear equality per structure: the unknowns of each
 structure sum to a given total.  With the constraint the solution is the
 minimiser of ``½ xᵀHx − bᵀx`` subject to ``Σ_{i∈g} x_i = c_g``, i.e. of the KKT
-system ``H x + 1 μ_g = b``, ``1ᵀx_g = c_g``.
+system ``H x + 1 μ_g = b``, ``1ᵀx_g = c_g``.  With ``constrained`` the sum
+constraint applies only to some trailing components (e.g. the charge column of
+a joint charge-and-dipole unknown (N, 4)); the other components are free.
 
 Method: preconditioned conjugate gradients (Hestenes & Stiefel 1952) with one
 set of CG scalars per structure, so every structure converges independently
@@ -69,6 +71,7 @@ class _SolveSpec:
     batch: torch.Tensor
     n_groups: int
     diagonal: Optional[torch.Tensor]
+    constrained: Optional[torch.Tensor]
     rtol: float
     atol: float
     max_iter: int
@@ -87,6 +90,7 @@ def solve_spd(
     atol: float = 0.0,
     max_iter: int = DEFAULT_MAX_ITER,
     on_failure: str = "raise",
+    constrained: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Solve ``H x = b`` (optionally with ``Σ_{i∈g} x_i = total_g``) by batched CG.
 
@@ -112,6 +116,9 @@ def solve_spd(
         on_failure: ``"raise"`` (default) raises :class:`ConvergenceError` if a
             structure is not converged after ``max_iter`` iterations;
             ``"warn"`` emits a RuntimeWarning and returns the last iterate.
+        constrained: bool mask of shape ``rhs.shape[1:]``, the trailing
+            components that ``total`` constrains (None: all of them); the
+            entries of ``total`` outside the mask are ignored.
 
     Returns:
         x, (N, ...), with the dtype and device of ``rhs``.
@@ -147,6 +154,16 @@ def solve_spd(
         if not bool((diagonal > 0).all()):
             raise ValueError("diagonal (the Jacobi preconditioner) must be positive everywhere.")
         diagonal = diagonal.detach()
+    mask: Optional[torch.Tensor] = None
+    if constrained is not None:
+        if total is None:
+            raise ValueError("constrained selects components of the total constraint; pass total as well.")
+        if tuple(constrained.shape) != tuple(rhs.shape[1:]) or constrained.dtype != torch.bool:
+            raise ValueError(
+                f"constrained must be a bool mask of shape rhs.shape[1:] = {tuple(rhs.shape[1:])}, "
+                f"got {constrained.dtype} of shape {tuple(constrained.shape)}."
+            )
+        mask = constrained.to(device=rhs.device, dtype=rhs.dtype)
     for index, tensor in enumerate(operator_tensors):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"operator_tensors[{index}] is a {type(tensor).__name__}; pass tensors only.")
@@ -155,6 +172,7 @@ def solve_spd(
         batch=batch,
         n_groups=n_groups,
         diagonal=diagonal,
+        constrained=mask,
         rtol=DEFAULT_RTOL.get(rhs.dtype, 1e-6) if rtol is None else float(rtol),
         atol=float(atol),
         max_iter=int(max_iter),
@@ -216,7 +234,7 @@ class _ImplicitCorrection(torch.autograd.Function):
         if ctx.has_total and ctx.needs_input_grad[2]:
             remainder = grad_output - spec.matvec(adjoint, *operators)
             counts = torch.bincount(spec.batch, minlength=spec.n_groups).to(grad_output.dtype)
-            grad_total = _group_sum(remainder, spec) / counts.reshape(-1, *([1] * (grad_output.ndim - 1)))
+            grad_total = _constrained(_group_sum(remainder, spec) / counts.reshape(-1, *([1] * (grad_output.ndim - 1))), spec)
 
         needs = ctx.needs_input_grad[3:]
         grad_operators: list[Optional[torch.Tensor]] = [None] * len(operators)
@@ -242,6 +260,11 @@ def _group_sum(values: torch.Tensor, spec: _SolveSpec) -> torch.Tensor:
     return values.new_zeros(spec.n_groups, *values.shape[1:]).index_add(0, spec.batch, values)
 
 
+def _constrained(values: torch.Tensor, spec: _SolveSpec) -> torch.Tensor:
+    """``values`` (M, ...) with the components outside the constraint mask set to zero."""
+    return values if spec.constrained is None else values * spec.constrained
+
+
 def _group_dot(a: torch.Tensor, b: torch.Tensor, spec: _SolveSpec) -> torch.Tensor:
     """(N, ...), (N, ...) -> (B,) inner products per structure."""
     return a.new_zeros(spec.n_groups).index_add(0, spec.batch, (a * b).reshape(a.shape[0], -1).sum(1))
@@ -263,14 +286,14 @@ def _conjugate_gradients(
         scaled = inverse_diagonal * residual
         if inverse_weight is None:  # no total constraint
             return scaled
-        return scaled - inverse_diagonal * (_group_sum(scaled, spec) / inverse_weight)[spec.batch]
+        return scaled - inverse_diagonal * _constrained(_group_sum(scaled, spec) / inverse_weight, spec)[spec.batch]
 
     def project(residual: torch.Tensor) -> torch.Tensor:
         if total is None:
             return residual
         counts = torch.bincount(spec.batch, minlength=spec.n_groups).to(residual.dtype)
         mean = _group_sum(residual, spec) / counts.reshape(-1, *([1] * (residual.ndim - 1)))
-        return residual - mean[spec.batch]
+        return residual - _constrained(mean, spec)[spec.batch]
 
     def norm(residual: torch.Tensor) -> torch.Tensor:
         projected = project(residual)
@@ -278,7 +301,7 @@ def _conjugate_gradients(
 
     x = precondition(rhs)
     if total is not None and inverse_weight is not None:
-        x = x + inverse_diagonal * (total / inverse_weight)[spec.batch]
+        x = x + inverse_diagonal * _constrained(total / inverse_weight, spec)[spec.batch]
     # Only the projected residual matters (its component along 1 is absorbed by the
     # multiplier), so it is kept projected: r·z then has no round-off from that part.
     residual = project(rhs - apply(x))

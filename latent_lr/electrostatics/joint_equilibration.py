@@ -1,0 +1,242 @@
+"""Joint equilibration of charges and induced dipoles: one quadratic functional, one constrained solve.
+
+For each structure with total charge Q the charges q_i (e) and induced point
+dipoles p_i (e·Å) minimise::
+
+    E(q, p) = Σ χ_i q_i + ½ Σ J_i q_i² + Σ |p_i|²/(2α_i) + E_elec(q, p) − (Σ q_i r_i + Σ p_i)·E_ext,
+    subject to Σ_i q_i = Q,
+
+with χ (eV/e) the electronegativities, J > 0 (eV/e²) the hardnesses beyond the
+Gaussian self-energy, α ≥ 0 (e·Å²/V) the polarisabilities and E_ext (V/Å) a
+uniform applied field.  E_elec is the electrostatic energy of Gaussian charges
+and Gaussian dipoles of one width σ (the engine's pair kernel ψ(r) = erf(ar)/r,
+a = 1/(√2σ)), self-energies of the charges included::
+
+    E_elec = E_coul(q) + ½ k_e √(2/π)/σ Σ q_i² − Σ_i p_i·F_i(q) − ½ Σ_{i≠j} p_iᵀ T_ij p_j,
+
+where F(q) = G q is the field of the charges and T the Gaussian-damped dipole
+tensor (:mod:`.dipole_tensor`, :mod:`.dipole_ewald`).  G is built from T's pair
+tensors and k-vectors (:class:`_ChargeDipoleCoupling`), so it is the gradient of
+the same sums of which −T is the Hessian: for open boundaries and Ewald it equals
+:func:`.field.electric_field` to round-off; where the engine switches to PME
+(``method="auto"``, large cells) E_coul and G differ at the engine accuracy.
+Periodic structures use tin-foil sums for all three terms.  Slabs raise
+:class:`NotImplementedError` (the dipole tensor has no slab form here).
+
+The unknowns are solved for together: with S = diag √α and p = S x, the
+stationarity conditions are the KKT system of the symmetric matrix (N + 3N)::
+
+    H = [[diag(J) + K,  −G S        ],     b = [−χ + r·E_ext],
+         [−S Gᵀ,        I − S T S   ]],         [ S E_ext    ],
+
+K the Coulomb matrix of the Gaussian charges and G the charge-to-field matrix
+(F = G q).  E_elec is the energy of a smooth charge density, so the
+electrostatic block is positive semi-definite once the dipole self-energy
+½ c|p|² (c = k_e 4a³/(3√π)) is counted, and H is positive definite when J > 0
+and every α < 1/c (:func:`.dipole_tensor.catastrophe_free_polarizability`).
+The scaled unknown x makes α = 0 exact (p = 0: plain Qeq).  H is applied
+matrix-free and the system solved by the shared batched CG
+(:func:`.linear_solve.solve_spd`, constraint on the charge column only,
+implicit first and second derivatives).
+
+Special cases: α → 0 gives Qeq (:mod:`.qeq`); J → ∞ with χ = −J q⁰ fixes the
+charges at q⁰ and gives the self-consistent induced dipoles of q⁰
+(:func:`.induction.self_consistent_induction`).
+
+The returned energy is E(q*, p*) + (Σ q_i* r_i)·E_ext, i.e. without the charges'
+field term, which the model adds itself (as for Qeq); −Σ p_i·E_ext is
+included (as in the induction energy).  Because E is stationary at (q*, p*),
+μ = Σ q r + Σ p = −∂E/∂E_ext and the polarisability ∂μ/∂E_ext = −∂²E/∂E_ext²
+is symmetric positive semi-definite.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .dipole_ewald import DipoleOperator, dipole_operator
+from .dipole_tensor import catastrophe_free_polarizability
+from .linear_solve import solve_spd
+from .qeq import _Geometry, gaussian_self_hardness
+from .state import EngineState
+
+
+class _ChargeDipoleCoupling:
+    """The charge-to-field matrix G (F = G q, V/Å per e) and its transpose, from the dipole tensor's sums.
+
+    The field of a Gaussian charge is −k_e ∇ψ, whose radial factor k_e ψ'(r)/r is the
+    transverse eigenvalue of the pair tensor k_e ∇∇ψ = k_e[(ψ'/r) I + (ψ'' − ψ'/r) R̂R̂ᵀ]:
+    ½(tr T_p − R̂ᵀT_pR̂).  So G uses the pairs, tensors and k-vectors of
+    :class:`.dipole_ewald.DipoleOperator` (open pairs, periodic real-space pairs with
+    images, tin-foil reciprocal sum with the engine's Ewald parameters): it is the
+    gradient of the same Ewald energy of which −T is the Hessian.
+    """
+
+    def __init__(self, operator: DipoleOperator, positions: torch.Tensor, cell: torch.Tensor):
+        self.operator = operator
+        vectors = operator.pairs.vectors(positions, cell)  # r_second − r_first (+ image shift)
+        along = torch.einsum("pa,pab,pb->p", vectors, operator.tensors, vectors) / (vectors * vectors).sum(1)
+        transverse = 0.5 * (torch.einsum("paa->p", operator.tensors) - along)
+        self.pair_field = transverse[:, None] * vectors  # field at `first` of a unit charge at `second`
+
+    def field(self, charges: torch.Tensor) -> torch.Tensor:
+        """(N, 3) field G q of charges (N,) e at every atom, V/Å (own charge excluded)."""
+        pairs, pair_field = self.operator.pairs, self.pair_field
+        field = charges.new_zeros(charges.shape[0], 3)
+        field = field.index_add(0, pairs.first, pair_field * charges[pairs.second, None])
+        field = field.index_add(0, pairs.second, -pair_field * charges[pairs.first, None])
+        for g in self.operator.groups:  # F_i = Σ_k W(k) k [sin(k·r_i) C(k) − cos(k·r_i) S(k)]
+            padded = (charges[g.atoms] * g.mask)[:, None, :]  # (R, 1, S)
+            cos_sum = torch.bmm(padded, g.cos).transpose(1, 2) * g.weight[..., None]  # (R, K, 1)
+            sin_sum = torch.bmm(padded, g.sin).transpose(1, 2) * g.weight[..., None]
+            group_field = torch.bmm(g.sin, cos_sum * g.k_vectors) - torch.bmm(g.cos, sin_sum * g.k_vectors)
+            field = field.index_add(0, g.atoms[g.mask], group_field[g.mask])
+        return field
+
+    def potential(self, dipoles: torch.Tensor) -> torch.Tensor:
+        """(N,) Gᵀp: the potential of dipoles (N, 3) e·Å at every atom, V (own dipole excluded)."""
+        pairs, pair_field = self.operator.pairs, self.pair_field
+        potential = dipoles.new_zeros(dipoles.shape[0])
+        potential = potential.index_add(0, pairs.second, (pair_field * dipoles[pairs.first]).sum(1))
+        potential = potential.index_add(0, pairs.first, -(pair_field * dipoles[pairs.second]).sum(1))
+        for g in self.operator.groups:  # φ_j = Σ_k W(k) [cos(k·r_j) A(k) − sin(k·r_j) B(k)]
+            padded = dipoles[g.atoms] * g.mask[..., None]  # (R, S, 3)
+            sin_sum = (torch.bmm(g.sin.transpose(1, 2), padded) * g.k_vectors).sum(-1, keepdim=True)  # A: (R, K, 1)
+            cos_sum = (torch.bmm(g.cos.transpose(1, 2), padded) * g.k_vectors).sum(-1, keepdim=True)  # B
+            weight = g.weight[..., None]
+            group_potential = (torch.bmm(g.cos, weight * sin_sum) - torch.bmm(g.sin, weight * cos_sum))[..., 0]
+            potential = potential.index_add(0, g.atoms[g.mask], group_potential[g.mask])
+        return potential
+
+
+class _JointOperator:
+    """H of the scaled unknowns y = (q, x) packed as (N, 4), the matvec of :func:`solve_spd`.
+
+    Operator tensors: positions (N, 3) Å, cell (B, 3, 3) Å, σ (Å), J (N,) eV/e², √α (N,).
+    """
+
+    def __init__(
+        self, pbc: torch.Tensor, batch: torch.Tensor, n_structures: int, accuracy: float,
+        state: Optional[EngineState] = None,
+    ):
+        self.charges = _Geometry(pbc, batch, n_structures, accuracy, state)
+        self.periodic = pbc.all(dim=1)
+
+    def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> DipoleOperator:
+        """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`)."""
+        geometry = self.charges
+        return dipole_operator(positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy)
+
+    def __call__(
+        self, v: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
+        hardness: torch.Tensor, scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """H v, (N, 4): charge rows eV/e, dipole rows in the scaled units; differentiable in all tensors."""
+        operator = self.dipoles(positions, cell, smearing)
+        return self._product(v, self.charges(v[:, 0], positions, cell, smearing, hardness), operator, positions, cell, scale)
+
+    @staticmethod
+    def _product(
+        v: torch.Tensor, charge_product: torch.Tensor, operator: DipoleOperator, positions: torch.Tensor,
+        cell: torch.Tensor, scale: torch.Tensor, coupling: Optional[_ChargeDipoleCoupling] = None,
+    ) -> torch.Tensor:
+        """H v from the Coulomb product (J + K) q and the dipole tensor."""
+        coupling = _ChargeDipoleCoupling(operator, positions, cell) if coupling is None else coupling
+        q, x = v[:, 0], v[:, 1:]
+        p = scale[:, None] * x
+        charge_rows = charge_product - coupling.potential(p)
+        dipole_rows = x - scale[:, None] * (coupling.field(q) + operator.apply(p))
+        return torch.cat([charge_rows[:, None], dipole_rows], dim=1)
+
+    def frozen(
+        self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v ↦ H v at fixed geometry: the Coulomb graph, pair tensors and k-vectors are built once."""
+        charge_apply = self.charges.frozen(positions, cell, smearing, hardness)
+        operator = self.dipoles(positions, cell, smearing)
+        coupling = _ChargeDipoleCoupling(operator, positions, cell)
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
+
+        return apply
+
+
+def equilibrate_charges_and_dipoles(
+    electronegativity: torch.Tensor,
+    hardness: torch.Tensor,
+    polarizability: torch.Tensor,
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor,
+    total_charge: torch.Tensor,
+    smearing: torch.Tensor,
+    external_field: Optional[torch.Tensor] = None,
+    *,
+    accuracy: float = 1e-6,
+    rtol: Optional[float] = None,
+    max_iter: int = 1000,
+    state: Optional[EngineState] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q*, p*) = argmin E(q, p) subject to Σ_{i∈b} q_i = Q_b, and the energy (module docstring).
+
+    Args:
+        electronegativity: χ (N,) eV/e, without the field shift (the field is ``external_field``).
+        hardness: J (N,) eV/e², > 0.
+        polarizability: α (N,) e·Å²/V, 0 ≤ α < 1/c (below :func:`catastrophe_free_polarizability`).
+        positions: (N, 3) Å; cell: (B, 3, 3) Å; pbc: (B, 3) bool, each structure open or fully
+            periodic; batch: (N,) sorted structure index.
+        total_charge: Q (B,) e.
+        smearing: σ (scalar tensor), Å, > 0.
+        external_field: E_ext (B, 3) V/Å or None (no field).
+        accuracy: Ewald accuracy of the engine and of the periodic dipole tensor.
+        rtol, max_iter: CG tolerance and iteration cap (:func:`solve_spd`).
+        state: the run's :class:`~.state.EngineState` for the engine calls.
+
+    Returns:
+        charges (N,) e, induced dipoles (N, 3) e·Å and energies (B,) eV,
+        E(q*, p*) + (Σ q_i* r_i)·E_ext.  Differentiable (first and second
+        derivatives) in χ, J, α, positions, cell, σ, Q and E_ext.
+
+    Raises:
+        ValueError: J ≤ 0, α outside [0, 1/c), σ ≤ 0.
+        NotImplementedError: a slab or other partly periodic structure.
+    """
+    smearing = torch.as_tensor(smearing, dtype=positions.dtype, device=positions.device)
+    if not float(smearing.detach()) > 0:
+        raise ValueError(f"joint charge-dipole equilibration needs Gaussian charges: smearing must be > 0 Å, got {float(smearing)}.")
+    if not bool((hardness > 0).all()):
+        raise ValueError("hardness J must be > 0 eV/e² for every atom (the energy must be convex).")
+    bound = float(catastrophe_free_polarizability(smearing.detach()))
+    if not bool(((polarizability >= 0) & (polarizability < bound)).all()):
+        raise ValueError(
+            f"polarisabilities must lie in [0, {bound:.4g}) e·Å²/V (below 1/c at σ = {float(smearing):.3g} Å, "
+            "or the dipoles diverge); lower α or raise the smearing."
+        )
+    partial = pbc.any(dim=1) & ~pbc.all(dim=1)
+    if bool(partial.any()):
+        raise NotImplementedError(
+            "joint charge-dipole equilibration supports open and fully periodic structures; the dipole tensor "
+            "has no slab (partly periodic) form yet. Use charge_model='qeq' with polarizability='one_step' for slabs."
+        )
+    n_structures = cell.shape[0]
+    scale = polarizability.clamp_min(1e-30).sqrt()  # finite gradients at α = 0
+    operator = _JointOperator(pbc, batch, n_structures, accuracy, state)
+    field = positions.new_zeros(n_structures, 3) if external_field is None else external_field.to(positions.dtype)
+    atom_field = field[batch]
+    rhs = torch.cat([(-electronegativity + (positions * atom_field).sum(1))[:, None], scale[:, None] * atom_field], 1)
+    diagonal = torch.cat([(hardness + gaussian_self_hardness(smearing))[:, None], torch.ones_like(atom_field)], 1)
+    total = torch.cat([total_charge.to(positions.dtype)[:, None], positions.new_zeros(n_structures, 3)], 1)
+    constrained = torch.tensor([True, False, False, False], device=positions.device)
+    operators = (positions, cell, smearing, hardness, scale)
+    solution = solve_spd(
+        operator, rhs, operators, batch=batch, total=total, diagonal=diagonal.detach(), rtol=rtol,
+        max_iter=max_iter, constrained=constrained,
+    )
+    # Variational form ½ yᵀHy − bᵀy: solver errors enter the energy at second order only.
+    atom_energy = (solution * (0.5 * operator(solution, *operators) - rhs)).sum(1)
+    charges = solution[:, 0]
+    atom_energy = atom_energy + charges * (positions * atom_field).sum(1)
+    energy = positions.new_zeros(n_structures).index_add(0, batch, atom_energy)
+    return charges, scale[:, None] * solution[:, 1:], energy
