@@ -60,6 +60,11 @@ class LongRangeConfig:
     polarizability_hidden_dim: Optional[int] = _option(
         None, "hidden width of the polarisability MLP (default: hidden_dim // 2)"
     )
+    # Issue 15 item 5: fast solvers
+    solver_warm_start: bool = _option(
+        True, "start the Qeq and self-consistent-dipole CG solves from the last solution of the same structure "
+        "(same atomic numbers) kept in the run's engine state; results change only within the CG tolerance"
+    )
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "polarizability_hidden_dim"):

@@ -105,9 +105,11 @@ class PolarizabilityHead(nn.Module):
         return cls(feature_dim, config.polarizability_width, config.element_baseline)
 
     def induce(
-        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Induced dipoles (N, 3) e·Å and induction energies (B,) eV for polarisabilities α and field E⁰."""
+        """Induced dipoles (N, 3) e·Å and induction energies (B,) eV for polarisabilities α and field E⁰
+        (``engine_state``: the run's state, for warm starts of iterative solves)."""
         raise NotImplementedError
 
     def cap(self, smearing: torch.Tensor) -> Optional[torch.Tensor]:
@@ -140,7 +142,7 @@ class PolarizabilityHead(nn.Module):
         )
         if data.external_field is not None:
             field = field + data.external_field.to(field.dtype)[data.batch]
-        induced, energy = self.induce(alpha, field, data, smearing, accuracy)
+        induced, energy = self.induce(alpha, field, data, smearing, accuracy, engine_state)
         return {
             "induction_energy": energy,
             "induced_dipoles": induced,
@@ -154,7 +156,8 @@ class OneStepPolarizability(PolarizabilityHead):
     """p_i = α_i E⁰_i, U = -½ Σ α_i |E⁰_i|² (no dipole-dipole coupling); open, periodic and slabs."""
 
     def induce(
-        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return one_step_induction(alpha, field, data.batch, data.n_structures)
 
@@ -162,18 +165,26 @@ class OneStepPolarizability(PolarizabilityHead):
 class SelfConsistentPolarizability(PolarizabilityHead):
     """p = α (E⁰ + T p), variational energy; open and fully periodic structures.
 
-    Args: as :class:`PolarizabilityHead`, plus ``solver`` (``"cg"`` or ``"dense"``).
+    Args: as :class:`PolarizabilityHead`, plus ``solver`` (``"cg"`` or ``"dense"``) and
+    ``warm_start`` (start CG from the engine state's last dipoles of the same structure identity).
     """
 
-    def __init__(self, feature_dim: int, hidden_dim: int = 16, element_baseline: bool = True, solver: str = "cg"):
+    def __init__(
+        self, feature_dim: int, hidden_dim: int = 16, element_baseline: bool = True, solver: str = "cg",
+        warm_start: bool = True,
+    ):
         super().__init__(feature_dim, hidden_dim, element_baseline)
         if solver not in SOLVERS:
             raise ValueError(f"polarizability_solver must be one of {SOLVERS}, got {solver!r}.")
         self.solver = solver
+        self.warm_start = bool(warm_start)
 
     @classmethod
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "SelfConsistentPolarizability":
-        return cls(feature_dim, config.polarizability_width, config.element_baseline, config.polarizability_solver)
+        return cls(
+            feature_dim, config.polarizability_width, config.element_baseline, config.polarizability_solver,
+            warm_start=config.solver_warm_start,
+        )
 
     def cap(self, smearing: torch.Tensor) -> Optional[torch.Tensor]:
         return self_consistent_cap(smearing)
@@ -187,12 +198,20 @@ class SelfConsistentPolarizability(PolarizabilityHead):
             )
 
     def induce(
-        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self_consistent_induction(
+        solve = None if engine_state is None or self.solver != "cg" else engine_state.solutions.begin(
+            "induction", data.numbers, data.batch, data.n_structures, field, warm=self.warm_start
+        )
+        induced, energy = self_consistent_induction(
             alpha, field, data.positions, data.batch, data.n_structures, smearing, self.solver,
             cell=data.cell, periodic=data.periodic, accuracy=accuracy,
+            initial=None if solve is None else solve.initial, statistics=None if solve is None else solve.statistics,
         )
+        if solve is not None:
+            solve.finish(induced)
+        return induced, energy
 
 
 #: ``LongRangeConfig.polarizability`` -> model class (``"none"``: no polarisabilities).

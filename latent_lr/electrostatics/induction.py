@@ -12,7 +12,7 @@ import torch
 
 from .dipole_ewald import DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
-from .linear_solve import solve_spd
+from .linear_solve import SolveStatistics, implicit_correction, solve_spd
 
 SOLVERS = ("cg", "dense")
 
@@ -55,6 +55,8 @@ def self_consistent_induction(
     cell: Optional[torch.Tensor] = None,
     periodic: Optional[torch.Tensor] = None,
     accuracy: float = 1e-6,
+    initial: Optional[torch.Tensor] = None,
+    statistics: Optional[SolveStatistics] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve p = α (E⁰ + T p) for open and fully periodic structures; U = -½ Σ p·E⁰.
 
@@ -71,6 +73,9 @@ def self_consistent_induction(
         periodic: (B,) bool, fully periodic structures (tin-foil Ewald sum of T,
             :mod:`latent_lr.electrostatics.dipole_ewald`); None: all open.
         accuracy: Ewald accuracy of the periodic T (the engine's parameters).
+        initial: (N, 3) e·Å, starting dipoles of the CG solve (a warm start, e.g.
+            the previous MD step's dipoles; any values are safe), None: cold start.
+        statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
 
     Returns:
         induced dipoles (N, 3) e·Å and energies (B,) eV.
@@ -95,21 +100,24 @@ def self_consistent_induction(
         matrix = matrix - flat_scale[:, None] * operator.dense(n_atoms) * flat_scale[None, :]
         x = torch.linalg.solve(matrix, rhs.reshape(-1)).reshape(n_atoms, 3)
     else:
-        x = _conjugate_gradients(matvec, scale, rhs, operator, batch, tolerance)
+        start = None if initial is None else initial.detach() / scale.detach()
+        x = _conjugate_gradients(matvec, scale, rhs, operator, batch, tolerance, start, statistics)
     atom_energy = (x * (0.5 * matvec(x) - rhs)).sum(dim=1)
     return scale * x, per_structure(atom_energy, batch, n_structures)
 
 
 def _conjugate_gradients(
-    matvec, scale: torch.Tensor, rhs: torch.Tensor, operator: DipoleOperator, batch: torch.Tensor, tolerance: float
+    matvec, scale: torch.Tensor, rhs: torch.Tensor, operator: DipoleOperator, batch: torch.Tensor, tolerance: float,
+    initial: Optional[torch.Tensor] = None, statistics: Optional[SolveStatistics] = None,
 ) -> torch.Tensor:
     """x = (I - S T S)⁻¹ S E⁰ by the shared batched CG (:func:`latent_lr.linear_solve.solve_spd`).
 
     The operator is handed to the solver as constants and every dependence on
     positions, cell, charges and polarisabilities is carried by the right-hand side
-    of one correction solve, x = x̄ + M̄⁻¹(b - M x̄) with x̄ the converged
-    solution: the value is x̄ and the first derivatives are the exact implicit
-    ones, dx = M⁻¹(db - dM x).  Because the energy is evaluated in its
+    of one zero-valued correction, x = x̄ + M̄⁻¹(b - M x̄) with x̄ the converged
+    solution (:func:`~.linear_solve.implicit_correction`: no forward CG run, the
+    adjoint solve happens in the backward pass): the value is x̄ and the first
+    derivatives are the exact implicit ones, dx = M⁻¹(db - dM x).  Because the energy is evaluated in its
     variational form (∂U/∂x = 0), first derivatives of x are all that forces,
     their parameter gradients (training on forces), BECs and the polarisability
     tensor need.
@@ -120,6 +128,8 @@ def _conjugate_gradients(
         return x - constant_scale * constant_operator.apply(constant_scale * x)
 
     with torch.no_grad():
-        solution = solve_spd(constant_matvec, rhs.detach(), batch=batch, rtol=tolerance)
+        solution = solve_spd(
+            constant_matvec, rhs.detach(), batch=batch, rtol=tolerance, initial=initial, statistics=statistics
+        )
     residual = rhs - matvec(solution)
-    return solution + solve_spd(constant_matvec, residual, batch=batch, rtol=tolerance, atol=1e-300)
+    return solution + implicit_correction(constant_matvec, residual, batch=batch, rtol=tolerance, statistics=statistics)

@@ -44,7 +44,7 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .coulomb import coulomb_energy
-from .linear_solve import solve_spd
+from .linear_solve import SolveStatistics, solve_spd
 from .state import EngineState
 
 #: Accepted ``solver`` values.
@@ -201,12 +201,14 @@ def _dense_charges(
 def _cg_charges(
     electronegativity: torch.Tensor, hardness: torch.Tensor, geometry: _Geometry, positions: torch.Tensor,
     cell: torch.Tensor, total_charge: torch.Tensor, smearing: torch.Tensor, rtol: Optional[float], max_iter: int,
+    initial: Optional[torch.Tensor] = None, statistics: Optional[SolveStatistics] = None,
 ) -> torch.Tensor:
     """Matrix-free constrained CG with implicit derivatives; (N,) e."""
     diagonal = (hardness + gaussian_self_hardness(smearing)).detach()
     return solve_spd(
         geometry, -electronegativity, (positions, cell, smearing, hardness),
         batch=geometry.batch, total=total_charge, diagonal=diagonal, rtol=rtol, max_iter=max_iter,
+        initial=initial, statistics=statistics,
     )
 
 
@@ -239,6 +241,8 @@ def equilibrate_charges(
     rtol: Optional[float] = None,
     max_iter: int = 1000,
     state: Optional[EngineState] = None,
+    initial: Optional[torch.Tensor] = None,
+    statistics: Optional[SolveStatistics] = None,
 ) -> torch.Tensor:
     """Qeq charges q* = argmin E(q) subject to Σ_{i∈b} q_i = Q_b, (N,) e.
 
@@ -255,6 +259,10 @@ def equilibrate_charges(
             :func:`latent_lr.electrostatics.linear_solve.solve_spd`; CG raises
             :class:`~latent_lr.electrostatics.linear_solve.ConvergenceError` if not converged).
         state: the run's :class:`~.state.EngineState` for the engine calls (None: no mutable state).
+        initial: (N,) e, starting charges of the CG solves (a warm start, e.g. the
+            previous MD step's charges; any values are safe), None: cold start.
+            The dense solver ignores it.
+        statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
 
     Differentiable (first and second derivatives) in χ, J, positions, cell, σ
     and Q.
@@ -290,7 +298,11 @@ def equilibrate_charges(
         geometry = _Geometry(_pick(pbc, structures), sub_batch, int(mask.sum()), accuracy, state)
         picked = (_pick(cell, structures), _pick(total_charge, structures))
         args = (electronegativity[atoms], hardness[atoms], geometry, positions[atoms], *picked, smearing)
-        charges = _dense_charges(*args) if use_dense else _cg_charges(*args, rtol, max_iter)
+        if use_dense:
+            charges = _dense_charges(*args)
+        else:
+            start = None if initial is None else initial[atoms]
+            charges = _cg_charges(*args, rtol, max_iter, start, statistics)
         parts.append(charges)
         order.append(atoms)
     if len(parts) == 1:

@@ -1,0 +1,203 @@
+"""Fast iterative solves (issue 15, item 5): warm starts.
+
+A warm start may change how many CG iterations a solve takes, never its result:
+results and implicit gradients must equal the cold start's to the CG tolerance
+(references: the same solve from a cold start, and a numpy solve), and the
+iteration count must drop when the guess is the previous MD step's solution.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from latent_lr.data import AtomsBatch
+from latent_lr.electrostatics import EngineState
+from latent_lr.electrostatics.induction import self_consistent_cap, self_consistent_induction
+from latent_lr.electrostatics.linear_solve import SolveStatistics, solve_spd
+from latent_lr.electrostatics.qeq import equilibrate_charges
+from latent_lr.electrostatics.warm_start import SolutionMemory, structure_keys
+from latent_lr.long_range import LongRangeModule
+
+SIGMA = 1.0
+
+
+def random_box(n_atoms: int, length: float, seed: int, min_distance: float = 1.6) -> torch.Tensor:
+    """(n, 3) positions in a cubic box of side ``length`` Å with no two atoms closer than ``min_distance``."""
+    rng = np.random.default_rng(seed)
+    points: list[np.ndarray] = []
+    while len(points) < n_atoms:
+        trial = rng.uniform(0.0, length, 3)
+        if all(np.linalg.norm((trial - p + length / 2) % length - length / 2) > min_distance for p in points):
+            points.append(trial)
+    return torch.tensor(np.array(points), dtype=torch.float64)
+
+
+def test_solve_spd_warm_start_equals_cold_start_with_fewer_iterations_and_equal_gradients():
+    n = 40
+    gen = torch.Generator().manual_seed(3)
+    factor = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    scale = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    rhs = torch.randn(n, dtype=torch.float64, generator=gen, requires_grad=True)
+    total = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(n, dtype=torch.float64, generator=gen)
+
+    def matvec(v, s):
+        return s * (factor @ (factor.T @ v)) + 3.0 * v
+
+    def solve(initial):
+        statistics = SolveStatistics()
+        x = solve_spd(matvec, rhs, (scale,), total=total, initial=initial, statistics=statistics)
+        grads = torch.autograd.grad((weights * x).sum(), (scale, rhs, total))
+        return x.detach(), grads, statistics.iterations
+
+    cold, cold_grads, cold_iterations = solve(None)
+    # an infeasible guess near the solution (sum off by 0.3): moved onto the constraint set first
+    guess = cold + 1e-4 * torch.randn(n, dtype=torch.float64, generator=gen) + 0.3 / n
+    warm, warm_grads, warm_iterations = solve(guess)
+    matrix = 0.2 * factor @ factor.T + 3.0 * torch.eye(n, dtype=torch.float64)
+    kkt = np.block([[matrix.numpy(), np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    reference = np.linalg.solve(kkt, np.concatenate([rhs.detach().numpy(), [0.7]]))[:n]
+    np.testing.assert_allclose(cold.numpy(), reference, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(warm.numpy(), reference, rtol=0, atol=1e-8)
+    assert abs(float(warm.sum()) - 0.7) < 1e-12
+    for g_warm, g_cold in zip(warm_grads, cold_grads):
+        torch.testing.assert_close(g_warm, g_cold, rtol=1e-7, atol=1e-9)
+    assert warm_iterations[0] < cold_iterations[0] - 5, (warm_iterations, cold_iterations)
+    # the adjoint solve of the backward pass does not use the guess: same count
+    assert warm_iterations[1] == cold_iterations[1]
+
+
+def test_bad_initial_guess_is_a_clear_error():
+    with pytest.raises(ValueError, match="initial has shape"):
+        solve_spd(lambda v: 2 * v, torch.ones(3, dtype=torch.float64), initial=torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_spd(lambda v: 2 * v, torch.ones(3, dtype=torch.float64), initial=torch.full((3,), float("nan")))
+
+
+def periodic_qeq_problem(n_atoms=48, length=9.0, seed=0):
+    positions = random_box(n_atoms, length, seed)
+    gen = torch.Generator().manual_seed(seed)
+    chi = torch.randn(n_atoms, dtype=torch.float64, generator=gen)
+    hardness = 1.0 + torch.rand(n_atoms, dtype=torch.float64, generator=gen)
+    cell = length * torch.eye(3, dtype=torch.float64)[None]
+    return positions, chi, hardness, cell
+
+
+def qeq_solve(positions, chi, hardness, cell, initial):
+    positions = positions.clone().requires_grad_()
+    chi = chi.clone().requires_grad_()
+    statistics = SolveStatistics()
+    charges = equilibrate_charges(
+        chi, hardness, positions, cell, torch.ones(1, 3, dtype=torch.bool), torch.zeros(len(chi), dtype=torch.long),
+        torch.zeros(1, dtype=torch.float64), torch.tensor(SIGMA, dtype=torch.float64), accuracy=1e-8, solver="cg",
+        initial=initial, statistics=statistics,
+    )
+    weights = torch.linspace(-1.0, 1.0, len(chi), dtype=torch.float64)
+    grads = torch.autograd.grad((weights * charges).sum() + (charges**2).sum(), (positions, chi))
+    return charges.detach(), grads, statistics.iterations
+
+
+def test_periodic_qeq_warm_start_from_the_previous_step_equals_the_cold_start():
+    positions, chi, hardness, cell = periodic_qeq_problem()
+    previous, _, _ = qeq_solve(positions, chi, hardness, cell, None)
+    gen = torch.Generator().manual_seed(9)
+    step = positions + 0.02 * torch.randn(positions.shape, dtype=torch.float64, generator=gen)  # one MD step
+    cold, cold_grads, cold_iterations = qeq_solve(step, chi, hardness, cell, None)
+    warm, warm_grads, warm_iterations = qeq_solve(step, chi, hardness, cell, previous)
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-9)
+    for g_warm, g_cold in zip(warm_grads, cold_grads):
+        torch.testing.assert_close(g_warm, g_cold, rtol=1e-6, atol=1e-8)
+    assert warm_iterations[0] <= 0.7 * cold_iterations[0], (warm_iterations, cold_iterations)
+
+
+def test_self_consistent_dipole_warm_start_equals_the_cold_start():
+    positions = random_box(30, 8.0, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    alpha = 0.8 * self_consistent_cap(torch.tensor(SIGMA, dtype=torch.float64)) * torch.rand(30, dtype=torch.float64, generator=gen)
+    field = torch.randn(30, 3, dtype=torch.float64, generator=gen)
+    batch = torch.zeros(30, dtype=torch.long)
+
+    def solve(coordinates, initial):
+        coordinates = coordinates.clone().requires_grad_()
+        statistics = SolveStatistics()
+        dipoles, energy = self_consistent_induction(
+            alpha, field, coordinates, batch, 1, torch.tensor(SIGMA, dtype=torch.float64),
+            initial=initial, statistics=statistics,
+        )
+        (forces,) = torch.autograd.grad(energy.sum(), coordinates)
+        return dipoles.detach(), energy.detach(), forces, statistics.iterations
+
+    previous, _, _, _ = solve(positions, None)
+    step = positions + 0.02 * torch.randn(positions.shape, dtype=torch.float64, generator=gen)
+    cold = solve(step, None)
+    warm = solve(step, previous)
+    for a, b in zip(warm[:3], cold[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    assert warm[3][0] < cold[3][0], (warm[3], cold[3])
+
+
+def water_like(n_molecules: int, seed: int) -> AtomsBatch:
+    from ase import Atoms
+
+    length = (n_molecules * 30.0) ** (1.0 / 3.0)  # ~liquid water density
+    oxygens = random_box(n_molecules, length, seed, min_distance=2.5).numpy()
+    rng = np.random.default_rng(seed)
+    positions, numbers = [], []
+    for oxygen in oxygens:
+        first, second = rng.normal(size=(2, 3))
+        positions += [oxygen, oxygen + first / np.linalg.norm(first), oxygen + second / np.linalg.norm(second)]
+        numbers += [8, 1, 1]
+    atoms = Atoms(numbers=numbers, positions=positions, cell=[length] * 3, pbc=True)
+    return AtomsBatch.from_atoms([atoms]).to(dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["qeq", "self_consistent"])
+def test_model_warm_starts_along_a_trajectory_keep_energy_and_forces(mode):
+    options = dict(charge_model="qeq", qeq_solver="cg") if mode == "qeq" else dict(polarizability="self_consistent")
+    kind = "qeq" if mode == "qeq" else "induction"
+    data = water_like(16, seed=1)
+    if mode == "self_consistent":  # open cluster
+        data = AtomsBatch.from_atoms(
+            [__import__("ase").Atoms(numbers=data.numbers.numpy(), positions=data.positions.numpy())]
+        ).to(dtype=torch.float64)
+    features = torch.randn(len(data.numbers), 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    warm_module = LongRangeModule(8, accuracy=1e-6, **options).double()
+    torch.manual_seed(0)
+    cold_module = LongRangeModule(8, accuracy=1e-6, solver_warm_start=False, **options).double()
+    gen = torch.Generator().manual_seed(5)
+    warm_state, cold_state = EngineState(), EngineState()
+    positions = data.positions
+    for step in range(3):
+        positions = positions + 0.01 * torch.randn(positions.shape, dtype=torch.float64, generator=gen)
+        results = []
+        for module, state in ((warm_module, warm_state), (cold_module, cold_state)):
+            coordinates = positions.clone().requires_grad_()
+            out = module(features, data.with_geometry(coordinates, data.cell), engine_state=state)
+            (gradient,) = torch.autograd.grad(out["energy"].sum(), coordinates)
+            results.append((out["energy"].detach(), gradient, list(state.solutions.iterations[kind])))
+        (e_warm, f_warm, it_warm), (e_cold, f_cold, it_cold) = results
+        torch.testing.assert_close(e_warm, e_cold, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(f_warm, f_cold, rtol=1e-6, atol=1e-8)
+        if step > 0:
+            assert it_warm[0] < it_cold[0], (step, it_warm, it_cold)
+    assert len(warm_state.solutions) == 1 and len(cold_state.solutions) == 0
+    warm_state.clear_caches()
+    assert warm_state.is_empty()
+
+
+def test_solution_memory_keys_on_atomic_numbers_and_fills_unknown_structures_with_zeros():
+    numbers = torch.tensor([8, 1, 1, 6, 1])
+    batch = torch.tensor([0, 0, 0, 1, 1])
+    keys = structure_keys(numbers, batch, 2)
+    assert keys[0] != keys[1]
+    memory = SolutionMemory(capacity=1)
+    like = torch.zeros(5, dtype=torch.float64)
+    assert memory.guess("qeq", keys, like) is None
+    memory.remember("qeq", keys[:1], torch.tensor([0.5, -0.25, -0.25], dtype=torch.float64))
+    guess = memory.guess("qeq", keys, like)
+    assert guess is not None
+    torch.testing.assert_close(guess, torch.tensor([0.5, -0.25, -0.25, 0.0, 0.0], dtype=torch.float64))
+    assert memory.guess("induction", keys, like) is None  # kinds are separate
+    memory.remember("qeq", keys[1:], torch.tensor([0.1, -0.1], dtype=torch.float64))
+    assert len(memory) == 1  # capacity 1: the least recently used is dropped
