@@ -16,7 +16,7 @@ from .charges import MAX_ATOMIC_NUMBER, ChargeModel, feature_mlp
 from .config import LongRangeConfig
 from .data import AtomsBatch
 from .electrostatics import EngineState
-from .electrostatics.qeq import SOLVERS, equilibrate_charges, qeq_energy
+from .electrostatics.qeq import PRECONDITIONERS, SOLVERS, equilibrate_charges, qeq_energy
 
 #: Smallest hardness J (eV/e²) the head can predict, on top of the Gaussian self-energy.
 HARDNESS_FLOOR = 0.1
@@ -39,6 +39,7 @@ class QeqChargeHead(ChargeModel):
         hardness_floor: smallest J, eV/e² (> 0).
         warm_start: start each CG solve from the engine state's last charges of the
             same structure identity (:mod:`latent_lr.electrostatics.warm_start`).
+        preconditioner: CG preconditioner, ``"kspace"`` or ``"jacobi"`` (see :func:`equilibrate_charges`).
     """
 
     def __init__(
@@ -49,9 +50,13 @@ class QeqChargeHead(ChargeModel):
         solver: str = "auto",
         hardness_floor: float = HARDNESS_FLOOR,
         warm_start: bool = True,
+        preconditioner: str = "kspace",
     ):
         super().__init__()
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"qeq_preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}.")
         self.warm_start = bool(warm_start)
+        self.preconditioner = preconditioner
         if solver not in SOLVERS:
             raise ValueError(f"qeq_solver must be one of {SOLVERS}, got {solver!r}.")
         if not hardness_floor > 0:
@@ -76,7 +81,7 @@ class QeqChargeHead(ChargeModel):
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "QeqChargeHead":
         return cls(
             feature_dim, config.hidden_dim, config.element_baseline, config.qeq_solver,
-            warm_start=config.solver_warm_start,
+            warm_start=config.solver_warm_start, preconditioner=config.qeq_preconditioner,
         )
 
     def parameters_per_atom(self, features: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +119,7 @@ class QeqChargeHead(ChargeModel):
         charges = equilibrate_charges(
             shifted, hardness, *geometry, data.total_charge, smearing, accuracy=accuracy, solver=self.solver,
             state=engine_state, initial=None if solve is None else solve.initial,
-            statistics=None if solve is None else solve.statistics,
+            statistics=None if solve is None else solve.statistics, preconditioner=self.preconditioner,
         )
         if solve is not None:
             solve.finish(charges)

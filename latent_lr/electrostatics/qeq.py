@@ -44,11 +44,16 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .coulomb import coulomb_energy
+from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import SolveStatistics, solve_spd
 from .state import EngineState
 
 #: Accepted ``solver`` values.
 SOLVERS = ("auto", "dense", "cg")
+
+#: Accepted CG ``preconditioner`` values: k-space (:mod:`.kspace_preconditioner`, periodic structures;
+#: Jacobi elsewhere) or Jacobi (the diagonal) everywhere.
+PRECONDITIONERS = ("kspace", "jacobi")
 
 #: ``"auto"`` solves structures with at most this many atoms densely, larger
 #: ones by CG.  Measured crossover on 1 CPU thread (README): about 40 (open) and
@@ -202,13 +207,17 @@ def _cg_charges(
     electronegativity: torch.Tensor, hardness: torch.Tensor, geometry: _Geometry, positions: torch.Tensor,
     cell: torch.Tensor, total_charge: torch.Tensor, smearing: torch.Tensor, rtol: Optional[float], max_iter: int,
     initial: Optional[torch.Tensor] = None, statistics: Optional[SolveStatistics] = None,
+    preconditioner: str = "kspace",
 ) -> torch.Tensor:
     """Matrix-free constrained CG with implicit derivatives; (N,) e."""
     diagonal = (hardness + gaussian_self_hardness(smearing)).detach()
+    inverse = None
+    if preconditioner == "kspace" and bool(geometry.pbc.all(dim=1).any()):
+        inverse = kspace_preconditioner(positions, cell, geometry.pbc, geometry.batch, diagonal, smearing)
     return solve_spd(
         geometry, -electronegativity, (positions, cell, smearing, hardness),
         batch=geometry.batch, total=total_charge, diagonal=diagonal, rtol=rtol, max_iter=max_iter,
-        initial=initial, statistics=statistics,
+        initial=initial, statistics=statistics, preconditioner=inverse,
     )
 
 
@@ -243,6 +252,7 @@ def equilibrate_charges(
     state: Optional[EngineState] = None,
     initial: Optional[torch.Tensor] = None,
     statistics: Optional[SolveStatistics] = None,
+    preconditioner: str = "kspace",
 ) -> torch.Tensor:
     """Qeq charges q* = argmin E(q) subject to Σ_{i∈b} q_i = Q_b, (N,) e.
 
@@ -263,12 +273,16 @@ def equilibrate_charges(
             previous MD step's charges; any values are safe), None: cold start.
             The dense solver ignores it.
         statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
+        preconditioner: CG preconditioner, one of :data:`PRECONDITIONERS` (``"kspace"``:
+            iteration counts that do not grow with the box for periodic structures).
 
     Differentiable (first and second derivatives) in χ, J, positions, cell, σ
     and Q.
     """
     if solver not in SOLVERS:
         raise ValueError(f"Qeq solver must be one of {SOLVERS}, got {solver!r}.")
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"Qeq preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}.")
     if not bool((hardness > 0).all()):
         raise ValueError("Qeq hardness J must be > 0 eV/e² for every atom (the energy must be convex).")
     smearing = torch.as_tensor(smearing, dtype=positions.dtype, device=positions.device)
@@ -302,7 +316,7 @@ def equilibrate_charges(
             charges = _dense_charges(*args)
         else:
             start = None if initial is None else initial[atoms]
-            charges = _cg_charges(*args, rtol, max_iter, start, statistics)
+            charges = _cg_charges(*args, rtol, max_iter, start, statistics, preconditioner)
         parts.append(charges)
         order.append(atoms)
     if len(parts) == 1:
