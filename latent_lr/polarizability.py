@@ -22,7 +22,8 @@ Models (``LongRangeModule(polarizability=...)``):
   tin-foil Ewald sum of the same Hessian, with the engine's Ewald parameters
   (:mod:`latent_lr.electrostatics.dipole_ewald`), so that -T_ij is exactly
   the Hessian block of the engine's Ewald energy with unit charges.  Slabs
-  raise :class:`NotImplementedError` (``"one_step"`` works there).
+  (pbc = (True, True, False)) use the engine's slab approach: the same sum in
+  the vacuum-extended cell plus the Yeh–Berkowitz dipole term (issue 15 item 5).
   Polarisabilities are smoothly capped below 0.9/c (c = k_e 4a³/(3√π),
   a = 1/(√2σ)), where I - S T S is provably positive definite, i.e. α' below
   ≈ 3.4 σ³ Å³: no polarisation catastrophe.  Raise σ to allow larger α'.
@@ -163,7 +164,7 @@ class OneStepPolarizability(PolarizabilityHead):
 
 
 class SelfConsistentPolarizability(PolarizabilityHead):
-    """p = α (E⁰ + T p), variational energy; open and fully periodic structures.
+    """p = α (E⁰ + T p), variational energy; open, fully periodic and slab structures.
 
     Args: as :class:`PolarizabilityHead`, plus ``solver`` (``"cg"`` or ``"dense"``) and
     ``warm_start`` (start CG from the engine state's last dipoles of the same structure identity).
@@ -190,11 +191,11 @@ class SelfConsistentPolarizability(PolarizabilityHead):
         return self_consistent_cap(smearing)
 
     def check(self, data: AtomsBatch) -> None:
-        if bool((data.pbc.any(dim=1) & ~data.periodic).any()):
+        if bool((data.pbc.any(dim=1) & ~data.periodic & ~data.slab).any()):
             raise NotImplementedError(
-                "polarizability='self_consistent' supports open and fully periodic structures; "
-                "the slab correction of the dipolar Ewald sum is not implemented. Use "
-                "polarizability='one_step' for slabs."
+                "polarizability='self_consistent' supports open, fully periodic and slab (pbc = (True, True, "
+                "False)) structures; other partial periodicities are not implemented. Use "
+                "polarizability='one_step' for them."
             )
 
     def induce(
@@ -208,6 +209,7 @@ class SelfConsistentPolarizability(PolarizabilityHead):
             alpha, field, data.positions, data.batch, data.n_structures, smearing, self.solver,
             cell=data.cell, periodic=data.periodic, accuracy=accuracy,
             initial=None if solve is None else solve.initial, statistics=None if solve is None else solve.statistics,
+            slab=data.slab,
         )
         if solve is not None:
             solve.finish(induced)

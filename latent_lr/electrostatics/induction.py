@@ -57,8 +57,9 @@ def self_consistent_induction(
     accuracy: float = 1e-6,
     initial: Optional[torch.Tensor] = None,
     statistics: Optional[SolveStatistics] = None,
+    slab: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve p = α (E⁰ + T p) for open and fully periodic structures; U = -½ Σ p·E⁰.
+    """Solve p = α (E⁰ + T p) for open, fully periodic and slab structures; U = -½ Σ p·E⁰.
 
     Args:
         alpha: (N,) e·Å²/V, below :func:`catastrophe_free_polarizability`.
@@ -76,6 +77,8 @@ def self_consistent_induction(
         initial: (N, 3) e·Å, starting dipoles of the CG solve (a warm start, e.g.
             the previous MD step's dipoles; any values are safe), None: cold start.
         statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
+        slab: (B,) bool, slabs (pbc = (True, True, False)): T with the engine's slab
+            approach (:mod:`latent_lr.electrostatics.dipole_ewald`); None: no slabs.
 
     Returns:
         induced dipoles (N, 3) e·Å and energies (B,) eV.
@@ -86,7 +89,7 @@ def self_consistent_induction(
         cell = positions.new_zeros(n_structures, 3, 3)
     if periodic is None:
         periodic = torch.zeros(n_structures, dtype=torch.bool, device=positions.device)
-    operator = dipole_operator(positions, cell, periodic, batch, smearing, accuracy)
+    operator = dipole_operator(positions, cell, periodic, batch, smearing, accuracy, slab)
     scale = alpha.clamp_min(1e-30).sqrt()[:, None]
     rhs = scale * field
 
