@@ -12,7 +12,7 @@ import torch
 
 from .dipole_ewald import DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
-from .linear_solve import SolveStatistics, implicit_correction, solve_spd
+from .linear_solve import SolveStatistics, solve_spd
 
 SOLVERS = ("cg", "dense")
 
@@ -117,10 +117,11 @@ def _conjugate_gradients(
 
     The operator is handed to the solver as constants and every dependence on
     positions, cell, charges and polarisabilities is carried by the right-hand side
-    of one zero-valued correction, x = x̄ + M̄⁻¹(b - M x̄) with x̄ the converged
-    solution (:func:`~.linear_solve.implicit_correction`: no forward CG run, the
-    adjoint solve happens in the backward pass): the value is x̄ and the first
-    derivatives are the exact implicit ones, dx = M⁻¹(db - dM x).  Because the energy is evaluated in its
+    of one correction solve, x = x̄ + M̄⁻¹(b - M x̄) with x̄ the converged
+    solution (the warm-started one when ``initial`` is given): the value is x̄
+    refined once more, so it does not depend on the start to well below the
+    tolerance, and the first derivatives are the exact implicit ones,
+    dx = M⁻¹(db - dM x).  Because the energy is evaluated in its
     variational form (∂U/∂x = 0), first derivatives of x are all that forces,
     their parameter gradients (training on forces), BECs and the polarisability
     tensor need.
@@ -135,4 +136,6 @@ def _conjugate_gradients(
             constant_matvec, rhs.detach(), batch=batch, rtol=tolerance, initial=initial, statistics=statistics
         )
     residual = rhs - matvec(solution)
-    return solution + implicit_correction(constant_matvec, residual, batch=batch, rtol=tolerance, statistics=statistics)
+    return solution + solve_spd(
+        constant_matvec, residual, batch=batch, rtol=tolerance, atol=1e-300, statistics=statistics
+    )

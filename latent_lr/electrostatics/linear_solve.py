@@ -179,38 +179,6 @@ def solve_spd(
     return _solve(spec, rhs, total, tuple(operator_tensors), initial)
 
 
-def implicit_correction(
-    matvec: MatVec,
-    residual: torch.Tensor,
-    operator_tensors: Sequence[torch.Tensor] = (),
-    *,
-    batch: Optional[torch.Tensor] = None,
-    remaining: Optional[torch.Tensor] = None,
-    diagonal: Optional[torch.Tensor] = None,
-    rtol: Optional[float] = None,
-    max_iter: int = DEFAULT_MAX_ITER,
-    preconditioner: Optional[Preconditioner] = None,
-    statistics: Optional[SolveStatistics] = None,
-) -> torch.Tensor:
-    """H⁻¹ r for a residual r ≈ 0 of an already converged solve: value 0, exact derivatives.
-
-    ``x̄ + implicit_correction(matvec, b − H x̄, ...)`` has the value x̄ and the
-    implicit derivatives of :func:`solve_spd` (adjoint solves in the backward
-    pass), without the forward CG run that ``solve_spd(matvec, b − H x̄)`` would
-    spend on a right-hand side that is only round-off.  Arguments as
-    :func:`solve_spd`; ``remaining`` (B, ...) is the constraint's remaining total
-    c − Σx̄ (≈ 0), or None without a constraint.
-    """
-    spec = _make_spec(
-        matvec, residual, operator_tensors, batch, remaining, diagonal, rtol, 0.0, max_iter, "raise", preconditioner,
-        statistics,
-    )
-    tracked = [residual, *operator_tensors] + ([] if remaining is None else [remaining])
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
-        return torch.zeros_like(residual)
-    return _ImplicitCorrection.apply(spec, residual, remaining, *operator_tensors)
-
-
 def _make_spec(
     matvec: MatVec,
     rhs: torch.Tensor,
