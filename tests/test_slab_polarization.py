@@ -91,5 +91,5 @@ def test_self_consistent_slab_model_forces_are_minus_the_energy_gradient():
 def test_self_consistent_on_a_wire_is_a_clear_error():
     model = make_model("self_consistent")
     wire = Atoms("NaCl", positions=[[0, 0, 0], [2.8, 0, 0]], cell=[5.6, 10, 10], pbc=(True, False, False))
-    with pytest.raises(ValueError, match="one direction only"):
+    with pytest.raises(NotImplementedError, match="one direction only"):
         model(AtomsBatch.from_atoms(wire))
