@@ -55,18 +55,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..units import COULOMB_CONSTANT
+from .dipole_mesh import DipoleMesh, dipole_mesh
 from .dipole_tensor import damped_dipole_tensor, dipole_field
+from .mesh_parameters import mesh_parameters
 from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
 from .reciprocal import padding_groups
 from .setup_cache import ewald_setup
 from .slab import extend_slabs
 from .switching import switch_off
+
+#: Accepted ``method`` values of :func:`dipole_operator`.
+DIPOLE_METHODS = ("ewald", "pme", "auto")
+
+#: ``method="auto"``: PME from this many atoms per periodic structure (the engine's threshold for charges).
+PME_MIN_ATOMS = 300
 from .validation import Structures
 
 
@@ -151,13 +159,15 @@ class DipoleOperator:
     slab_normals: Optional[torch.Tensor] = None
     slab_weight: Optional[torch.Tensor] = None
     batch: Optional[torch.Tensor] = None
+    #: Periodic structures whose reciprocal part is summed on a mesh (method "pme").
+    meshes: tuple[DipoleMesh, ...] = ()
 
     def detach(self) -> "DipoleOperator":
         return DipoleOperator(
             self.pairs, self.tensors.detach(), [g.detach() for g in self.groups], self.self_coefficient.detach(),
             None if self.slab_normals is None else self.slab_normals.detach(),
             None if self.slab_weight is None else self.slab_weight.detach(),
-            self.batch,
+            self.batch, tuple(m.detach() for m in self.meshes),
         )
 
     def apply(self, dipoles: torch.Tensor) -> torch.Tensor:
@@ -167,6 +177,8 @@ class DipoleOperator:
             along = (dipoles * self.slab_normals).sum(1)
             moment = along.new_zeros(int(self.batch.max()) + 1).index_add(0, self.batch, along)  # M_z per structure
             field = field - (self.slab_weight * moment[self.batch])[:, None] * self.slab_normals
+        for mesh in self.meshes:
+            field = field.index_add(0, mesh.atoms, mesh.field(dipoles[mesh.atoms]))
         for g in self.groups:
             padded = dipoles[g.atoms] * g.mask[..., None]  # (R, S, 3)
             kp = torch.bmm(padded, g.k_vectors.transpose(1, 2))  # (R, S, K): k·p_j
@@ -185,6 +197,15 @@ class DipoleOperator:
         diagonal = torch.arange(n_atoms, device=blocks.device)
         eye = torch.eye(3, dtype=blocks.dtype, device=blocks.device)
         blocks = blocks.index_put((diagonal, diagonal), self.self_coefficient[:, None, None] * eye, accumulate=True)
+        for mesh in self.meshes:  # column by column: dense is a reference for small cells
+            n_mesh = len(mesh.atoms)
+            unit = torch.eye(3 * n_mesh, dtype=blocks.dtype, device=blocks.device).reshape(3 * n_mesh, n_mesh, 3)
+            columns = torch.stack([mesh.field(u) for u in unit])  # (3n, n, 3): column (j, b) -> field (i, a)
+            block = columns.reshape(n_mesh, 3, n_mesh, 3).permute(2, 0, 3, 1)  # (i, j, a, b)
+            index = mesh.atoms
+            blocks = blocks.index_put(
+                (index[:, None].expand(n_mesh, n_mesh), index[None, :].expand(n_mesh, n_mesh)), block, accumulate=True
+            )
         if self.slab_normals is not None and self.slab_weight is not None and self.batch is not None:
             same = (self.batch[:, None] == self.batch[None, :]).to(blocks.dtype)
             outer = self.slab_normals[:, None, :, None] * self.slab_normals[None, :, None, :]  # (N, N, 3, 3)
@@ -208,6 +229,7 @@ def dipole_operator(
     smearing: torch.Tensor,
     accuracy: float,
     slab: Optional[torch.Tensor] = None,
+    method: str = "ewald",
 ) -> DipoleOperator:
     """Build T for a batch of open (direct sum), fully periodic (Ewald, tin-foil) and slab structures.
 
@@ -220,9 +242,14 @@ def dipole_operator(
             (:func:`.setup_cache.ewald_setup`).
         slab: (B,) bool, slabs (pbc = (True, True, False); third cell vector
             perpendicular to the plane, see :mod:`.slab`), or None: no slabs.
+        method: reciprocal sum of periodic structures: ``"ewald"``, ``"pme"``
+            (:mod:`.dipole_mesh`) or ``"auto"`` (PME from
+            :data:`~.coulomb.PME_MIN_ATOMS` atoms, as the engine).
     """
+    if method not in DIPOLE_METHODS:
+        raise ValueError(f"dipole operator method must be one of {DIPOLE_METHODS}, got {method!r}.")
     if slab is not None and bool(slab.any()):
-        return _slab_operator(positions, cell, periodic, batch, smearing, accuracy, slab)
+        return _slab_operator(positions, cell, periodic, batch, smearing, accuracy, slab, method)
     n_structures = cell.shape[0]
     dtype, device = positions.dtype, positions.device
     counts = torch.bincount(batch, minlength=n_structures)
@@ -233,11 +260,18 @@ def dipole_operator(
     pair_lists = [open_pairs]
     self_coefficient = positions.new_zeros(positions.shape[0])
     groups: list[_ReciprocalGroup] = []
+    meshes: tuple[DipoleMesh, ...] = ()
     rows = torch.nonzero(periodic).flatten().tolist()
     if rows:
         cells_np = cell.detach().cpu().double().numpy()
-        setups = {i: ewald_setup(cells_np[i], int(counts[i]), accuracy, float(sigma.detach())) for i in rows}
-        params = {i: s.parameters for i, s in setups.items()}
+        on_mesh = [i for i in rows if method == "pme" or (method == "auto" and int(counts[i]) >= PME_MIN_ATOMS)]
+        ewald_rows = [i for i in rows if i not in on_mesh]
+        setups = {i: ewald_setup(cells_np[i], int(counts[i]), accuracy, float(sigma.detach())) for i in ewald_rows}
+        params: dict[int, Any] = {i: s.parameters for i, s in setups.items()}
+        for i in on_mesh:
+            lengths = tuple(float(x) for x in np.linalg.norm(cells_np[i], axis=1))
+            volume = float(abs(np.linalg.det(cells_np[i])))
+            params[i] = mesh_parameters(int(counts[i]), lengths, volume, accuracy, float(sigma.detach()))
         # where the smearing caps α (no real-space sum) use its own tensor, as the engine does
         zero = positions.new_zeros(())
         alpha_structure = torch.stack([
@@ -259,19 +293,28 @@ def dipole_operator(
             pair_lists.append(real)
         c_alpha = COULOMB_CONSTANT * 4.0 * alpha_structure**3 / (3.0 * math.sqrt(math.pi))
         self_coefficient = torch.where(periodic[batch], c_alpha[batch], self_coefficient)
-        groups = _reciprocal_groups(positions, cell, batch, counts, rows, setups, alpha_structure)
+        if ewald_rows:
+            groups = _reciprocal_groups(positions, cell, batch, counts, ewald_rows, setups, alpha_structure)
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        meshes = tuple(
+            dipole_mesh(
+                positions, cell[i], torch.arange(starts[i], starts[i] + int(counts[i]), device=device),
+                alpha_structure[i], params[i].mesh, params[i].order,
+            )
+            for i in on_mesh
+        )
     pairs = PairList(
         first=torch.cat([p.first for p in pair_lists]),
         second=torch.cat([p.second for p in pair_lists]),
         shifts=torch.cat([p.shifts for p in pair_lists]),
         structure=torch.cat([p.structure for p in pair_lists]),
     )
-    return DipoleOperator(pairs, torch.cat(tensors), groups, self_coefficient)
+    return DipoleOperator(pairs, torch.cat(tensors), groups, self_coefficient, meshes=meshes)
 
 
 def _slab_operator(
     positions: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor, batch: torch.Tensor, smearing: torch.Tensor,
-    accuracy: float, slab: torch.Tensor,
+    accuracy: float, slab: torch.Tensor, method: str = "ewald",
 ) -> DipoleOperator:
     """T with slabs: the tin-foil sum in the engine's vacuum-extended cells plus the Yeh–Berkowitz dipole term."""
     n_structures = cell.shape[0]
@@ -281,7 +324,7 @@ def _slab_operator(
         positions, positions.new_zeros(positions.shape[0]), cell, pbc, batch, n_structures, counts, periodic, slab
     )
     extended = extend_slabs(structures, accuracy)
-    operator = dipole_operator(positions, extended.cell, extended.periodic, batch, smearing, accuracy)
+    operator = dipole_operator(positions, extended.cell, extended.periodic, batch, smearing, accuracy, method=method)
     third = extended.cell[:, 2]
     normals = torch.where(slab[:, None], third / third.norm(dim=1, keepdim=True).clamp_min(1e-300), torch.zeros_like(third))
     volume = torch.linalg.det(extended.cell).abs()

@@ -58,6 +58,7 @@ def self_consistent_induction(
     initial: Optional[torch.Tensor] = None,
     statistics: Optional[SolveStatistics] = None,
     slab: Optional[torch.Tensor] = None,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve p = α (E⁰ + T p) for open, fully periodic and slab structures; U = -½ Σ p·E⁰.
 
@@ -79,6 +80,8 @@ def self_consistent_induction(
         statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
         slab: (B,) bool, slabs (pbc = (True, True, False)): T with the engine's slab
             approach (:mod:`latent_lr.electrostatics.dipole_ewald`); None: no slabs.
+        method: reciprocal sum of periodic T: ``"auto"`` (PME from 300 atoms, as the
+            engine for charges), ``"ewald"`` or ``"pme"`` (:mod:`latent_lr.electrostatics.dipole_mesh`).
 
     Returns:
         induced dipoles (N, 3) e·Å and energies (B,) eV.
@@ -89,7 +92,7 @@ def self_consistent_induction(
         cell = positions.new_zeros(n_structures, 3, 3)
     if periodic is None:
         periodic = torch.zeros(n_structures, dtype=torch.bool, device=positions.device)
-    operator = dipole_operator(positions, cell, periodic, batch, smearing, accuracy, slab)
+    operator = dipole_operator(positions, cell, periodic, batch, smearing, accuracy, slab, method)
     scale = alpha.clamp_min(1e-30).sqrt()[:, None]
     rhs = scale * field
 
