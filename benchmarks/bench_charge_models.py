@@ -9,8 +9,8 @@ The long-range module alone (no host: random invariant features of width 16 stan
 in for the host's), energy + forces by autograd, float64, on SPC/E-like water:
 
 * periodic boxes at liquid density (engine ``method="auto"``: Ewald below 300
-  atoms, PME above); open clusters (the same boxes without periodicity; direct
-  O(N²) pair sums).
+  atoms, PME above, for the charges and the self-consistent dipoles); open
+  clusters (the same boxes without periodicity; direct O(N²) pair sums).
 * Each variant runs a short stand-in for MD (``--md-steps`` calls, every atom
   displaced by ``--step`` Å of Gaussian noise per call, the module keeping its
   engine state as in a run); the time is the median over the calls after the
@@ -54,8 +54,6 @@ VARIANTS = {
     "pol-scf-warm": dict(polarizability="self_consistent", polarizability_solver="cg"),
 }
 
-#: Variants that need open boundaries (self-consistent dipoles on periodic cells use the Ewald operator, O(N K)).
-OPEN_ONLY = ("pol-scf-cold", "pol-scf-warm")
 
 
 def batch_of(n_atoms: int, periodic: bool, dtype: torch.dtype) -> AtomsBatch:
@@ -99,9 +97,6 @@ def costs(args: argparse.Namespace) -> None:
             features = torch.randn(data.positions.shape[0], FEATURES, generator=generator, dtype=dtype)
             cells, plain = [], None
             for name in names:
-                if periodic and name in OPEN_ONLY:
-                    cells.append(f"{'n/a':>32}")
-                    continue
                 torch.manual_seed(0)
                 module = LongRangeModule(FEATURES, accuracy=args.accuracy, **VARIANTS[name]).to(dtype)
                 seconds = md_time(module, features, data, args.md_steps, args.step)

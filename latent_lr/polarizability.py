@@ -20,7 +20,8 @@ Models (``LongRangeModule(polarizability=...)``):
   polarisability tensor are derivatives of one energy.  Open and fully
   periodic structures (mixed batches too): for periodic ones T is the
   tin-foil Ewald sum of the same Hessian, with the engine's Ewald parameters
-  (:mod:`latent_lr.electrostatics.dipole_ewald`), so that -T_ij is exactly
+  (:mod:`latent_lr.electrostatics.dipole_ewald`; particle-mesh Ewald from 300
+  atoms, :mod:`latent_lr.electrostatics.dipole_mesh`), so that -T_ij is exactly
   the Hessian block of the engine's Ewald energy with unit charges.  Slabs
   (pbc = (True, True, False)) use the engine's slab approach: the same sum in
   the vacuum-extended cell plus the Yeh–Berkowitz dipole term (issue 15 item 5).

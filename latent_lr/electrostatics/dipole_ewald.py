@@ -39,7 +39,8 @@ Accuracy: measured on a rattled 64-atom NaCl cell with random dipoles, the
 relative error of T p against accuracy 1e-13 is 1.7e-5, 4.9e-8 and 2.6e-10
 at accuracy 1e-4, 1e-6 and 1e-8, i.e. within the requested accuracy.
 The reciprocal sum is a plain (padded, batched) Ewald sum, O(N K) per
-product; there is no particle-mesh version for dipoles yet.
+product; ``method="pme"`` (or ``"auto"`` from :data:`~.coulomb.PME_MIN_ATOMS` atoms)
+sums it on a mesh instead (:mod:`.dipole_mesh`, O(N log N)).
 
 Slabs (pbc = (True, True, False)) follow the engine's slab approach
 (:mod:`.slab`): the tin-foil sum in the vacuum-extended cell of
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 
 from ..units import COULOMB_CONSTANT
+from .coulomb import PME_MIN_ATOMS
 from .dipole_mesh import DipoleMesh, dipole_mesh
 from .dipole_tensor import damped_dipole_tensor, dipole_field
 from .mesh_parameters import mesh_parameters
@@ -69,13 +71,11 @@ from .reciprocal import padding_groups
 from .setup_cache import ewald_setup
 from .slab import extend_slabs
 from .switching import switch_off
-
-#: Accepted ``method`` values of :func:`dipole_operator`.
-DIPOLE_METHODS = ("ewald", "pme", "auto")
-
-#: ``method="auto"``: PME from this many atoms per periodic structure (the engine's threshold for charges).
-PME_MIN_ATOMS = 300
 from .validation import Structures
+
+#: Accepted ``method`` values of :func:`dipole_operator` (``"auto"``: PME from the engine's
+#: :data:`~.coulomb.PME_MIN_ATOMS` atoms per periodic structure, as for charges).
+DIPOLE_METHODS = ("ewald", "pme", "auto")
 
 
 def switched_screened_dipole_tensor(
@@ -244,7 +244,7 @@ def dipole_operator(
             perpendicular to the plane, see :mod:`.slab`), or None: no slabs.
         method: reciprocal sum of periodic structures: ``"ewald"``, ``"pme"``
             (:mod:`.dipole_mesh`) or ``"auto"`` (PME from
-            :data:`~.coulomb.PME_MIN_ATOMS` atoms, as the engine).
+            :data:`~.coulomb.PME_MIN_ATOMS` atoms, as the engine for charges).
     """
     if method not in DIPOLE_METHODS:
         raise ValueError(f"dipole operator method must be one of {DIPOLE_METHODS}, got {method!r}.")
@@ -269,7 +269,8 @@ def dipole_operator(
         setups = {i: ewald_setup(cells_np[i], int(counts[i]), accuracy, float(sigma.detach())) for i in ewald_rows}
         params: dict[int, Any] = {i: s.parameters for i, s in setups.items()}
         for i in on_mesh:
-            lengths = tuple(float(x) for x in np.linalg.norm(cells_np[i], axis=1))
+            a, b, c = (float(x) for x in np.linalg.norm(cells_np[i], axis=1))
+            lengths = (a, b, c)
             volume = float(abs(np.linalg.det(cells_np[i])))
             params[i] = mesh_parameters(int(counts[i]), lengths, volume, accuracy, float(sigma.detach()))
         # where the smearing caps α (no real-space sum) use its own tensor, as the engine does
