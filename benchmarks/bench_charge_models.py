@@ -24,7 +24,9 @@ in for the host's), energy + forces by autograd, float64, on SPC/E-like water:
   the time.
 
 ``--iterations`` prints instead the CG iteration counts of one Qeq solve
-(random χ, J; rtol 1e-10) against the box size, Jacobi vs k-space preconditioner.
+(random χ, J; rtol 1e-10) against the box size, Jacobi vs k-space preconditioner;
+``--dipole-products`` the time of one periodic dipole-field product T p,
+Ewald vs PME (the operator built once, as in a CG solve).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from bench_long_range_overhead import water_box
 
 from latent_lr.data import AtomsBatch
+from latent_lr.electrostatics.dipole_ewald import dipole_operator
 from latent_lr.electrostatics.linear_solve import SolveStatistics
 from latent_lr.electrostatics.qeq import equilibrate_charges
 from latent_lr.long_range import LongRangeModule
@@ -131,6 +134,29 @@ def iteration_counts(args: argparse.Namespace) -> None:
         print(f"{n:>7}{length:>8.1f}{math.log(length):>7.2f}{row[0]:>8}{row[1]:>8}", flush=True)
 
 
+def dipole_products(args: argparse.Namespace) -> None:
+    print("Periodic dipole field T p (one product, operator built once), Ewald vs PME, ms; "
+          f"relative difference of the fields; accuracy {args.accuracy:g}")
+    print(f"{'N':>7}{'ewald':>10}{'pme':>10}{'ratio':>8}{'|ΔTp|/|Tp|':>13}")
+    for n_atoms in args.sizes:
+        data = batch_of(n_atoms, True, torch.float64)
+        n = data.positions.shape[0]
+        dipoles = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        fields, times = [], []
+        for method in ("ewald", "pme"):
+            operator = dipole_operator(
+                data.positions, data.cell, data.periodic, data.batch, torch.tensor(1.0, dtype=torch.float64),
+                args.accuracy, method=method,
+            )
+            operator.apply(dipoles)
+            start = time.perf_counter()
+            fields.append(operator.apply(dipoles))
+            times.append(time.perf_counter() - start)
+        difference = float((fields[1] - fields[0]).norm() / fields[0].norm())
+        print(f"{n:>7}{1e3 * times[0]:>10.1f}{1e3 * times[1]:>10.1f}{times[0] / times[1]:>8.1f}{difference:>13.1e}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[100, 300, 1000, 3000, 10000])
@@ -141,12 +167,15 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.005, help="random displacement per call, Å")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--iterations", action="store_true", help="print CG iteration counts vs box size instead")
+    parser.add_argument("--dipole-products", action="store_true", help="time periodic T p, Ewald vs PME, instead")
     args = parser.parse_args()
     if args.md_steps < 1:
         parser.error("--md-steps must be ≥ 1")
     torch.set_num_threads(args.threads)
     if args.iterations:
         iteration_counts(args)
+    elif args.dipole_products:
+        dipole_products(args)
     else:
         costs(args)
 

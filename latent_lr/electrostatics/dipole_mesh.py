@@ -26,6 +26,7 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .mesh import _influence, bspline_weights
+from .mesh_support import spline_support
 
 
 @dataclass
@@ -72,19 +73,11 @@ def dipole_mesh(
     device, dtype = positions.device, positions.dtype
     mesh = torch.tensor(shape, device=device)
     inverse = torch.linalg.inv(cell)
-    scaled = (positions[atoms] @ inverse) * mesh.to(dtype)
-    below = torch.floor(scaled.detach())
-    offset = scaled - below
+    offset, flat = spline_support(positions[atoms], inverse, shape, order)
     weights = bspline_weights(offset, order)  # (n, 3, p): M_p(t + j)
     lower = bspline_weights(offset, order - 1)  # (n, 3, p - 1): M_{p-1}(t + j)
     zero = torch.zeros_like(lower[..., :1])
     derivative = torch.cat([lower, zero], -1) - torch.cat([zero, lower], -1)  # M_p'(x) = M_{p-1}(x) - M_{p-1}(x-1)
-    steps = torch.arange(order, device=device)
-    index = torch.remainder(below.long()[:, :, None] - steps, mesh[None, :, None])
-    flat = (
-        index[:, 0, :, None, None] * (shape[1] * shape[2]) + index[:, 1, None, :, None] * shape[2]
-        + index[:, 2, None, None, :]
-    ).reshape(len(atoms), -1)
     w0, w1, w2 = weights[:, 0], weights[:, 1], weights[:, 2]
     d0, d1, d2 = derivative[:, 0], derivative[:, 1], derivative[:, 2]
     by_u = torch.stack([

@@ -41,6 +41,7 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .linear_solve import Preconditioner
 from .mesh import bspline_weights
+from .mesh_support import spline_support
 
 #: Mesh spacing of the preconditioner, Å (resolves the amplified modes, k ≲ 1.2 1/Å in water).
 MESH_SPACING = 2.0
@@ -119,18 +120,10 @@ def _structure_mesh(
 ) -> _StructureMesh:
     dtype, device = positions.dtype, positions.device
     lengths = cell.norm(dim=1).tolist()
-    shape = tuple(max(order, math.ceil(length / spacing)) for length in lengths)
-    mesh = torch.tensor(shape, device=device)
-    fractional = positions[atoms] @ torch.linalg.inv(cell)
-    scaled = fractional * mesh.to(dtype)
-    below = torch.floor(scaled)
-    weights = bspline_weights(scaled - below, order)  # (n, 3, p)
-    steps = torch.arange(order, device=device)
-    index = torch.remainder(below.long()[:, :, None] - steps, mesh[None, :, None])  # (n, 3, p)
-    flat = (
-        index[:, 0, :, None, None] * (shape[1] * shape[2]) + index[:, 1, None, :, None] * shape[2]
-        + index[:, 2, None, None, :]
-    ).reshape(len(atoms), -1)
+    k1, k2, k3 = (max(order, math.ceil(length / spacing)) for length in lengths)
+    shape = (k1, k2, k3)
+    offset, flat = spline_support(positions[atoms], torch.linalg.inv(cell), shape, order)
+    weights = bspline_weights(offset, order)  # (n, 3, p)
     product = (weights[:, 0, :, None, None] * weights[:, 1, None, :, None] * weights[:, 2, None, None, :]).reshape(
         len(atoms), -1
     )
