@@ -166,34 +166,6 @@ def solve_spd(
             operator found not to be positive definite.
         ConvergenceError: no convergence within ``max_iter`` (``on_failure="raise"``).
     """
-    spec = _make_spec(
-        matvec, rhs, operator_tensors, batch, total, diagonal, rtol, atol, max_iter, on_failure, preconditioner,
-        statistics,
-    )
-    if initial is not None:
-        if initial.shape != rhs.shape:
-            raise ValueError(f"initial has shape {tuple(initial.shape)}; expected rhs's shape {tuple(rhs.shape)}.")
-        if not bool(torch.isfinite(initial).all()):
-            raise ValueError("initial (the CG starting guess) has non-finite entries; pass None for a cold start.")
-        initial = initial.detach().to(rhs.dtype)
-    return _solve(spec, rhs, total, tuple(operator_tensors), initial)
-
-
-def _make_spec(
-    matvec: MatVec,
-    rhs: torch.Tensor,
-    operator_tensors: Sequence[torch.Tensor],
-    batch: Optional[torch.Tensor],
-    total: Optional[torch.Tensor],
-    diagonal: Optional[torch.Tensor],
-    rtol: Optional[float],
-    atol: float,
-    max_iter: int,
-    on_failure: str,
-    preconditioner: Optional[Preconditioner],
-    statistics: Optional[SolveStatistics],
-) -> _SolveSpec:
-    """Check the arguments of :func:`solve_spd` and bundle the non-tensor ones."""
     if rhs.ndim < 1 or rhs.shape[0] == 0:
         raise ValueError(f"rhs must have shape (N, ...) with N ≥ 1, got {tuple(rhs.shape)}.")
     if on_failure not in ("raise", "warn"):
@@ -223,7 +195,13 @@ def _make_spec(
     for index, tensor in enumerate(operator_tensors):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"operator_tensors[{index}] is a {type(tensor).__name__}; pass tensors only.")
-    return _SolveSpec(
+    if initial is not None:
+        if initial.shape != rhs.shape:
+            raise ValueError(f"initial has shape {tuple(initial.shape)}; expected rhs's shape {tuple(rhs.shape)}.")
+        if not bool(torch.isfinite(initial).all()):
+            raise ValueError("initial (the CG starting guess) has non-finite entries; pass None for a cold start.")
+        initial = initial.detach().to(rhs.dtype)
+    spec = _SolveSpec(
         matvec=matvec,
         batch=batch,
         n_groups=n_groups,
@@ -235,6 +213,7 @@ def _make_spec(
         preconditioner=preconditioner,
         statistics=statistics,
     )
+    return _solve(spec, rhs, total, tuple(operator_tensors), initial)
 
 
 def _solve(

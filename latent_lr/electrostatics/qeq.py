@@ -24,7 +24,9 @@ Stationarity, H q + χ + μ 1 = 0, gives the linear KKT system solved here:
   O(N²) engine pairs and O(N³) algebra, fully differentiable.
 * ``"cg"``: matrix-free conjugate gradients (:func:`latent_lr.electrostatics.linear_solve.solve_spd`),
   one engine energy-and-gradient per iteration (H v = J v + ∂E_coul/∂q at q = v),
-  implicit derivatives; no N×N matrix.
+  implicit derivatives; no N×N matrix.  Preconditioned by the k-space model of
+  :mod:`.kspace_preconditioner` for periodic structures (iteration counts grow
+  like log L instead of L) or by the diagonal; optionally warm-started.
 * ``"auto"``: dense for structures with at most :data:`DENSE_MAX_ATOMS` atoms,
   CG for larger ones (mixed batches are split).
 
