@@ -1,10 +1,14 @@
-"""Fast iterative solves (issue 15, item 5): warm starts.
+"""Fast iterative solves (issue 15, item 5): warm starts and the k-space preconditioner.
 
-A warm start may change how many CG iterations a solve takes, never its result:
-results and implicit gradients must equal the cold start's to the CG tolerance
-(references: the same solve from a cold start, and a numpy solve), and the
-iteration count must drop when the guess is the previous MD step's solution.
+A warm start or a preconditioner may change how many CG iterations a solve
+takes, never its result: results and implicit gradients must equal the cold,
+Jacobi-preconditioned or dense solve's to the CG tolerance (and a numpy KKT
+solve), the warm start must save iterations when the guess is the previous MD
+step's solution, and the k-space preconditioner must be SPD and stop the
+iteration count from growing like the box.
 """
+
+from dataclasses import replace as dataclass_replace
 
 import numpy as np
 import pytest
@@ -254,3 +258,37 @@ def test_kspace_preconditioned_qeq_equals_the_dense_solve_and_iterations_stop_gr
     assert large_kspace < 0.75 * large_jacobi, counts
     # doubling the box: Jacobi's count grows ~ L, the k-space one by far less
     assert large_kspace - small_kspace < 0.5 * (large_jacobi - small_jacobi), counts
+
+
+def test_kspace_preconditioner_in_a_mixed_batch_equals_solving_each_structure_alone():
+    from latent_lr.data import AtomsBatch as Batch
+
+    boxes = [water_like(12, seed=s) for s in (5, 6)]
+    cluster = water_like(8, seed=7)
+    open_cluster = Batch(
+        cluster.positions, cluster.numbers, torch.zeros(1, 3, 3, dtype=torch.float64),
+        torch.zeros(1, 3, dtype=torch.bool), cluster.batch, cluster.total_charge,
+    )
+    parts = [boxes[0], open_cluster, boxes[1]]
+    gen = torch.Generator().manual_seed(11)
+    parameters = [
+        (torch.randn(len(p.numbers), dtype=torch.float64, generator=gen),
+         1.0 + torch.rand(len(p.numbers), dtype=torch.float64, generator=gen))
+        for p in parts
+    ]
+    batch = torch.cat([torch.full((len(p.numbers),), i) for i, p in enumerate(parts)])
+    together = Batch(
+        torch.cat([p.positions for p in parts]), torch.cat([p.numbers for p in parts]),
+        torch.cat([p.cell for p in parts]), torch.cat([p.pbc for p in parts]), batch,
+        torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64),
+    )
+    chi = torch.cat([c for c, _ in parameters])
+    hardness = torch.cat([j for _, j in parameters])
+    charged, _ = qeq_charges(together, chi, hardness, "cg", "kspace")
+    reference = torch.cat([
+        qeq_charges(dataclass_replace(p, total_charge=torch.tensor([q], dtype=torch.float64)), c, j, "cg", "jacobi")[0]
+        for p, (c, j), q in zip(parts, parameters, (0.0, 1.0, -1.0))
+    ])
+    torch.testing.assert_close(charged, reference, rtol=0, atol=1e-8)
+    sums = torch.zeros(3, dtype=torch.float64).index_add(0, batch, charged)
+    torch.testing.assert_close(sums, torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64), rtol=0, atol=1e-10)
