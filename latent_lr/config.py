@@ -16,6 +16,7 @@ CHARGE_REDISTRIBUTIONS = ("learned", "uniform", "none")
 QEQ_SOLVERS = ("auto", "dense", "cg")
 POLARIZABILITY_MODES = ("none", "one_step", "self_consistent")
 POLARIZABILITY_SOLVERS = ("cg", "dense")
+QEQ_PRECONDITIONERS = ("kspace", "jacobi")
 
 
 def _option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None) -> Any:
@@ -68,6 +69,16 @@ class LongRangeConfig:
         False, "latent charges split into spin-up and spin-down channels: total charge and total spin 2S_z "
         "imposed by learned Fukui-like weights per channel, plus a learned local spin energy (needs "
         "charge_model='latent', charge_redistribution='learned')"
+    )
+    # Issue 15 item 5: fast solvers
+    solver_warm_start: bool = _option(
+        True, "start the Qeq and self-consistent-dipole CG solves from the last solution of the same structure "
+        "(same atomic numbers) kept in the run's engine state; results change only within the CG tolerance"
+    )
+    qeq_preconditioner: str = _option(
+        "kspace", "preconditioner of the Qeq CG: kspace (long-wavelength mesh model of the Coulomb operator for "
+        "periodic structures, Jacobi elsewhere; iteration counts stop growing with the box) or jacobi",
+        QEQ_PRECONDITIONERS,
     )
 
     def __post_init__(self) -> None:

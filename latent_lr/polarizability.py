@@ -20,9 +20,11 @@ Models (``LongRangeModule(polarizability=...)``):
   polarisability tensor are derivatives of one energy.  Open and fully
   periodic structures (mixed batches too): for periodic ones T is the
   tin-foil Ewald sum of the same Hessian, with the engine's Ewald parameters
-  (:mod:`latent_lr.electrostatics.dipole_ewald`), so that -T_ij is exactly
+  (:mod:`latent_lr.electrostatics.dipole_ewald`; particle-mesh Ewald from 300
+  atoms, :mod:`latent_lr.electrostatics.dipole_mesh`), so that -T_ij is exactly
   the Hessian block of the engine's Ewald energy with unit charges.  Slabs
-  raise :class:`NotImplementedError` (``"one_step"`` works there).
+  (pbc = (True, True, False)) use the engine's slab approach: the same sum in
+  the vacuum-extended cell plus the Yeh–Berkowitz dipole term (issue 15 item 5).
   Polarisabilities are smoothly capped below 0.9/c (c = k_e 4a³/(3√π),
   a = 1/(√2σ)), where I - S T S is provably positive definite, i.e. α' below
   ≈ 3.4 σ³ Å³: no polarisation catastrophe.  Raise σ to allow larger α'.
@@ -106,9 +108,11 @@ class PolarizabilityHead(nn.Module):
         return cls(feature_dim, config.polarizability_width, config.element_baseline)
 
     def induce(
-        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Induced dipoles (N, 3) e·Å and induction energies (B,) eV for polarisabilities α and field E⁰."""
+        """Induced dipoles (N, 3) e·Å and induction energies (B,) eV for polarisabilities α and field E⁰
+        (``engine_state``: the run's state, for warm starts of iterative solves)."""
         raise NotImplementedError
 
     def cap(self, smearing: torch.Tensor) -> Optional[torch.Tensor]:
@@ -141,7 +145,7 @@ class PolarizabilityHead(nn.Module):
         )
         if data.external_field is not None:
             field = field + data.external_field.to(field.dtype)[data.batch]
-        induced, energy = self.induce(alpha, field, data, smearing, accuracy)
+        induced, energy = self.induce(alpha, field, data, smearing, accuracy, engine_state)
         return {
             "induction_energy": energy,
             "induced_dipoles": induced,
@@ -155,45 +159,63 @@ class OneStepPolarizability(PolarizabilityHead):
     """p_i = α_i E⁰_i, U = -½ Σ α_i |E⁰_i|² (no dipole-dipole coupling); open, periodic and slabs."""
 
     def induce(
-        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return one_step_induction(alpha, field, data.batch, data.n_structures)
 
 
 class SelfConsistentPolarizability(PolarizabilityHead):
-    """p = α (E⁰ + T p), variational energy; open and fully periodic structures.
+    """p = α (E⁰ + T p), variational energy; open, fully periodic and slab structures.
 
-    Args: as :class:`PolarizabilityHead`, plus ``solver`` (``"cg"`` or ``"dense"``).
+    Args: as :class:`PolarizabilityHead`, plus ``solver`` (``"cg"`` or ``"dense"``) and
+    ``warm_start`` (start CG from the engine state's last dipoles of the same structure identity).
     """
 
-    def __init__(self, feature_dim: int, hidden_dim: int = 16, element_baseline: bool = True, solver: str = "cg"):
+    def __init__(
+        self, feature_dim: int, hidden_dim: int = 16, element_baseline: bool = True, solver: str = "cg",
+        warm_start: bool = True,
+    ):
         super().__init__(feature_dim, hidden_dim, element_baseline)
         if solver not in SOLVERS:
             raise ValueError(f"polarizability_solver must be one of {SOLVERS}, got {solver!r}.")
         self.solver = solver
+        self.warm_start = bool(warm_start)
 
     @classmethod
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "SelfConsistentPolarizability":
-        return cls(feature_dim, config.polarizability_width, config.element_baseline, config.polarizability_solver)
+        return cls(
+            feature_dim, config.polarizability_width, config.element_baseline, config.polarizability_solver,
+            warm_start=config.solver_warm_start,
+        )
 
     def cap(self, smearing: torch.Tensor) -> Optional[torch.Tensor]:
         return self_consistent_cap(smearing)
 
     def check(self, data: AtomsBatch) -> None:
-        if bool((data.pbc.any(dim=1) & ~data.periodic).any()):
+        if bool((data.pbc.any(dim=1) & ~data.periodic & ~data.slab).any()):
             raise NotImplementedError(
-                "polarizability='self_consistent' supports open and fully periodic structures; "
-                "the slab correction of the dipolar Ewald sum is not implemented. Use "
-                "polarizability='one_step' for slabs."
+                "polarizability='self_consistent' supports open, fully periodic and slab (pbc = (True, True, "
+                "False)) structures; other partial periodicities are not implemented. Use "
+                "polarizability='one_step' for them."
             )
 
     def induce(
-        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float
+        self, alpha: torch.Tensor, field: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+        engine_state: Optional[EngineState] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self_consistent_induction(
+        solve = None if engine_state is None or self.solver != "cg" else engine_state.solutions.begin(
+            "induction", data.numbers, data.batch, data.n_structures, field, warm=self.warm_start
+        )
+        induced, energy = self_consistent_induction(
             alpha, field, data.positions, data.batch, data.n_structures, smearing, self.solver,
             cell=data.cell, periodic=data.periodic, accuracy=accuracy,
+            initial=None if solve is None else solve.initial, statistics=None if solve is None else solve.statistics,
+            slab=data.slab,
         )
+        if solve is not None:
+            solve.finish(induced)
+        return induced, energy
 
 
 #: ``LongRangeConfig.polarizability`` -> model class (``"none"``: no polarisabilities).

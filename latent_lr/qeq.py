@@ -16,7 +16,7 @@ from .charges import MAX_ATOMIC_NUMBER, ChargeModel, feature_mlp
 from .config import LongRangeConfig
 from .data import AtomsBatch
 from .electrostatics import EngineState
-from .electrostatics.qeq import SOLVERS, equilibrate_charges, qeq_energy
+from .electrostatics.qeq import PRECONDITIONERS, SOLVERS, equilibrate_charges, qeq_energy
 
 #: Smallest hardness J (eV/e²) the head can predict, on top of the Gaussian self-energy.
 HARDNESS_FLOOR = 0.1
@@ -37,6 +37,9 @@ class QeqChargeHead(ChargeModel):
         element_baseline: add learned per-element offsets b_χ(Z), b_J(Z).
         solver: ``"auto"``, ``"dense"`` or ``"cg"`` (see :func:`equilibrate_charges`).
         hardness_floor: smallest J, eV/e² (> 0).
+        warm_start: start each CG solve from the engine state's last charges of the
+            same structure identity (:mod:`latent_lr.electrostatics.warm_start`).
+        preconditioner: CG preconditioner, ``"kspace"`` or ``"jacobi"`` (see :func:`equilibrate_charges`).
     """
 
     def __init__(
@@ -46,8 +49,14 @@ class QeqChargeHead(ChargeModel):
         element_baseline: bool = True,
         solver: str = "auto",
         hardness_floor: float = HARDNESS_FLOOR,
+        warm_start: bool = True,
+        preconditioner: str = "kspace",
     ):
         super().__init__()
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"qeq_preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}.")
+        self.warm_start = bool(warm_start)
+        self.preconditioner = preconditioner
         if solver not in SOLVERS:
             raise ValueError(f"qeq_solver must be one of {SOLVERS}, got {solver!r}.")
         if not hardness_floor > 0:
@@ -70,7 +79,10 @@ class QeqChargeHead(ChargeModel):
 
     @classmethod
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "QeqChargeHead":
-        return cls(feature_dim, config.hidden_dim, config.element_baseline, config.qeq_solver)
+        return cls(
+            feature_dim, config.hidden_dim, config.element_baseline, config.qeq_solver,
+            warm_start=config.solver_warm_start, preconditioner=config.qeq_preconditioner,
+        )
 
     def parameters_per_atom(self, features: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(χ (N,) eV/e, J (N,) eV/e²) before any field shift."""
@@ -101,8 +113,14 @@ class QeqChargeHead(ChargeModel):
         if field is not None and (field.requires_grad or bool((field != 0).any())):
             shifted = chi - (data.positions * field.to(chi.dtype)[data.batch]).sum(1)
         geometry = (data.positions, data.cell, data.pbc, data.batch)
+        solve = None if engine_state is None else engine_state.solutions.begin(
+            "qeq", data.numbers, data.batch, data.n_structures, chi, warm=self.warm_start
+        )
         charges = equilibrate_charges(
             shifted, hardness, *geometry, data.total_charge, smearing, accuracy=accuracy, solver=self.solver,
-            state=engine_state,
+            state=engine_state, initial=None if solve is None else solve.initial,
+            statistics=None if solve is None else solve.statistics, preconditioner=self.preconditioner,
         )
+        if solve is not None:
+            solve.finish(charges)
         return charges, qeq_energy(charges, chi, hardness, *geometry, smearing, accuracy, engine_state)

@@ -39,23 +39,43 @@ Accuracy: measured on a rattled 64-atom NaCl cell with random dipoles, the
 relative error of T p against accuracy 1e-13 is 1.7e-5, 4.9e-8 and 2.6e-10
 at accuracy 1e-4, 1e-6 and 1e-8, i.e. within the requested accuracy.
 The reciprocal sum is a plain (padded, batched) Ewald sum, O(N K) per
-product; there is no particle-mesh version for dipoles yet.
+product; ``method="pme"`` (or ``"auto"`` from :data:`~.coulomb.PME_MIN_ATOMS` atoms)
+sums it on a mesh instead (:mod:`.dipole_mesh`, O(N log N)).
+
+Slabs (pbc = (True, True, False)) follow the engine's slab approach
+(:mod:`.slab`): the tin-foil sum in the vacuum-extended cell of
+:func:`.slab.extend_slabs` plus the Yeh–Berkowitz dipole term
+E_c = (2π k_e/V) M_z², M_z = Σ_j p_j·n̂ (n̂ the plane's normal, V the extended
+volume) of the point dipoles, whose field adds −(4π k_e/V) n̂ (Σ_j p_j·n̂) to
+(T p)_i: the same term that the engine's slab correction gives for charges, so
+that −T_ij stays the Hessian block of the engine's slab energy with unit charges.
+The term is negative semi-definite, so the catastrophe bound still holds.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..units import COULOMB_CONSTANT
+from .coulomb import PME_MIN_ATOMS
+from .dipole_mesh import DipoleMesh, dipole_mesh
 from .dipole_tensor import damped_dipole_tensor, dipole_field
+from .mesh_parameters import mesh_parameters
 from .pairs import PairList, all_pairs_within, periodic_pairs_within_cutoff
 from .reciprocal import padding_groups
 from .setup_cache import ewald_setup
+from .slab import extend_slabs
 from .switching import switch_off
+from .validation import Structures
+
+#: Accepted ``method`` values of :func:`dipole_operator` (``"auto"``: PME from the engine's
+#: :data:`~.coulomb.PME_MIN_ATOMS` atoms per periodic structure, as for charges).
+DIPOLE_METHODS = ("ewald", "pme", "auto")
 
 
 def switched_screened_dipole_tensor(
@@ -135,15 +155,30 @@ class DipoleOperator:
     tensors: torch.Tensor
     groups: list[_ReciprocalGroup]
     self_coefficient: torch.Tensor
+    #: Slabs: (N, 3) unit normal of each atom's plane (zero rows elsewhere), (N,) 4π k_e/V, (N,) structure index.
+    slab_normals: Optional[torch.Tensor] = None
+    slab_weight: Optional[torch.Tensor] = None
+    batch: Optional[torch.Tensor] = None
+    #: Periodic structures whose reciprocal part is summed on a mesh (method "pme").
+    meshes: tuple[DipoleMesh, ...] = ()
 
     def detach(self) -> "DipoleOperator":
         return DipoleOperator(
-            self.pairs, self.tensors.detach(), [g.detach() for g in self.groups], self.self_coefficient.detach()
+            self.pairs, self.tensors.detach(), [g.detach() for g in self.groups], self.self_coefficient.detach(),
+            None if self.slab_normals is None else self.slab_normals.detach(),
+            None if self.slab_weight is None else self.slab_weight.detach(),
+            self.batch, tuple(m.detach() for m in self.meshes),
         )
 
     def apply(self, dipoles: torch.Tensor) -> torch.Tensor:
         """(N, 3) field (T p)_i, V/Å, of dipoles (N, 3), e·Å."""
         field = dipole_field(dipoles, self.pairs, self.tensors) + self.self_coefficient[:, None] * dipoles
+        if self.slab_normals is not None and self.slab_weight is not None and self.batch is not None:
+            along = (dipoles * self.slab_normals).sum(1)
+            moment = along.new_zeros(int(self.batch.max()) + 1).index_add(0, self.batch, along)  # M_z per structure
+            field = field - (self.slab_weight * moment[self.batch])[:, None] * self.slab_normals
+        for mesh in self.meshes:
+            field = field.index_add(0, mesh.atoms, mesh.field(dipoles[mesh.atoms]))
         for g in self.groups:
             padded = dipoles[g.atoms] * g.mask[..., None]  # (R, S, 3)
             kp = torch.bmm(padded, g.k_vectors.transpose(1, 2))  # (R, S, K): k·p_j
@@ -162,6 +197,19 @@ class DipoleOperator:
         diagonal = torch.arange(n_atoms, device=blocks.device)
         eye = torch.eye(3, dtype=blocks.dtype, device=blocks.device)
         blocks = blocks.index_put((diagonal, diagonal), self.self_coefficient[:, None, None] * eye, accumulate=True)
+        for mesh in self.meshes:  # column by column: dense is a reference for small cells
+            n_mesh = len(mesh.atoms)
+            unit = torch.eye(3 * n_mesh, dtype=blocks.dtype, device=blocks.device).reshape(3 * n_mesh, n_mesh, 3)
+            columns = torch.stack([mesh.field(u) for u in unit])  # (3n, n, 3): column (j, b) -> field (i, a)
+            block = columns.reshape(n_mesh, 3, n_mesh, 3).permute(2, 0, 3, 1)  # (i, j, a, b)
+            index = mesh.atoms
+            blocks = blocks.index_put(
+                (index[:, None].expand(n_mesh, n_mesh), index[None, :].expand(n_mesh, n_mesh)), block, accumulate=True
+            )
+        if self.slab_normals is not None and self.slab_weight is not None and self.batch is not None:
+            same = (self.batch[:, None] == self.batch[None, :]).to(blocks.dtype)
+            outer = self.slab_normals[:, None, :, None] * self.slab_normals[None, :, None, :]  # (N, N, 3, 3)
+            blocks = blocks - (same * self.slab_weight[:, None])[:, :, None, None] * outer
         for g in self.groups:
             kk = g.k_vectors[:, :, :, None] * g.k_vectors[:, :, None, :]  # (R, K, 3, 3)
             cc = torch.einsum("rsk,rtk,rk,rkab->rstab", g.cos, g.cos, g.weight, kk)
@@ -180,17 +228,28 @@ def dipole_operator(
     batch: torch.Tensor,
     smearing: torch.Tensor,
     accuracy: float,
+    slab: Optional[torch.Tensor] = None,
+    method: str = "ewald",
 ) -> DipoleOperator:
-    """Build T for a batch of open (direct sum) and fully periodic (Ewald, tin-foil) structures.
+    """Build T for a batch of open (direct sum), fully periodic (Ewald, tin-foil) and slab structures.
 
     Args:
         positions: (N, 3) Å; cell: (B, 3, 3) Å (both may carry gradients).
-        periodic: (B,) bool, fully periodic structures (the others are open).
+        periodic: (B,) bool, fully periodic structures (the others are open or slabs).
         batch: (N,) sorted structure index.
         smearing: σ > 0, Å (scalar tensor).
         accuracy: Ewald accuracy; the parameters are those of the charge sum
             (:func:`.setup_cache.ewald_setup`).
+        slab: (B,) bool, slabs (pbc = (True, True, False); third cell vector
+            perpendicular to the plane, see :mod:`.slab`), or None: no slabs.
+        method: reciprocal sum of periodic structures: ``"ewald"``, ``"pme"``
+            (:mod:`.dipole_mesh`) or ``"auto"`` (PME from
+            :data:`~.coulomb.PME_MIN_ATOMS` atoms, as the engine for charges).
     """
+    if method not in DIPOLE_METHODS:
+        raise ValueError(f"dipole operator method must be one of {DIPOLE_METHODS}, got {method!r}.")
+    if slab is not None and bool(slab.any()):
+        return _slab_operator(positions, cell, periodic, batch, smearing, accuracy, slab, method)
     n_structures = cell.shape[0]
     dtype, device = positions.dtype, positions.device
     counts = torch.bincount(batch, minlength=n_structures)
@@ -201,11 +260,19 @@ def dipole_operator(
     pair_lists = [open_pairs]
     self_coefficient = positions.new_zeros(positions.shape[0])
     groups: list[_ReciprocalGroup] = []
+    meshes: tuple[DipoleMesh, ...] = ()
     rows = torch.nonzero(periodic).flatten().tolist()
     if rows:
         cells_np = cell.detach().cpu().double().numpy()
-        setups = {i: ewald_setup(cells_np[i], int(counts[i]), accuracy, float(sigma.detach())) for i in rows}
-        params = {i: s.parameters for i, s in setups.items()}
+        on_mesh = [i for i in rows if method == "pme" or (method == "auto" and int(counts[i]) >= PME_MIN_ATOMS)]
+        ewald_rows = [i for i in rows if i not in on_mesh]
+        setups = {i: ewald_setup(cells_np[i], int(counts[i]), accuracy, float(sigma.detach())) for i in ewald_rows}
+        params: dict[int, Any] = {i: s.parameters for i, s in setups.items()}
+        for i in on_mesh:
+            a, b, c = (float(x) for x in np.linalg.norm(cells_np[i], axis=1))
+            lengths = (a, b, c)
+            volume = float(abs(np.linalg.det(cells_np[i])))
+            params[i] = mesh_parameters(int(counts[i]), lengths, volume, accuracy, float(sigma.detach()))
         # where the smearing caps α (no real-space sum) use its own tensor, as the engine does
         zero = positions.new_zeros(())
         alpha_structure = torch.stack([
@@ -227,14 +294,44 @@ def dipole_operator(
             pair_lists.append(real)
         c_alpha = COULOMB_CONSTANT * 4.0 * alpha_structure**3 / (3.0 * math.sqrt(math.pi))
         self_coefficient = torch.where(periodic[batch], c_alpha[batch], self_coefficient)
-        groups = _reciprocal_groups(positions, cell, batch, counts, rows, setups, alpha_structure)
+        if ewald_rows:
+            groups = _reciprocal_groups(positions, cell, batch, counts, ewald_rows, setups, alpha_structure)
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        meshes = tuple(
+            dipole_mesh(
+                positions, cell[i], torch.arange(starts[i], starts[i] + int(counts[i]), device=device),
+                alpha_structure[i], params[i].mesh, params[i].order,
+            )
+            for i in on_mesh
+        )
     pairs = PairList(
         first=torch.cat([p.first for p in pair_lists]),
         second=torch.cat([p.second for p in pair_lists]),
         shifts=torch.cat([p.shifts for p in pair_lists]),
         structure=torch.cat([p.structure for p in pair_lists]),
     )
-    return DipoleOperator(pairs, torch.cat(tensors), groups, self_coefficient)
+    return DipoleOperator(pairs, torch.cat(tensors), groups, self_coefficient, meshes=meshes)
+
+
+def _slab_operator(
+    positions: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor, batch: torch.Tensor, smearing: torch.Tensor,
+    accuracy: float, slab: torch.Tensor, method: str = "ewald",
+) -> DipoleOperator:
+    """T with slabs: the tin-foil sum in the engine's vacuum-extended cells plus the Yeh–Berkowitz dipole term."""
+    n_structures = cell.shape[0]
+    counts = torch.bincount(batch, minlength=n_structures)
+    pbc = torch.stack([periodic | slab, periodic | slab, periodic], dim=1)
+    structures = Structures(
+        positions, positions.new_zeros(positions.shape[0]), cell, pbc, batch, n_structures, counts, periodic, slab
+    )
+    extended = extend_slabs(structures, accuracy)
+    operator = dipole_operator(positions, extended.cell, extended.periodic, batch, smearing, accuracy, method=method)
+    third = extended.cell[:, 2]
+    normals = torch.where(slab[:, None], third / third.norm(dim=1, keepdim=True).clamp_min(1e-300), torch.zeros_like(third))
+    volume = torch.linalg.det(extended.cell).abs()
+    weight = torch.where(slab, 4.0 * math.pi * COULOMB_CONSTANT / torch.where(slab, volume, torch.ones_like(volume)),
+                         torch.zeros_like(volume))
+    return replace(operator, slab_normals=normals[batch], slab_weight=weight[batch], batch=batch)
 
 
 def _reciprocal_groups(positions, cell, batch, counts, rows, setups, alpha_structure) -> list[_ReciprocalGroup]:

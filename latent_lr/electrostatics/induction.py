@@ -12,7 +12,7 @@ import torch
 
 from .dipole_ewald import DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
-from .linear_solve import solve_spd
+from .linear_solve import SolveStatistics, solve_spd
 
 SOLVERS = ("cg", "dense")
 
@@ -55,8 +55,12 @@ def self_consistent_induction(
     cell: Optional[torch.Tensor] = None,
     periodic: Optional[torch.Tensor] = None,
     accuracy: float = 1e-6,
+    initial: Optional[torch.Tensor] = None,
+    statistics: Optional[SolveStatistics] = None,
+    slab: Optional[torch.Tensor] = None,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve p = α (E⁰ + T p) for open and fully periodic structures; U = -½ Σ p·E⁰.
+    """Solve p = α (E⁰ + T p) for open, fully periodic and slab structures; U = -½ Σ p·E⁰.
 
     Args:
         alpha: (N,) e·Å²/V, below :func:`catastrophe_free_polarizability`.
@@ -71,6 +75,13 @@ def self_consistent_induction(
         periodic: (B,) bool, fully periodic structures (tin-foil Ewald sum of T,
             :mod:`latent_lr.electrostatics.dipole_ewald`); None: all open.
         accuracy: Ewald accuracy of the periodic T (the engine's parameters).
+        initial: (N, 3) e·Å, starting dipoles of the CG solve (a warm start, e.g.
+            the previous MD step's dipoles; any values are safe), None: cold start.
+        statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
+        slab: (B,) bool, slabs (pbc = (True, True, False)): T with the engine's slab
+            approach (:mod:`latent_lr.electrostatics.dipole_ewald`); None: no slabs.
+        method: reciprocal sum of periodic T: ``"auto"`` (PME from 300 atoms, as the
+            engine for charges), ``"ewald"`` or ``"pme"`` (:mod:`latent_lr.electrostatics.dipole_mesh`).
 
     Returns:
         induced dipoles (N, 3) e·Å and energies (B,) eV.
@@ -81,7 +92,7 @@ def self_consistent_induction(
         cell = positions.new_zeros(n_structures, 3, 3)
     if periodic is None:
         periodic = torch.zeros(n_structures, dtype=torch.bool, device=positions.device)
-    operator = dipole_operator(positions, cell, periodic, batch, smearing, accuracy)
+    operator = dipole_operator(positions, cell, periodic, batch, smearing, accuracy, slab, method)
     scale = alpha.clamp_min(1e-30).sqrt()[:, None]
     rhs = scale * field
 
@@ -95,21 +106,25 @@ def self_consistent_induction(
         matrix = matrix - flat_scale[:, None] * operator.dense(n_atoms) * flat_scale[None, :]
         x = torch.linalg.solve(matrix, rhs.reshape(-1)).reshape(n_atoms, 3)
     else:
-        x = _conjugate_gradients(matvec, scale, rhs, operator, batch, tolerance)
+        start = None if initial is None else initial.detach() / scale.detach()
+        x = _conjugate_gradients(matvec, scale, rhs, operator, batch, tolerance, start, statistics)
     atom_energy = (x * (0.5 * matvec(x) - rhs)).sum(dim=1)
     return scale * x, per_structure(atom_energy, batch, n_structures)
 
 
 def _conjugate_gradients(
-    matvec, scale: torch.Tensor, rhs: torch.Tensor, operator: DipoleOperator, batch: torch.Tensor, tolerance: float
+    matvec, scale: torch.Tensor, rhs: torch.Tensor, operator: DipoleOperator, batch: torch.Tensor, tolerance: float,
+    initial: Optional[torch.Tensor] = None, statistics: Optional[SolveStatistics] = None,
 ) -> torch.Tensor:
     """x = (I - S T S)⁻¹ S E⁰ by the shared batched CG (:func:`latent_lr.linear_solve.solve_spd`).
 
     The operator is handed to the solver as constants and every dependence on
     positions, cell, charges and polarisabilities is carried by the right-hand side
     of one correction solve, x = x̄ + M̄⁻¹(b - M x̄) with x̄ the converged
-    solution: the value is x̄ and the first derivatives are the exact implicit
-    ones, dx = M⁻¹(db - dM x).  Because the energy is evaluated in its
+    solution (the warm-started one when ``initial`` is given): the value is x̄
+    refined once more, so it does not depend on the start to well below the
+    tolerance, and the first derivatives are the exact implicit ones,
+    dx = M⁻¹(db - dM x).  Because the energy is evaluated in its
     variational form (∂U/∂x = 0), first derivatives of x are all that forces,
     their parameter gradients (training on forces), BECs and the polarisability
     tensor need.
@@ -120,6 +135,10 @@ def _conjugate_gradients(
         return x - constant_scale * constant_operator.apply(constant_scale * x)
 
     with torch.no_grad():
-        solution = solve_spd(constant_matvec, rhs.detach(), batch=batch, rtol=tolerance)
+        solution = solve_spd(
+            constant_matvec, rhs.detach(), batch=batch, rtol=tolerance, initial=initial, statistics=statistics
+        )
     residual = rhs - matvec(solution)
-    return solution + solve_spd(constant_matvec, residual, batch=batch, rtol=tolerance, atol=1e-300)
+    return solution + solve_spd(
+        constant_matvec, residual, batch=batch, rtol=tolerance, atol=1e-300, statistics=statistics
+    )

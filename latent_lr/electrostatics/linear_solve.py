@@ -40,12 +40,29 @@ Every tensor ``H`` depends on with a gradient must be passed in
 Optionally ``matvec.frozen(*operator_tensors)`` returns a faster ``v ↦ H v`` for
 fixed (detached) operator tensors, e.g. one that reuses a retained graph; the CG
 iterations use it and drop it when the solve returns.
+
+Fast solves (all optional, none changes the solution beyond the tolerance):
+
+* ``initial``: a starting guess (e.g. the previous MD step's solution, a warm
+  start).  It is first moved onto the constraint set along P⁻¹1, so any guess is
+  safe.  Only the forward solve starts there; the adjoint solves of the backward
+  pass start from their own preconditioned right-hand side, and the implicit
+  derivatives dx = H⁻¹(db − dH x̄) do not depend on where CG started.
+* ``preconditioner``: any fixed symmetric positive-definite approximation
+  ``r ↦ P⁻¹ r`` of H⁻¹ (block diagonal over structures), e.g. the k-space
+  preconditioner of :mod:`.kspace_preconditioner`; it replaces the Jacobi
+  ``diagonal``.  With a total constraint the constraint preconditioner becomes
+  ``z = P⁻¹r − w (1ᵀP⁻¹r)/(1ᵀw)``, w = P⁻¹1, which reduces to the one above for
+  diagonal P.
+* ``statistics``: a :class:`SolveStatistics` that records the iteration count of
+  every CG run (forward, then each adjoint solve).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -57,6 +74,22 @@ DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, 
 DEFAULT_MAX_ITER = 1000
 
 MatVec = Callable[..., torch.Tensor]
+
+#: ``r ↦ P⁻¹ r`` on (N, ...) rows: a fixed SPD approximate inverse of H, block diagonal over structures.
+Preconditioner = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SolveStatistics:
+    """Iteration counts of the CG runs of one or more :func:`solve_spd` calls.
+
+    Attributes:
+        iterations: one entry per CG run, in call order (the forward solve, then
+            any adjoint solves of the backward pass): the iterations of the
+            slowest structure.
+    """
+
+    iterations: list[int] = field(default_factory=list)
 
 
 class ConvergenceError(RuntimeError):
@@ -76,6 +109,10 @@ class _SolveSpec:
     atol: float
     max_iter: int
     on_failure: str
+    preconditioner: Optional[Preconditioner] = None
+    statistics: Optional[SolveStatistics] = None
+    #: Tolerance relative to the full ‖b‖ instead of the projected ‖P b‖ (adjoint solves, see ``backward``).
+    full_reference: bool = False
 
 
 def solve_spd(
@@ -91,6 +128,9 @@ def solve_spd(
     max_iter: int = DEFAULT_MAX_ITER,
     on_failure: str = "raise",
     constrained: Optional[torch.Tensor] = None,
+    initial: Optional[torch.Tensor] = None,
+    preconditioner: Optional[Preconditioner] = None,
+    statistics: Optional[SolveStatistics] = None,
 ) -> torch.Tensor:
     """Solve ``H x = b`` (optionally with ``Σ_{i∈g} x_i = total_g``) by batched CG.
 
@@ -109,7 +149,8 @@ def solve_spd(
             preconditioner (not differentiated); None means the identity.
         rtol: stop a structure when ‖P r‖ ≤ rtol·max(‖P b‖, ‖P r₀‖) + atol, with
             r the residual and P the projection onto the constraint subspace
-            (identity without a constraint).  Default: 1e-10 in float64, 1e-5 in
+            (identity without a constraint); the adjoint solves of the backward
+            pass use the full ‖g‖ in place of ‖P g‖.  Default: 1e-10 in float64, 1e-5 in
             float32.
         atol: absolute residual floor (units of b).
         max_iter: iteration cap per solve (forward and each adjoint solve).
@@ -119,6 +160,10 @@ def solve_spd(
         constrained: bool mask of shape ``rhs.shape[1:]``, the trailing
             components that ``total`` constrains (None: all of them); the
             entries of ``total`` outside the mask are ignored.
+        initial: (N, ...) starting guess of the forward solve (a warm start), not
+            differentiated; it need not meet the constraint.  None: P⁻¹b.
+        preconditioner: ``r ↦ P⁻¹ r`` for a fixed SPD P ≈ H, replacing ``diagonal``.
+        statistics: records the iteration count of every CG run of this solve.
 
     Returns:
         x, (N, ...), with the dtype and device of ``rhs``.
@@ -167,6 +212,12 @@ def solve_spd(
     for index, tensor in enumerate(operator_tensors):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"operator_tensors[{index}] is a {type(tensor).__name__}; pass tensors only.")
+    if initial is not None:
+        if initial.shape != rhs.shape:
+            raise ValueError(f"initial has shape {tuple(initial.shape)}; expected rhs's shape {tuple(rhs.shape)}.")
+        if not bool(torch.isfinite(initial).all()):
+            raise ValueError("initial (the CG starting guess) has non-finite entries; pass None for a cold start.")
+        initial = initial.detach().to(rhs.dtype)
     spec = _SolveSpec(
         matvec=matvec,
         batch=batch,
@@ -177,12 +228,15 @@ def solve_spd(
         atol=float(atol),
         max_iter=int(max_iter),
         on_failure=on_failure,
+        preconditioner=preconditioner,
+        statistics=statistics,
     )
-    return _solve(spec, rhs, total, tuple(operator_tensors))
+    return _solve(spec, rhs, total, tuple(operator_tensors), initial)
 
 
 def _solve(
-    spec: _SolveSpec, rhs: torch.Tensor, total: Optional[torch.Tensor], operators: tuple[torch.Tensor, ...]
+    spec: _SolveSpec, rhs: torch.Tensor, total: Optional[torch.Tensor], operators: tuple[torch.Tensor, ...],
+    initial: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x̄ from CG, plus a zero-valued correction that carries the exact implicit derivatives.
 
@@ -195,7 +249,7 @@ def _solve(
     frozen = getattr(spec.matvec, "frozen", None)
     with torch.no_grad():
         apply = frozen(*detached) if frozen is not None else (lambda v: spec.matvec(v, *detached))
-        solution = _conjugate_gradients(spec, apply, rhs.detach(), None if total is None else total.detach())
+        solution = _conjugate_gradients(spec, apply, rhs.detach(), None if total is None else total.detach(), initial)
     del apply
     tracked = [rhs, *operators] + ([] if total is None else [total])
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
@@ -228,7 +282,10 @@ class _ImplicitCorrection(torch.autograd.Function):
         output, *operators = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()
         zero_total = grad_output.new_zeros(spec.n_groups, *grad_output.shape[1:]) if ctx.has_total else None
-        adjoint = _solve(spec, grad_output, zero_total, tuple(operators))
+        # The adjoint's tolerance is relative to the whole ‖g‖, the scale of the gradients it feeds (∂L/∂c = ν
+        # carries g's component along 1).  For a loss stationary on the constraint set, e.g. the Qeq energy, g is
+        # along 1 up to the forward residual, λ ≈ 0 and no iteration is spent on that round-off.
+        adjoint = _solve(dataclasses.replace(spec, full_reference=True), grad_output, zero_total, tuple(operators))
 
         grad_total = None
         if ctx.has_total and ctx.needs_input_grad[2]:
@@ -276,17 +333,27 @@ def _per_row(values: torch.Tensor, like: torch.Tensor, spec: _SolveSpec) -> torc
 
 
 def _conjugate_gradients(
-    spec: _SolveSpec, apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, total: Optional[torch.Tensor]
+    spec: _SolveSpec, apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, total: Optional[torch.Tensor],
+    initial: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Batched preconditioned CG; returns x (N, ...) without a graph."""
-    inverse_diagonal = torch.ones_like(rhs) if spec.diagonal is None else 1.0 / spec.diagonal.to(rhs.dtype)
-    inverse_weight = None if total is None else _group_sum(inverse_diagonal, spec)
+    if spec.preconditioner is not None:
+        apply_inverse = spec.preconditioner
+    else:
+        inverse_diagonal = torch.ones_like(rhs) if spec.diagonal is None else 1.0 / spec.diagonal.to(rhs.dtype)
+
+        def apply_inverse(residual: torch.Tensor) -> torch.Tensor:
+            return inverse_diagonal * residual
+
+    # w = P⁻¹1 and 1ᵀw per structure: the constraint direction of the preconditioner.
+    constraint_direction = None if total is None else apply_inverse(torch.ones_like(rhs))
+    inverse_weight = None if constraint_direction is None else _group_sum(constraint_direction, spec)
 
     def precondition(residual: torch.Tensor) -> torch.Tensor:
-        scaled = inverse_diagonal * residual
-        if inverse_weight is None:  # no total constraint
+        scaled = apply_inverse(residual)
+        if constraint_direction is None or inverse_weight is None:  # no total constraint
             return scaled
-        return scaled - inverse_diagonal * _constrained(_group_sum(scaled, spec) / inverse_weight, spec)[spec.batch]
+        return scaled - constraint_direction * _constrained(_group_sum(scaled, spec) / inverse_weight, spec)[spec.batch]
 
     def project(residual: torch.Tensor) -> torch.Tensor:
         if total is None:
@@ -299,22 +366,31 @@ def _conjugate_gradients(
         projected = project(residual)
         return _group_dot(projected, projected, spec).sqrt()
 
-    x = precondition(rhs)
-    if total is not None and inverse_weight is not None:
-        x = x + inverse_diagonal * _constrained(total / inverse_weight, spec)[spec.batch]
+    if initial is None:
+        x = precondition(rhs)
+        if total is not None and constraint_direction is not None and inverse_weight is not None:
+            x = x + constraint_direction * _constrained(total / inverse_weight, spec)[spec.batch]
+    elif total is not None and constraint_direction is not None and inverse_weight is not None:
+        shift = _constrained((total - _group_sum(initial, spec)) / inverse_weight, spec)
+        x = initial + constraint_direction * shift[spec.batch]
+    else:
+        x = initial.clone()
     # Only the projected residual matters (its component along 1 is absorbed by the
     # multiplier), so it is kept projected: r·z then has no round-off from that part.
     residual = project(rhs - apply(x))
     full_norm = _group_dot(rhs, rhs, spec).sqrt()
     roundoff = 10.0 * torch.finfo(rhs.dtype).eps * full_norm
-    threshold = spec.rtol * torch.maximum(norm(rhs), norm(residual)) + spec.atol + roundoff
+    reference = full_norm if spec.full_reference else norm(rhs)
+    threshold = spec.rtol * torch.maximum(reference, norm(residual)) + spec.atol + roundoff
     residual_norm = norm(residual)
     z = precondition(residual)
     direction = z
     rz = _group_dot(residual, z, spec)
-    for _ in range(spec.max_iter):
+    for iteration in range(spec.max_iter):
         active = residual_norm > threshold
         if not bool(active.any()):
+            if spec.statistics is not None:
+                spec.statistics.iterations.append(iteration)
             return x
         product = apply(direction)
         curvature = _group_dot(direction, product, spec)
@@ -332,6 +408,8 @@ def _conjugate_gradients(
         direction = z + _per_row(beta, x, spec) * direction
         rz = rz_new
         residual_norm = norm(residual)
+    if spec.statistics is not None:
+        spec.statistics.iterations.append(spec.max_iter)
     failed = residual_norm > threshold
     if bool(failed.any()):
         worst = int(torch.argmax(torch.where(failed, residual_norm / threshold.clamp_min(1e-300), 0.0)))

@@ -24,7 +24,9 @@ Stationarity, H q + χ + μ 1 = 0, gives the linear KKT system solved here:
   O(N²) engine pairs and O(N³) algebra, fully differentiable.
 * ``"cg"``: matrix-free conjugate gradients (:func:`latent_lr.electrostatics.linear_solve.solve_spd`),
   one engine energy-and-gradient per iteration (H v = J v + ∂E_coul/∂q at q = v),
-  implicit derivatives; no N×N matrix.
+  implicit derivatives; no N×N matrix.  Preconditioned by the k-space model of
+  :mod:`.kspace_preconditioner` for periodic structures (iteration counts grow
+  like log L instead of L) or by the diagonal; optionally warm-started.
 * ``"auto"``: dense for structures with at most :data:`DENSE_MAX_ATOMS` atoms,
   CG for larger ones (mixed batches are split).
 
@@ -44,12 +46,17 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .coulomb import coulomb_energy
-from .linear_solve import solve_spd
+from .kspace_preconditioner import kspace_preconditioner
+from .linear_solve import SolveStatistics, solve_spd
 from .state import EngineState
 from .validation import require_autograd
 
 #: Accepted ``solver`` values.
 SOLVERS = ("auto", "dense", "cg")
+
+#: Accepted CG ``preconditioner`` values: k-space (:mod:`.kspace_preconditioner`, periodic structures;
+#: Jacobi elsewhere) or Jacobi (the diagonal) everywhere.
+PRECONDITIONERS = ("kspace", "jacobi")
 
 #: ``"auto"`` solves structures with at most this many atoms densely, larger
 #: ones by CG.  Measured crossover on 1 CPU thread (README): about 40 (open) and
@@ -202,12 +209,18 @@ def _dense_charges(
 def _cg_charges(
     electronegativity: torch.Tensor, hardness: torch.Tensor, geometry: _Geometry, positions: torch.Tensor,
     cell: torch.Tensor, total_charge: torch.Tensor, smearing: torch.Tensor, rtol: Optional[float], max_iter: int,
+    initial: Optional[torch.Tensor] = None, statistics: Optional[SolveStatistics] = None,
+    preconditioner: str = "kspace",
 ) -> torch.Tensor:
     """Matrix-free constrained CG with implicit derivatives; (N,) e."""
     diagonal = (hardness + gaussian_self_hardness(smearing)).detach()
+    inverse = None
+    if preconditioner == "kspace" and bool(geometry.pbc.all(dim=1).any()):
+        inverse = kspace_preconditioner(positions, cell, geometry.pbc, geometry.batch, diagonal, smearing)
     return solve_spd(
         geometry, -electronegativity, (positions, cell, smearing, hardness),
         batch=geometry.batch, total=total_charge, diagonal=diagonal, rtol=rtol, max_iter=max_iter,
+        initial=initial, statistics=statistics, preconditioner=inverse,
     )
 
 
@@ -240,6 +253,9 @@ def equilibrate_charges(
     rtol: Optional[float] = None,
     max_iter: int = 1000,
     state: Optional[EngineState] = None,
+    initial: Optional[torch.Tensor] = None,
+    statistics: Optional[SolveStatistics] = None,
+    preconditioner: str = "kspace",
 ) -> torch.Tensor:
     """Qeq charges q* = argmin E(q) subject to Σ_{i∈b} q_i = Q_b, (N,) e.
 
@@ -256,6 +272,12 @@ def equilibrate_charges(
             :func:`latent_lr.electrostatics.linear_solve.solve_spd`; CG raises
             :class:`~latent_lr.electrostatics.linear_solve.ConvergenceError` if not converged).
         state: the run's :class:`~.state.EngineState` for the engine calls (None: no mutable state).
+        initial: (N,) e, starting charges of the CG solves (a warm start, e.g. the
+            previous MD step's charges; any values are safe), None: cold start.
+            The dense solver ignores it.
+        statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
+        preconditioner: CG preconditioner, one of :data:`PRECONDITIONERS` (``"kspace"``:
+            iteration counts that do not grow with the box for periodic structures).
 
     Differentiable (first and second derivatives) in χ, J, positions, cell, σ
     and Q.
@@ -263,6 +285,8 @@ def equilibrate_charges(
     if solver not in SOLVERS:
         raise ValueError(f"Qeq solver must be one of {SOLVERS}, got {solver!r}.")
     require_autograd("charge equilibration (Qeq)")
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"Qeq preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}.")
     if not bool((hardness > 0).all()):
         raise ValueError("Qeq hardness J must be > 0 eV/e² for every atom (the energy must be convex).")
     smearing = torch.as_tensor(smearing, dtype=positions.dtype, device=positions.device)
@@ -292,7 +316,11 @@ def equilibrate_charges(
         geometry = _Geometry(_pick(pbc, structures), sub_batch, int(mask.sum()), accuracy, state)
         picked = (_pick(cell, structures), _pick(total_charge, structures))
         args = (electronegativity[atoms], hardness[atoms], geometry, positions[atoms], *picked, smearing)
-        charges = _dense_charges(*args) if use_dense else _cg_charges(*args, rtol, max_iter)
+        if use_dense:
+            charges = _dense_charges(*args)
+        else:
+            start = None if initial is None else initial[atoms]
+            charges = _cg_charges(*args, rtol, max_iter, start, statistics, preconditioner)
         parts.append(charges)
         order.append(atoms)
     if len(parts) == 1:

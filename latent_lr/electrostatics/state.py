@@ -23,6 +23,11 @@ Every engine entry point (:func:`~.coulomb.coulomb_energy`,
       gradient (MD without stress, inference), keyed on their exact values
       (:func:`.mesh._cached_influence`); exact, only faster.
 
+    - **Warm starts** (:attr:`EngineState.solutions`, a
+      :class:`.warm_start.SolutionMemory`): the last Qeq charges and induced
+      dipoles per structure identity, the starting guesses of the next solves
+      (results change only within the CG tolerance).
+
 Two states never influence each other.  :meth:`EngineState.clear_caches`
 empties one.  The remaining module-level caches are ``functools.lru_cache`` of
 pure functions (Ewald set-up per cell, spline order, Nyquist factors): they
@@ -43,6 +48,7 @@ import torch
 
 from .mesh_parameters import MeshParameters, mesh_cost, mesh_parameters, minimum_mesh
 from .parameters import SWITCH_WIDTH, accuracy_to_s, smearing_alpha
+from .warm_start import SolutionMemory
 
 #: A state keeps its PME parameters while they cost at most this factor times a fresh choice.
 MESH_REUSE_COST = 1.5
@@ -69,6 +75,7 @@ class EngineState:
             fresh choice, most recent last, with alpha stored as alpha × spacing
             (dimensionless, spacing = (V/N)^(1/3)).
         influence: key -> θ tensor (see :func:`.mesh._cached_influence`).
+        solutions: last iterative-solve solutions per structure identity (warm starts).
     """
 
     def __init__(
@@ -90,15 +97,17 @@ class EngineState:
         self.influence_cache_size = int(influence_cache_size)
         self.kept_meshes: OrderedDict[tuple[int, float, float], MeshParameters] = OrderedDict()
         self.influence: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.solutions = SolutionMemory()
 
     def clear_caches(self) -> None:
-        """Forget the kept PME meshes and the cached influence functions."""
+        """Forget the kept PME meshes, the cached influence functions and the warm-start solutions."""
         self.kept_meshes.clear()
         self.influence.clear()
+        self.solutions.clear()
 
     def is_empty(self) -> bool:
         """True when the state holds nothing (fresh or just cleared)."""
-        return not self.kept_meshes and not self.influence
+        return not self.kept_meshes and not self.influence and not len(self.solutions)
 
     def mesh_parameters(
         self,
@@ -166,5 +175,6 @@ class EngineState:
     def __repr__(self) -> str:
         return (
             f"EngineState({len(self.kept_meshes)} kept PME meshes, "
-            f"{len(self.influence)} influence functions, mesh_reuse_cost={self.mesh_reuse_cost})"
+            f"{len(self.influence)} influence functions, {len(self.solutions)} warm-start solutions, "
+            f"mesh_reuse_cost={self.mesh_reuse_cost})"
         )

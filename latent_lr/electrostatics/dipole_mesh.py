@@ -1,0 +1,93 @@
+"""Reciprocal part of the periodic dipole field tensor T by smooth particle-mesh Ewald.
+
+The Ewald reciprocal field of :mod:`.dipole_ewald` costs O(N K) per product;
+for large cells the same sum is evaluated on a mesh (Essmann et al., J. Chem.
+Phys. 103, 8577 (1995), applied to point dipoles as the derivative of the
+charge spreading).  A point dipole p_j at r_j is the derivative of a unit
+charge along p_j, so its B-spline mesh density is
+
+    Q(m) = Σ_j p_j · ∇_{r_j} W_j(m),   W_j(m) = Π_a M_p(u_ja − m_a),  u = K s (s fractional),
+
+the reciprocal energy is E(p) = k_e Σ_{m≠0} θ(m) |FFT(Q)(m)|² with the
+charge sum's influence function θ (:func:`.mesh._influence`), and the field
+(T_rec p)_i = −∂E/∂p_i = −k_e Σ_m G(m) ∇_{r_i} W_i(m), G = ∂(E/k_e)/∂Q
+= 2 K₁K₂K₃ irfftn(θ rfftn(Q)).  ``E(p) = −½ pᵀ T_rec p`` is the dipolar
+counterpart of the engine's PME energy of charges, so T built with it is the
+Hessian of the engine's PME energy (up to the mesh error, the engine's
+``accuracy``), and the real-space pairs and the self term are the same as
+for Ewald with the PME parameters (:func:`.mesh_parameters.mesh_parameters`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..units import COULOMB_CONSTANT
+from .mesh import _influence, bspline_weights
+from .mesh_support import spline_support
+
+
+@dataclass
+class DipoleMesh:
+    """The SPME reciprocal field of the dipoles of one periodic structure.
+
+    Attributes:
+        atoms: (n,) rows of the structure.
+        points: (n, p³) flat mesh indices of each atom's spline support.
+        gradients: (n, p³, 3) ∇_r W_i(m), 1/Å.
+        shape: mesh (K1, K2, K3).
+        theta: (K1, K2, K3 // 2 + 1) θ(m) on the rfftn half spectrum, 1/Å.
+    """
+
+    atoms: torch.Tensor
+    points: torch.Tensor
+    gradients: torch.Tensor
+    shape: tuple[int, int, int]
+    theta: torch.Tensor
+
+    def detach(self) -> "DipoleMesh":
+        return replace(self, gradients=self.gradients.detach(), theta=self.theta.detach())
+
+    def field(self, dipoles: torch.Tensor) -> torch.Tensor:
+        """(n, 3) reciprocal field (T_rec p)_i, V/Å, of this structure's dipoles (n, 3), e·Å."""
+        size = self.shape[0] * self.shape[1] * self.shape[2]
+        density = (self.gradients * dipoles[:, None, :]).sum(-1)  # (n, p³)
+        grid = dipoles.new_zeros(size).index_add(0, self.points.reshape(-1), density.reshape(-1)).reshape(self.shape)
+        potential = 2.0 * size * torch.fft.irfftn(self.theta * torch.fft.rfftn(grid), s=self.shape).reshape(-1)
+        return -COULOMB_CONSTANT * (potential[self.points][..., None] * self.gradients).sum(1)
+
+
+def dipole_mesh(
+    positions: torch.Tensor, cell: torch.Tensor, atoms: torch.Tensor, alpha: torch.Tensor,
+    shape: tuple[int, int, int], order: int,
+) -> DipoleMesh:
+    """The :class:`DipoleMesh` of one structure (differentiable in positions, cell and alpha).
+
+    Args:
+        positions: (N, 3) Å; cell: (3, 3) Å; atoms: (n,) this structure's rows.
+        alpha: scalar tensor, the Ewald splitting parameter, 1/Å.
+        shape: mesh points along the three lattice vectors; order: B-spline order p ≥ 3.
+    """
+    device, dtype = positions.device, positions.dtype
+    mesh = torch.tensor(shape, device=device)
+    inverse = torch.linalg.inv(cell)
+    offset, flat = spline_support(positions[atoms], inverse, shape, order)
+    weights = bspline_weights(offset, order)  # (n, 3, p): M_p(t + j)
+    lower = bspline_weights(offset, order - 1)  # (n, 3, p - 1): M_{p-1}(t + j)
+    zero = torch.zeros_like(lower[..., :1])
+    derivative = torch.cat([lower, zero], -1) - torch.cat([zero, lower], -1)  # M_p'(x) = M_{p-1}(x) - M_{p-1}(x-1)
+    w0, w1, w2 = weights[:, 0], weights[:, 1], weights[:, 2]
+    d0, d1, d2 = derivative[:, 0], derivative[:, 1], derivative[:, 2]
+    by_u = torch.stack([
+        d0[:, :, None, None] * w1[:, None, :, None] * w2[:, None, None, :],
+        w0[:, :, None, None] * d1[:, None, :, None] * w2[:, None, None, :],
+        w0[:, :, None, None] * w1[:, None, :, None] * d2[:, None, None, :],
+    ], dim=-1).reshape(len(atoms), -1, 3)  # ∂W/∂u_a
+    gradients = (by_u * mesh.to(dtype)) @ inverse.T  # ∂u_a/∂r = K_a (A⁻¹)[:, a]
+    if order < 3:
+        raise ValueError(f"dipole fields on a mesh need B-splines of order ≥ 3 (a derivative), got {order}.")
+    theta = _influence(cell[None], alpha.reshape(1), shape, order)[0]
+    return DipoleMesh(atoms, flat, gradients, shape, theta)
+

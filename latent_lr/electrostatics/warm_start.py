@@ -1,0 +1,151 @@
+"""Warm starts of the iterative solves: the last converged solution per structure identity.
+
+Along an MD trajectory (or from one training epoch to the next) the Qeq charges
+and the induced dipoles of a structure change little between calls, so the
+last converged solution is a far better conjugate-gradient start than the
+Jacobi guess.  :class:`SolutionMemory` keeps, for each solve kind (``"qeq"``,
+``"induction"``) and each structure identity, the last solution; the next solve
+of a structure with the same identity starts from it
+(:func:`~.linear_solve.solve_spd` ``initial``).
+
+Identity is the sequence of atomic numbers (:func:`structure_keys`): the same
+molecule in a new geometry, or another configuration of the same composition,
+reuses the guess.  A wrong or stale guess costs iterations, never accuracy: the
+solver moves the guess onto the constraint set and iterates to the same
+tolerance, and the implicit derivatives do not depend on the start, so results
+and gradients equal a cold start's to the CG tolerance.
+
+One memory belongs to one :class:`~.state.EngineState` (one run); copies and
+pickles of a state start with an empty memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .linear_solve import SolveStatistics
+
+#: Most (kind, structure) solutions one memory keeps (least recently used dropped first).
+KEPT_SOLUTIONS = 4096
+
+
+def structure_keys(numbers: torch.Tensor, batch: torch.Tensor, n_structures: int) -> list[bytes]:
+    """One identity per structure: the bytes of its atomic numbers (one host copy for the batch).
+
+    Args:
+        numbers: (N,) atomic numbers; batch: (N,) sorted structure index; n_structures: B.
+    """
+    counts = torch.bincount(batch, minlength=n_structures).tolist()
+    host = numbers.detach().to("cpu", torch.int64).numpy()
+    keys, start = [], 0
+    for count in counts:
+        keys.append(host[start : start + count].tobytes())
+        start += count
+    return keys
+
+
+@dataclass
+class WarmStartedSolve:
+    """One solve's starting guess and iteration record; :meth:`finish` keeps its solution.
+
+    Attributes:
+        initial: (N, ...) starting guess, or None (cold start).
+        statistics: pass to the solver; its iteration counts are the memory's record for this kind.
+    """
+
+    memory: "SolutionMemory"
+    kind: str
+    keys: Optional[list[bytes]]
+    initial: Optional[torch.Tensor]
+    statistics: SolveStatistics = field(default_factory=SolveStatistics)
+
+    def finish(self, solution: torch.Tensor) -> None:
+        """Keep ``solution`` (N, ...) as the next warm start (when warm starts are on)."""
+        if self.keys is not None:
+            self.memory.remember(self.kind, self.keys, solution)
+
+
+class SolutionMemory:
+    """Last converged solution of each (solve kind, structure identity), plus the last iteration counts.
+
+    Args:
+        capacity: most solutions kept (least recently used dropped first).
+
+    Attributes:
+        iterations: solve kind -> CG iteration counts of the last solve of that
+            kind (forward first, then the adjoint solves of a backward pass, which
+            are appended as they run).
+    """
+
+    def __init__(self, capacity: int = KEPT_SOLUTIONS) -> None:
+        if capacity < 1:
+            raise ValueError(f"the solution memory needs capacity ≥ 1, got {capacity}.")
+        self.capacity = int(capacity)
+        self.solutions: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()
+        self.iterations: dict[str, list[int]] = {}
+
+    def clear(self) -> None:
+        """Forget every kept solution and iteration count."""
+        self.solutions.clear()
+        self.iterations.clear()
+
+    def __len__(self) -> int:
+        return len(self.solutions)
+
+    def begin(
+        self, kind: str, numbers: torch.Tensor, batch: torch.Tensor, n_structures: int, like: torch.Tensor,
+        warm: bool = True,
+    ) -> WarmStartedSolve:
+        """Start a solve of ``kind``: the kept guess for these structures (if ``warm``) and a fresh iteration record.
+
+        Args:
+            kind: the solve (``"qeq"``, ``"induction"``).
+            numbers: (N,) atomic numbers; batch: (N,) sorted structure index; n_structures: B.
+            like: (N, ...) tensor whose shape, dtype and device the guess takes.
+            warm: use and update the kept solutions; False records iterations only.
+        """
+        keys = structure_keys(numbers, batch, n_structures) if warm else None
+        initial = None if keys is None else self.guess(kind, keys, like)
+        solve = WarmStartedSolve(self, kind, keys, initial)
+        self.iterations[kind] = solve.statistics.iterations
+        return solve
+
+    def guess(self, kind: str, keys: list[bytes], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The kept solutions of these structures in batch order, zeros for unknown ones; None if none is known.
+
+        Args:
+            kind: the solve (``"qeq"``, ``"induction"``).
+            keys: one identity per structure (:func:`structure_keys`).
+            like: (N, ...) tensor whose shape, dtype and device the guess takes.
+        """
+        parts, known = [], False
+        for key in keys:
+            kept = self.solutions.get((kind, key))
+            if kept is not None:
+                self.solutions.move_to_end((kind, key))
+                known = True
+            parts.append(kept)
+        if not known:
+            return None
+        counts = [len(key) // 8 for key in keys]  # int64 atomic numbers
+        rows = [
+            like.new_zeros((count, *like.shape[1:])) if part is None or part.shape[1:] != like.shape[1:]
+            else part.to(like)
+            for part, count in zip(parts, counts)
+        ]
+        return torch.cat(rows)
+
+    def remember(self, kind: str, keys: list[bytes], solution: torch.Tensor) -> None:
+        """Keep each structure's rows of ``solution`` (N, ...) (detached) under its identity."""
+        start = 0
+        for key in keys:
+            count = len(key) // 8
+            self.solutions[(kind, key)] = solution[start : start + count].detach().clone()
+            self.solutions.move_to_end((kind, key))
+            start += count
+        while len(self.solutions) > self.capacity:
+            self.solutions.popitem(last=False)
