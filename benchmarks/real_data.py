@@ -261,6 +261,8 @@ DIPEPTIDE_ROWS = [
 def dipeptide_subset(out: Path, n_train: int, n_valid: int, seed: int) -> tuple[Path, Path]:
     """Seeded train/valid subsets of the prepared dipeptide training file (``prepare`` first)."""
     folder = out / f"dipeptides/subset-{n_train}-{n_valid}-seed{seed}"
+    if (folder / "valid.xyz").exists():
+        return folder / "train.xyz", folder / "valid.xyz"
     frames = ase.io.read(out / SETS["dipeptides"]["train"], index=":")
     if n_train + n_valid > len(frames):
         raise SystemExit(f"--n-train + --n-valid = {n_train + n_valid} exceeds the {len(frames)} dipeptide training frames.")
@@ -304,7 +306,8 @@ def dipeptide_seeds(
         cells = []
         for twin in ("short_range", "long_range"):
             values = [row[key] for row in per_seed[twin] if key in row]
-            cells.append(f"{form.format(np.mean(values))} ± {form.format(np.std(values))}" if values else "–")
+            spread = form.replace("+", "").format(np.std(values)) if values else ""
+            cells.append(f"{form.format(np.mean(values))} ± {spread}" if values else "–")
         cells.append(" / ".join(form.format(row[key]) for row in per_seed["long_range"] if key in row))
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("\nsign convention (long-range best model): " + "; ".join(signs))
