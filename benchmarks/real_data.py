@@ -148,6 +148,16 @@ def recipe_flags(recipe: str, epochs: int, learning_rate: float, energy_weight: 
     return [item for key, value in settings.items() for item in (f"--{key.replace('_', '-')}", str(value))]
 
 
+def run_once(command: list[str], target: Path) -> None:
+    """Run ``command`` unless ``target/finished`` says it already ran; then write that file."""
+    if (target / "finished").exists():
+        print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
+        return
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    (target / "finished").write_text(" ".join(command[1:]))
+
+
 def sign_decision(run: Path) -> str:
     """The sign convention's decision for the best model of training folder ``run``, in a few words."""
     decision = json.loads((run / "sign_convention.json").read_text())["best_model"]
@@ -188,12 +198,7 @@ def charge_models(
                         "--seed", str(seed), "--no-progress",
                         "--long-range-options", json.dumps({**options, **CHARGE_MODELS[model_name]}), *spec["keys"], *extra,
                     ]
-                    if (target / "finished").exists():
-                        print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
-                    else:
-                        print("$", " ".join(command[1:]), flush=True)
-                        subprocess.run(command, check=True)
-                        (target / "finished").write_text(" ".join(command[1:]))
+                    run_once(command, target)
                     model = load(target / "best_model.pt")
                     predictions = predict_frames(model, frames)
                     metrics = error_metrics(frames, predictions)
@@ -287,12 +292,7 @@ def dipeptide_seeds(
             "--test", str(out / SETS["dipeptides"]["test"]), "--epochs", str(epochs), "--seed", str(seed), "--out", str(target),
             "--no-progress", *SETS["dipeptides"]["keys"], *recipe, *extra,
         ]
-        if (target / "finished").exists():
-            print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
-        else:
-            print("$", " ".join(command[1:]), flush=True)
-            subprocess.run(command, check=True)
-            (target / "finished").write_text(" ".join(command[1:]))
+        run_once(command, target)
         results = json.loads((target / "results.json").read_text())
         for twin, rows in per_seed.items():
             log = json.loads((target / twin / "log.json").read_text())
