@@ -25,6 +25,17 @@ differing only in how the total charge enters (carbon_chain, alaumgo):
 
 It reports energy and force RMSE (overall and per total charge) and the Pearson
 r of the latent charges against Hirshfeld charges, which are never trained on.
+
+``dipeptide-seeds`` trains the short-range and long-range twins (``latent-lr
+ablate``) on a seeded subset of the dipeptide training file for several training
+seeds and reports, on the val file, E/F RMSE and dipole and BEC MAE and R²
+against DFT, raw and after the best scalar scale s, as mean ± std over seeds,
+beside the published CACE-LR anchors.
+
+``--recipe new`` (both subcommands) trains with the recipe of the training issue
+(``new`` in benchmarks/bench_recipe.py: EMA 0.99, one warm-up epoch, cosine to a
+tenth of the rate, stage two from 75 % of the epochs with the energy weight ×10
+at a tenth of the rate); ``plain`` is the trainer's default recipe.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+from bench_recipe import recipes
 from dipeptide_data import dipeptide_folder
 
 DIMER_LABELS = {0: "charged–charged", 2: "charged–apolar", 3: "charged–polar", 4: "polar–apolar", 5: "polar–polar", 6: "apolar–apolar"}
@@ -130,6 +142,34 @@ CHARGE_MODELS = {
 }
 
 
+def recipe_flags(recipe: str, epochs: int, learning_rate: float, energy_weight: float) -> list[str]:
+    """``latent-lr`` flags of ``recipe`` (``plain`` or ``new``, as in bench_recipe.py), with the rate and energy weight."""
+    settings = {"learning_rate": learning_rate, "energy_weight": energy_weight}
+    if recipe == "new":
+        settings.update(recipes(epochs, learning_rate, energy_weight, ema_decay=0.99)["new"])
+    return [item for key, value in settings.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def run_once(command: list[str], target: Path) -> None:
+    """Run ``command`` unless ``target/finished`` says it already ran; then write that file."""
+    if (target / "finished").exists():
+        print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
+        return
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    (target / "finished").write_text(" ".join(command[1:]))
+
+
+def sign_decision(run: Path) -> str:
+    """The sign convention's decision for the best model of training folder ``run``, in a few words."""
+    decision = json.loads((run / "sign_convention.json").read_text())["best_model"]
+    mean = decision.get("mean_charge")
+    words = f"s = {decision['sign']:+.0f} ({'flipped' if decision['flipped'] else 'kept'}, rule {decision['rule']}"
+    if mean is not None:
+        words += f", mean q({decision['element']}) = {mean:+.3f} e"
+    return words + (f", CONFLICT: {decision['conflict']}" if decision.get("conflict") else "") + ")"
+
+
 def charge_models(
     out: Path, backbones: list[str], sets: list[str], epochs: int, models: list[str], seeds: list[int],
     options: dict, extra: list[str],
@@ -139,6 +179,7 @@ def charge_models(
     from latent_lr.training.metrics import error_metrics, predict_frames
 
     summary: dict[str, dict[str, dict[str, float]]] = {}
+    signs: dict[str, list[str]] = {}
     for backbone in backbones:
         for name in sets:
             spec = SETS[name]
@@ -159,12 +200,7 @@ def charge_models(
                         "--seed", str(seed), "--no-progress",
                         "--long-range-options", json.dumps({**options, **CHARGE_MODELS[model_name]}), *spec["keys"], *extra,
                     ]
-                    if (target / "finished").exists():
-                        print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
-                    else:
-                        print("$", " ".join(command[1:]), flush=True)
-                        subprocess.run(command, check=True)
-                        (target / "finished").write_text(" ".join(command[1:]))
+                    run_once(command, target)
                     model = load(target / "best_model.pt")
                     predictions = predict_frames(model, frames)
                     metrics = error_metrics(frames, predictions)
@@ -179,6 +215,9 @@ def charge_models(
                         row[f"E RMSE {label} ({len(indices)})"] = sub["energy_rmse_meV_per_atom"]
                         row[f"F RMSE {label} ({len(indices)})"] = sub["forces_rmse_meV_per_A"]
                     per_seed.append(row)
+                    signs.setdefault(f"{name}/{backbone}/{model_name}", []).append(
+                        f"seed {seed}: Hirshfeld r {row['Hirshfeld r']:+.2f}, {sign_decision(target)}"
+                    )
                     print(json.dumps({f"{model_name} seed {seed}": row}, indent=1), flush=True)
                 rows[model_name] = {
                     key: [float(np.mean([r[key] for r in per_seed])), float(np.std([r[key] for r in per_seed]))]
@@ -193,6 +232,88 @@ def charge_models(
             cells = [f"{rows[n][key][0]:.3g} ± {rows[n][key][1]:.2g}" if key in rows[n] else "" for n in names]
             print(f"| {key} | " + " | ".join(cells) + " |")
         print(f"(mean ± std over seeds {seeds})")
+    for run_name, lines in signs.items():
+        print(f"{run_name}: " + "; ".join(lines))
+
+
+#: Published CACE-LR (r_c 4 Å) errors on these dipeptides (Cheng et al., LES papers): E meV/atom, F meV/Å, R² vs DFT.
+CACE_LR_ANCHORS = {
+    "test E / F RMSE, long range": "1.88 / 61.1",
+    "test E / F RMSE, short range": "2.35 / 72.4",
+    "val E / F RMSE, long range": "1.29 / 53.1",
+    "val E / F RMSE, short range": "1.97 / 58.8",
+    "dipole R²": "0.991",
+    "BEC R²": "0.952",
+}
+
+#: (results.json key, row label, format) of the dipeptide-seeds table.
+DIPEPTIDE_ROWS = [
+    ("energy_rmse_meV_per_atom", "E RMSE (meV/atom)", "{:.2f}"),
+    ("forces_rmse_meV_per_A", "F RMSE (meV/Å)", "{:.1f}"),
+    ("dipole_mae_eA", "dipole MAE raw (e·Å)", "{:.3f}"),
+    ("dipole_r2", "dipole R² raw", "{:.3f}"),
+    ("dipole_best_scale", "dipole best scale s", "{:+.2f}"),
+    ("dipole_scaled_mae_eA", "dipole MAE after s (e·Å)", "{:.3f}"),
+    ("dipole_scaled_r2", "dipole R² after s", "{:.3f}"),
+    ("bec_mae_e", "BEC MAE raw (e)", "{:.3f}"),
+    ("bec_r2", "BEC R² raw", "{:.3f}"),
+    ("bec_best_scale", "BEC best scale s", "{:+.2f}"),
+    ("bec_scaled_mae_e", "BEC MAE after s (e)", "{:.3f}"),
+    ("bec_scaled_r2", "BEC R² after s", "{:.3f}"),
+    ("epochs_run", "epochs run", "{:.0f}"),
+    ("wall_s", "wall time per twin (s)", "{:.0f}"),
+]
+
+
+def dipeptide_subset(out: Path, n_train: int, n_valid: int, seed: int) -> tuple[Path, Path]:
+    """Seeded train/valid subsets of the prepared dipeptide training file (``prepare`` first)."""
+    folder = out / f"dipeptides/subset-{n_train}-{n_valid}-seed{seed}"
+    if (folder / "valid.xyz").exists():
+        return folder / "train.xyz", folder / "valid.xyz"
+    frames = ase.io.read(out / SETS["dipeptides"]["train"], index=":")
+    if n_train + n_valid > len(frames):
+        raise SystemExit(f"--n-train + --n-valid = {n_train + n_valid} exceeds the {len(frames)} dipeptide training frames.")
+    order = np.random.default_rng(seed).permutation(len(frames))
+    folder.mkdir(parents=True, exist_ok=True)
+    ase.io.write(folder / "train.xyz", [frames[i] for i in order[:n_train]])
+    ase.io.write(folder / "valid.xyz", [frames[i] for i in order[n_train : n_train + n_valid]])
+    return folder / "train.xyz", folder / "valid.xyz"
+
+
+def dipeptide_seeds(
+    out: Path, backbone: str, n_train: int, n_valid: int, seeds: list[int], epochs: int, recipe: list[str], extra: list[str],
+) -> None:
+    """Short- vs long-range twins for each seed on one seeded subset; val-file table as mean ± std over seeds."""
+    train, valid = dipeptide_subset(out, n_train, n_valid, seed=0)
+    per_seed: dict[str, list[dict[str, float]]] = {"short_range": [], "long_range": []}
+    signs = []
+    for seed in seeds:
+        target = out / f"dipeptide-seeds/{backbone}-{n_train}-{n_valid}-seed{seed}"
+        command = [
+            sys.executable, "-m", "latent_lr.cli", "ablate", "--backbone", backbone, "--train", str(train), "--valid", str(valid),
+            "--test", str(out / SETS["dipeptides"]["test"]), "--epochs", str(epochs), "--seed", str(seed), "--out", str(target),
+            "--no-progress", *SETS["dipeptides"]["keys"], *recipe, *extra,
+        ]
+        run_once(command, target)
+        results = json.loads((target / "results.json").read_text())
+        for twin, rows in per_seed.items():
+            log = json.loads((target / twin / "log.json").read_text())
+            rows.append({**results[twin], "wall_s": float(sum(epoch["seconds"] for epoch in log))})
+        signs.append(f"seed {seed}: {sign_decision(target / 'long_range')}")
+    summary = {"per_seed": per_seed, "sign_convention": signs, "anchors": CACE_LR_ANCHORS}
+    (out / f"dipeptide-seeds-{backbone}-{n_train}-{n_valid}.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n#### dipeptides/{backbone}, {n_train} train + {n_valid} valid frames, val file (55), seeds {seeds}\n")
+    print("| metric | short range (mean ± std) | long range (mean ± std) | long range per seed |\n|---|---|---|---|")
+    for key, label, form in DIPEPTIDE_ROWS:
+        cells = []
+        for twin in ("short_range", "long_range"):
+            values = [row[key] for row in per_seed[twin] if key in row]
+            spread = form.replace("+", "").format(np.std(values)) if values else ""
+            cells.append(f"{form.format(np.mean(values))} ± {spread}" if values else "–")
+        cells.append(" / ".join(form.format(row[key]) for row in per_seed["long_range"] if key in row))
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nsign convention (long-range best model): " + "; ".join(signs))
+    print("\npublished CACE-LR, r_c 4 Å (Cheng et al.): " + "; ".join(f"{k} {v}" for k, v in CACE_LR_ANCHORS.items()))
 
 
 def markdown(summary: dict) -> str:
@@ -226,10 +347,25 @@ def main() -> None:
     charge.add_argument("--epochs", type=int, default=100)
     charge.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     charge.add_argument("--options", type=json.loads, default={}, help="further long-range options (JSON) for all three")
+    seeded = commands.add_parser("dipeptide-seeds")
+    seeded.add_argument("--out", type=Path, default=Path("runs/real"))
+    seeded.add_argument("--backbone", default="mace")
+    seeded.add_argument("--n-train", type=int, default=200)
+    seeded.add_argument("--n-valid", type=int, default=25)
+    seeded.add_argument("--epochs", type=int, default=12)
+    seeded.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    for sub, rate in ((charge, 3e-3), (seeded, 1e-2)):
+        sub.add_argument("--recipe", choices=["plain", "new"], default="plain", help="training recipe (see the module docstring)")
+        sub.add_argument("--learning-rate", type=float, default=rate)
+        sub.add_argument("--energy-weight", type=float, default=1.0)
     args, extra = parser.parse_known_args()
     args.extra = extra  # further latent-lr ablate flags, passed through
+    if args.command in ("charge-models", "dipeptide-seeds"):
+        args.extra = [*recipe_flags(args.recipe, args.epochs, args.learning_rate, args.energy_weight), *extra]
     if args.command == "prepare":
         prepare(args.data, args.out)
+    elif args.command == "dipeptide-seeds":
+        dipeptide_seeds(args.out, args.backbone, args.n_train, args.n_valid, args.seeds, args.epochs, [], args.extra)
     elif args.command == "charge-models":
         charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.seeds, args.options, args.extra)
     else:

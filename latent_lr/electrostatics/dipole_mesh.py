@@ -9,7 +9,7 @@ charge along p_j, so its B-spline mesh density is
     Q(m) = Σ_j p_j · ∇_{r_j} W_j(m),   W_j(m) = Π_a M_p(u_ja − m_a),  u = K s (s fractional),
 
 the reciprocal energy is E(p) = k_e Σ_{m≠0} θ(m) |FFT(Q)(m)|² with the
-charge sum's influence function θ (:func:`.mesh._influence`), and the field
+charge sum's influence function θ (:func:`.mesh.influence_function`), and the field
 (T_rec p)_i = −∂E/∂p_i = −k_e Σ_m G(m) ∇_{r_i} W_i(m), G = ∂(E/k_e)/∂Q
 = 2 K₁K₂K₃ irfftn(θ rfftn(Q)).  ``E(p) = −½ pᵀ T_rec p`` is the dipolar
 counterpart of the engine's PME energy of charges, so T built with it is the
@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..units import COULOMB_CONSTANT
-from .mesh import _influence, bspline_weights
+from .mesh import bspline_weights, influence_function
 from .mesh_support import spline_support
 
 
@@ -88,6 +88,6 @@ def dipole_mesh(
     gradients = (by_u * mesh.to(dtype)) @ inverse.T  # ∂u_a/∂r = K_a (A⁻¹)[:, a]
     if order < 3:
         raise ValueError(f"dipole fields on a mesh need B-splines of order ≥ 3 (a derivative), got {order}.")
-    theta = _influence(cell[None], alpha.reshape(1), shape, order)[0]
+    theta = influence_function(cell[None], alpha.reshape(1), shape, order)[0]
     return DipoleMesh(atoms, flat, gradients, shape, theta)
 
