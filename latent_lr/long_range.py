@@ -15,8 +15,8 @@ from .electrostatics import EngineState
 from .polarizability import POLARIZABILITY_MODELS, PolarizabilityHead
 from .properties import dipole_moment, polarization, slab_dipole
 from .qeq import QeqChargeHead
-from .spin_channel import SpinChargeHead
 from .qeq_dipoles import QeqDipoleHead
+from .spin_channel import SpinChargeHead
 
 #: ``LongRangeConfig.charge_model`` -> charge model class.
 CHARGE_MODELS: dict[str, type[ChargeModel]] = {

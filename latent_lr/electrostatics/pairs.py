@@ -155,7 +155,11 @@ def periodic_pairs_within_cutoff(
         r_cut = positions.new_zeros(len(counts_list), dtype=torch.float64)
         r_cut[list(small)] = torch.tensor(list(small.values()), dtype=torch.float64, device=positions.device)
         pbc = torch.ones(len(counts_list), 3, dtype=torch.bool, device=positions.device)
-        lists.append(image_pairs_within_cutoff(positions, cell, pbc, batch, counts, r_cut))
+        # Structures outside the search may have no cell (open ones, zero rows): a unit cell keeps the inverse finite.
+        searched = r_cut > 0.0
+        unit = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
+        search_cell = torch.where(searched[:, None, None].to(cell.device), cell, unit)
+        lists.append(image_pairs_within_cutoff(positions, search_cell, pbc, batch, counts, r_cut))
     return concatenate_pair_lists(lists) if len(lists) > 1 else lists[0]
 
 
