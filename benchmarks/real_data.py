@@ -132,9 +132,13 @@ def _dimer_results(out: Path, target: Path, results: dict) -> dict:
         frames = read_frames(out / f"dimers/test-id{dimer_id}.xyz", keys)
         for twin in ("short_range", "long_range"):
             model = load(target / twin / "best_model.pt")
-            metrics = error_metrics(frames, predict_frames(model, frames))
+            predictions = predict_frames(model, frames)
+            metrics = error_metrics(frames, predictions)
             results[twin][f"{label} E RMSE meV/atom"] = metrics["energy_rmse_meV_per_atom"]
             results[twin][f"{label} F RMSE meV/Å"] = metrics["forces_rmse_meV_per_A"]
+            if "charges" in predictions:  # latent charge on molecule B (atoms from indexB on), e; reference: chargeB
+                partner = [float(q[int(f.info["indexB"]):].sum()) for f, q in zip(frames, predictions["charges"])]
+                results[twin][f"{label} net latent charge of B (chargeB {frames[0].info['chargeB']:+d}) e"] = float(np.mean(partner))
     (target / "results_by_dimer.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -156,6 +160,15 @@ def dimer_table(per_dimer: dict[str, list[dict]], seeds: list[int]) -> str:
             cells += [f"{short.mean():.3g} ± {short.std():.2g}", f"{long.mean():.3g} ± {long.std():.2g}",
                       f"**{short.mean() / long.mean():.2g}×** [{ratios.min():.2g}–{ratios.max():.2g}]"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("\n| long-range twin: net latent charge on molecule B, e (mean over test dimers; mean ± std over seeds) | "
+                 + " | ".join(backbones) + " |")
+    lines.append("|---" * (1 + len(backbones)) + "|")
+    for key in [k for k in per_dimer[backbones[0]][0]["long_range"] if "net latent charge of B" in k]:
+        cells = []
+        for backbone in backbones:
+            values = np.array([r["long_range"].get(key, np.nan) for r in per_dimer[backbone]])
+            cells.append(f"{values.mean():+.3f} ± {values.std():.2g}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ Rule (measured on the shared charged dimers and the SPICE dipeptides, benchmarks
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # config.py imports this module's checks
@@ -88,4 +88,4 @@ def resolve_auto_settings(config: "TrainConfig", data: DataSummary) -> tuple["Tr
     steps = f"{data.steps_per_epoch} step{'' if data.steps_per_epoch == 1 else 's'} per epoch"
     reason = f"{data.n_structures} structures, {'charged' if data.charged else 'neutral'}, {steps}"
     message = "auto settings: " + ", ".join(labels[name].format(value) for name, value in chosen.items()) + f" (because: {reason})"
-    return replace(config, **chosen), message
+    return config.updated(chosen), message
