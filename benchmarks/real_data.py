@@ -13,8 +13,9 @@
 * carbon_chain, alaumgo: 80/20 seeded random splits; total charge from
   ``total_charge``; Hirshfeld charges only for evaluation.
 
-``run`` calls ``latent-lr ablate`` with the same budget for both twins and prints
-a Markdown table of the test errors (per dimer type for dimers).
+``run`` calls ``latent-lr ablate`` with the same budget for both twins (by default
+latent-lr's "auto" settings), once per ``--seeds`` seed, and prints a Markdown table
+of the test errors; for dimers also per dimer type, mean ± std over the seeds.
 
 ``charge-models`` trains three long-range models with the same seed and budget,
 differing only in how the total charge enters (carbon_chain, alaumgo):
@@ -51,7 +52,9 @@ import numpy as np
 from bench_recipe import recipes
 from dipeptide_data import dipeptide_folder
 
-DIMER_LABELS = {0: "charged–charged", 2: "charged–apolar", 3: "charged–polar", 4: "polar–apolar", 5: "polar–polar", 6: "apolar–apolar"}
+#: Dimer types by ``dimer_id``, read from the structures' chargeA/chargeB (the shared README swaps ids 3 and 4:
+#: id 3 is two neutral molecules, a polar and an apolar one; id 4 is an anion with a neutral polar molecule).
+DIMER_LABELS = {0: "charged–charged", 2: "charged–apolar", 3: "polar–apolar", 4: "charged–polar", 5: "polar–polar", 6: "apolar–apolar"}
 
 SETS = {
     "dimers": dict(train="dimers/train.xyz", test="dimers/test.xyz", keys=["--total-charge-key", "total_charge"]),
@@ -101,37 +104,86 @@ def prepare(data: Path, out: Path) -> None:
     print(f"prepared splits under {out}: {len(train)} dimer training / {len(test)} test structures")
 
 
-def run(out: Path, backbones: list[str], sets: list[str], epochs: int, extra: list[str]) -> None:
+def run(out: Path, backbones: list[str], sets: list[str], epochs: str, seeds: list[int], extra: list[str]) -> None:
+    """Ablate every set with every backbone and seed (a finished run is reused: delete its 'finished' file to redo it)."""
+    summary = {}
+    per_dimer: dict[str, list[dict]] = {}
+    for backbone in backbones:
+        for name in sets:
+            spec = SETS[name]
+            for seed in seeds:
+                target = out / f"{name}-{backbone}" if seeds == [0] else out / f"{name}-{backbone}-seed{seed}"
+                command = [
+                    sys.executable, "-m", "latent_lr.cli", "ablate", "--backbone", backbone,
+                    "--train", str(out / spec["train"]), "--test", str(out / spec["test"]),
+                    "--epochs", epochs, "--seed", str(seed), "--out", str(target), "--no-progress", *spec["keys"], *extra,
+                ]
+                if (target / "finished").exists():
+                    print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
+                else:
+                    print("$", " ".join(command[1:]), flush=True)
+                    subprocess.run(command, check=True)
+                    (target / "finished").write_text(" ".join(command[1:]))
+                results = json.loads((target / "results.json").read_text())
+                if name == "dimers":
+                    results = _dimer_results(out, target, results)
+                    per_dimer.setdefault(backbone, []).append(results)
+                summary[f"{name}/{backbone}/seed{seed}"] = results
+    (out / f"summary-{'-'.join(sets)}-{'-'.join(backbones)}.json").write_text(json.dumps(summary, indent=2))
+    print(markdown(summary))
+    if per_dimer:
+        print(dimer_table(per_dimer, seeds))
+
+
+def _dimer_results(out: Path, target: Path, results: dict) -> dict:
+    """``results`` with each twin's energy and force RMSE per dimer type added (written to results_by_dimer.json)."""
     from latent_lr import load
     from latent_lr.training.dataset import LabelKeys, read_frames
     from latent_lr.training.metrics import error_metrics, predict_frames
 
-    summary = {}
-    for backbone in backbones:
-        for name in sets:
-            spec = SETS[name]
-            target = out / f"{name}-{backbone}"
-            command = [
-                sys.executable, "-m", "latent_lr.cli", "ablate", "--backbone", backbone,
-                "--train", str(out / spec["train"]), "--test", str(out / spec["test"]),
-                "--epochs", str(epochs), "--out", str(target), "--no-progress", *spec["keys"], *extra,
-            ]
-            print("$", " ".join(command[1:]), flush=True)
-            subprocess.run(command, check=True)
-            results = json.loads((target / "results.json").read_text())
-            if name == "dimers":
-                keys = LabelKeys(total_charge="total_charge")
-                for dimer_id, label in DIMER_LABELS.items():
-                    frames = read_frames(out / f"dimers/test-id{dimer_id}.xyz", keys)
-                    for twin in ("short_range", "long_range"):
-                        model = load(target / twin / "best_model.pt")
-                        metrics = error_metrics(frames, predict_frames(model, frames))
-                        results[twin][f"{label} E RMSE meV/atom"] = metrics["energy_rmse_meV_per_atom"]
-                        results[twin][f"{label} F RMSE meV/Å"] = metrics["forces_rmse_meV_per_A"]
-                (target / "results_by_dimer.json").write_text(json.dumps(results, indent=2))
-            summary[f"{name}/{backbone}"] = results
-    (out / f"summary-{'-'.join(sets)}-{'-'.join(backbones)}.json").write_text(json.dumps(summary, indent=2))
-    print(markdown(summary))
+    keys = LabelKeys(total_charge="total_charge")
+    for dimer_id, label in DIMER_LABELS.items():
+        frames = read_frames(out / f"dimers/test-id{dimer_id}.xyz", keys)
+        for twin in ("short_range", "long_range"):
+            model = load(target / twin / "best_model.pt")
+            predictions = predict_frames(model, frames)
+            metrics = error_metrics(frames, predictions)
+            results[twin][f"{label} E RMSE meV/atom"] = metrics["energy_rmse_meV_per_atom"]
+            results[twin][f"{label} F RMSE meV/Å"] = metrics["forces_rmse_meV_per_A"]
+            if "charges" in predictions:  # latent charge on molecule B (atoms from indexB on), e; reference: chargeB
+                partner = [float(q[int(f.info["indexB"]):].sum()) for f, q in zip(frames, predictions["charges"])]
+                results[twin][f"{label} net latent charge of B (chargeB {frames[0].info['chargeB']:+d}) e"] = float(np.mean(partner))
+    (target / "results_by_dimer.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def dimer_table(per_dimer: dict[str, list[dict]], seeds: list[int]) -> str:
+    """Markdown: test energy RMSE per dimer type, mean ± std over seeds, SR/LR ratio of the means (and per-seed range)."""
+    backbones = list(per_dimer)
+    lines = [f"\n#### Dimers, test energy RMSE (meV/atom), mean ± std over seeds {seeds}; ratio = SR/LR of the means [per-seed min–max]\n"]
+    lines.append("| dimer type | " + " | ".join(f"{b} SR | {b} LR | {b} SR/LR" for b in backbones) + " |")
+    lines.append("|---" * (1 + 3 * len(backbones)) + "|")
+    keys = [f"{label} E RMSE meV/atom" for label in DIMER_LABELS.values()] + ["energy_rmse_meV_per_atom", "forces_rmse_meV_per_A"]
+    names = [*DIMER_LABELS.values(), "all test dimers", "all test dimers, forces (meV/Å)"]
+    for key, label in zip(keys, names):
+        cells = []
+        for backbone in backbones:
+            short = np.array([r["short_range"][key] for r in per_dimer[backbone]])
+            long = np.array([r["long_range"][key] for r in per_dimer[backbone]])
+            ratios = short / long
+            cells += [f"{short.mean():.3g} ± {short.std():.2g}", f"{long.mean():.3g} ± {long.std():.2g}",
+                      f"**{short.mean() / long.mean():.2g}×** [{ratios.min():.2g}–{ratios.max():.2g}]"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("\n| long-range twin: net latent charge on molecule B, e (mean over test dimers; mean ± std over seeds) | "
+                 + " | ".join(backbones) + " |")
+    lines.append("|---" * (1 + len(backbones)) + "|")
+    for key in [k for k in per_dimer[backbones[0]][0]["long_range"] if "net latent charge of B" in k]:
+        cells = []
+        for backbone in backbones:
+            values = np.array([r["long_range"].get(key, np.nan) for r in per_dimer[backbone]])
+            cells.append(f"{values.mean():+.3f} ± {values.std():.2g}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 #: ``--long-range-options`` of each charge model of ``charge-models``.
@@ -338,7 +390,8 @@ def main() -> None:
     go.add_argument("--out", type=Path, default=Path("runs/real"))
     go.add_argument("--backbones", nargs="+", default=["mace", "nequip"])
     go.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    go.add_argument("--epochs", type=int, default=60)
+    go.add_argument("--epochs", default="auto", help="epochs of each twin, or auto (latent-lr's default: chosen from the data)")
+    go.add_argument("--seeds", type=int, nargs="+", default=[0], help="one ablation per seed (dimers: a table of mean ± std over seeds)")
     charge = commands.add_parser("charge-models")
     charge.add_argument("--out", type=Path, default=Path("runs/real"))
     charge.add_argument("--backbones", nargs="+", default=["mace"])
@@ -369,7 +422,7 @@ def main() -> None:
     elif args.command == "charge-models":
         charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.seeds, args.options, args.extra)
     else:
-        run(args.out, args.backbones, args.sets, args.epochs, args.extra)
+        run(args.out, args.backbones, args.sets, args.epochs, args.seeds, args.extra)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from .serialization import load
 from .training import TrainConfig, distributed, predict_file, run_ablation, train
 from .training.config import SCHEDULERS
 from .training.dataset import LabelKeys
+from .training.defaults import AUTO
 from .training.store import prepare_data
 
 #: Source directory of the package: a ValueError raised here is our own validation (a user error).
@@ -42,6 +43,22 @@ def _long_range_flags(args: argparse.Namespace) -> dict[str, object]:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
+#: Help of the settings that default to "auto" (latent_lr.training.defaults).
+AUTO_HELP = "default auto: chosen from the training set's size and charges, printed at the start"
+
+
+def _number_or_auto(kind: Callable[[str], float]) -> Callable[[str], object]:
+    """An argparse type: ``auto`` or a number of type ``kind``."""
+    def convert(value: str) -> object:
+        if value == AUTO:
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+    return convert
+
+
 def _on_off(value: str) -> bool:
     if value.lower() in ("on", "true", "yes", "1"):
         return True
@@ -59,8 +76,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--valid-fraction", type=float)
     parser.add_argument("--test", nargs="+", metavar="FILE", help="test data for the final evaluation")
     _add_label_key_arguments(parser)
-    parser.add_argument("--energy-weight", type=float)
-    parser.add_argument("--forces-weight", type=float)
+    parser.add_argument("--energy-weight", type=_number_or_auto(float), metavar="W|auto", help=f"{AUTO_HELP}, per-atom energy MSE")
+    parser.add_argument("--forces-weight", type=_number_or_auto(float), metavar="W|auto", help=f"{AUTO_HELP}, force MSE")
     parser.add_argument("--dipole-weight", type=float)
     parser.add_argument("--charges-weight", type=float)
     if with_long_range:
@@ -77,12 +94,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--host-options", type=json.loads, help='backbone hyper-parameters as JSON, e.g. \'{"cutoff": 5.0}\'')
     parser.add_argument("--long-range-options", type=json.loads, help='e.g. \'{"smearing": 1.0}\'')
     _add_long_range_arguments(parser)
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=_number_or_auto(int), metavar="N|auto", help=AUTO_HELP)
     parser.add_argument("--batch-size", type=int, help="structures per batch (default 8; ignored with a budget below)")
     parser.add_argument("--max-atoms-per-batch", type=int, help="size-balanced batches: at most this many atoms per batch")
     parser.add_argument("--max-edges-per-batch", type=int, help="size-balanced batches: at most this many directed edges within the cut-off per batch")
     parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--patience", type=int, help="early-stopping patience, epochs")
+    parser.add_argument("--patience", type=_number_or_auto(int), metavar="N|auto", help=f"early-stopping patience, epochs; {AUTO_HELP}")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--dtype", choices=["float32", "float64"], help="training precision (default float64)")
     parser.add_argument("--eval-dtype", choices=["float32", "float64"], help="validation/evaluation precision (default: --dtype)")

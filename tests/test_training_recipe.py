@@ -28,8 +28,9 @@ def dataset(tmp_path_factory):
 
 
 def tiny(dataset, out, **values) -> TrainConfig:
-    """A fast run: 36 training and 4 validation structures, batches of 8 (5 steps per epoch)."""
-    base = TrainConfig(train=str(dataset["train"]), backbone="radial", host_options=HOST, progress=False, out=str(out), batch_size=8)
+    """A fast run: 36 training and 4 validation structures, batches of 8 (5 steps per epoch), the plain loss weights."""
+    base = TrainConfig(train=str(dataset["train"]), backbone="radial", host_options=HOST, progress=False, out=str(out), batch_size=8,
+                       energy_weight=1.0, forces_weight=10.0)
     return base.updated(values)
 
 

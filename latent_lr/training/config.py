@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..config import LongRangeConfig
+from .defaults import AUTO, AUTO_SETTINGS, check_auto_setting
 
 #: Seconds per unit accepted by :func:`parse_duration`.
 DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -65,6 +66,9 @@ class TrainConfig:
     ``stage_two_forces_weight``, ``stage_two_learning_rate`` (None: unchanged);
     ``nonfinite_lr_factor`` (rate multiplier after a non-finite step); ``time_budget``
     (seconds, or a string such as "30m"; None: no limit).
+
+    ``energy_weight``, ``forces_weight``, ``epochs`` and ``patience`` default to ``"auto"``:
+    chosen from the training set when it is read (:mod:`latent_lr.training.defaults`).
     """
 
     train: Union[str, list[str]] = ""
@@ -87,17 +91,17 @@ class TrainConfig:
     bec_key: Optional[str] = None
     total_spin_key: Optional[str] = None
     multiplicity_key: Optional[str] = None
-    energy_weight: float = 1.0
-    forces_weight: float = 10.0
+    energy_weight: Union[float, str] = AUTO
+    forces_weight: Union[float, str] = AUTO
     dipole_weight: float = 1.0
     charges_weight: float = 1.0
     reference_energies: Union[str, dict[str, float]] = "fit"
-    epochs: int = 100
+    epochs: Union[int, str] = AUTO
     batch_size: int = 8
     max_atoms_per_batch: Optional[int] = None
     max_edges_per_batch: Optional[int] = None
     learning_rate: float = 3e-3
-    patience: int = 20
+    patience: Union[int, str] = AUTO
     seed: int = 0
     dtype: str = "float64"
     eval_dtype: Optional[str] = None
@@ -134,6 +138,8 @@ class TrainConfig:
             raise ValueError(
                 f"long_range_options must be a table of long-range settings, got {self.long_range_options!r}."
             )
+        for name in AUTO_SETTINGS:
+            check_auto_setting(name, getattr(self, name))
         if self.time_budget is not None:
             self.time_budget = parse_duration(self.time_budget)
         if self.long_range and self.long_range_options.spin_channel and not (self.total_spin_key or self.multiplicity_key):

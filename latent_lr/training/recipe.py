@@ -51,7 +51,7 @@ class StageTwo:
         given = config.stage_two_start
         self.start: Optional[int] = None
         if given is not None:
-            self.start = int(round(given * config.epochs)) if given < 1 else int(given)
+            self.start = int(round(given * int(config.epochs))) if given < 1 else int(given)
 
     def active(self, epoch: int) -> bool:
         """True when epoch ``epoch`` (0-based) trains in stage two."""
@@ -114,7 +114,7 @@ class LearningRateSchedule:
             self.epochwise = cosine if warmup is None else SequentialLR(optimiser, [warmup, cosine], milestones=[config.warmup_epochs])
         self.plateau: Optional[ReduceLROnPlateau] = None
         if self.kind == "plateau":
-            patience = config.plateau_patience if config.plateau_patience is not None else max(1, config.patience // 4)
+            patience = config.plateau_patience if config.plateau_patience is not None else max(1, int(config.patience) // 4)
             self.plateau = ReduceLROnPlateau(optimiser, factor=config.plateau_factor, patience=patience)
 
     def step(self, valid_loss: float) -> None:

@@ -31,6 +31,7 @@ from . import distributed
 from .config import TrainConfig
 from .data_files import open_frames
 from .dataset import Frame, LabelKeys, check_frame_elements, collate
+from .defaults import resolve_auto_settings, summarise
 from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
 from .loss import TERMS, common_labels, label_counts, loss_function, squared_error_sums, weighted_loss
 from .metrics import error_metrics, predict_frames
@@ -182,6 +183,8 @@ class Trainer:
                 check_frame_elements(self.model.backbone.check_elements, part)
         self._sizes: dict[int, tuple[np.ndarray, Optional[np.ndarray]]] = {}
         self._batch_sizes(self.train_frames)
+        self._resolve_auto_settings()
+        config = self.config  # resolved: from here on every "auto" setting is a number
         self._train_labels = {term: self.train_frames.label_mask(term) for term in TERMS}
         if not config.init_model:
             self._set_reference_energies()
@@ -200,7 +203,7 @@ class Trainer:
             self.network.register_comm_hook(self.clock, timed_allreduce)
         self.optimiser = build_optimiser(self.trainable_parameters, config)
         self.stage_two = StageTwo(config)
-        main_epochs = config.epochs if self.stage_two.start is None else self.stage_two.start
+        main_epochs = int(self.config.epochs) if self.stage_two.start is None else self.stage_two.start
         self.scheduler = LearningRateSchedule(self.optimiser, config, main_epochs)
         self.guard = NonFiniteGuard(self.optimiser, config.nonfinite_lr_factor)
         self.budget = TimeBudget(None if config.time_budget is None else float(config.time_budget))
@@ -211,6 +214,14 @@ class Trainer:
         self.history: list[dict] = []
         if self.ranks.is_main:
             (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    def _resolve_auto_settings(self) -> None:
+        """Replace the ``"auto"`` settings of ``self.config`` by values chosen from the training set (see
+        :mod:`~latent_lr.training.defaults`) and print them; ``config.json`` then stores the resolved values."""
+        data = summarise(self.train_frames, len(self.epoch_plan(0)[0]), self.config.total_charge_key)
+        self.config, message = resolve_auto_settings(self.config, data)
+        if message:
+            self._say(message)
 
     def _has_unused_parameters(self) -> bool:
         """Whether some trainable parameter gets no gradient from the loss (e.g. CHGNet's magnetic-moment head).
@@ -506,9 +517,10 @@ class Trainer:
         self.budget.start()
         last_good = self._training_state()
         start_epoch = self.epoch
-        bar = tqdm(range(start_epoch, self.config.epochs), desc="training", initial=start_epoch, total=self.config.epochs, disable=not (self.config.progress and self.ranks.is_main))
+        epochs = int(self.config.epochs)
+        bar = tqdm(range(start_epoch, epochs), desc="training", initial=start_epoch, total=epochs, disable=not (self.config.progress and self.ranks.is_main))
         for _ in bar:
-            if self.stale_epochs >= self.config.patience:
+            if self.stale_epochs >= int(self.config.patience):
                 if not self.stage_two.start_now(self.epoch):
                     break
                 self._say(f"no improvement for {self.stale_epochs} epochs: stage two starts early")
