@@ -211,5 +211,5 @@ def test_float32_training_with_float64_evaluation(tmp_path):
     weights = latent_lr.load(tmp_path / "run" / "best_model.pt").double().eval()
     batch, targets = collate(trainer.valid_frames, torch.float64)
     out = weights(batch, compute_stress=False)
-    expected = float(loss_function(config, out, targets, trainer.valid_frames))
+    expected = float(loss_function(trainer.config, out, targets, trainer.valid_frames))  # resolved "auto" weights
     assert min(row["valid_loss"] for row in trainer.history) == pytest.approx(expected, rel=1e-12)

@@ -46,7 +46,7 @@ def test_frozen_host_stays_bit_identical_and_predict_writes_dipoles_and_becs(mac
         bec = atoms.arrays["bec"].reshape(len(atoms), 3, 3)
         dipole = atoms.get_dipole_moment()  # ASE reads the written "dipole" into its calculator results
         charges = atoms.arrays["latent_charges"]
-        np.testing.assert_allclose(dipole, charges @ atoms.positions, atol=1e-8)  # μ = Σ q r
+        np.testing.assert_allclose(dipole, charges @ atoms.positions, atol=1e-6)  # μ = Σ q r (extxyz keeps 8 decimals)
         assert np.isfinite(bec).all() and np.abs(bec).max() > 0
 
 

@@ -38,7 +38,10 @@ def label_counts(n_atoms: np.ndarray) -> dict[str, int]:
 
 
 def _weight(config: TrainConfig, term: str) -> float:
-    return float(getattr(config, f"{term}_weight"))
+    value = getattr(config, f"{term}_weight")
+    if isinstance(value, str):
+        raise ValueError(f"{term}_weight is {value!r}: resolve the 'auto' settings first (Trainer.config holds the chosen values).")
+    return float(value)
 
 
 def squared_error_sums(
