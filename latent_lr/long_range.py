@@ -136,14 +136,8 @@ class LongRangeModule(nn.Module):
         features = features.to(data.positions.dtype)
         sigma = self.smearing.to(data.positions.dtype)
         state = self.engine_state if engine_state is None else engine_state
-        spin_outputs: dict[str, torch.Tensor] = {}
-        if isinstance(self.charge_head, SpinChargeHead):
-            solved = self.charge_head.spin_resolved(features, data, sigma, self.accuracy, state, self.charge_sign)
-        else:
-            solved = self.charge_head.outputs(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
+        solved = self.charge_head.outputs(features, data, sigma, self.accuracy, state, charge_sign=self.charge_sign)
         charges, energy = solved.pop("charges"), solved.pop("energy")
-        if isinstance(self.charge_head, SpinChargeHead):
-            spin_outputs, solved = solved, {}
         periodic = data.periodic
         dipole = dipole_moment(charges, data.positions, data.batch, data.n_structures)
         dipole = torch.where(periodic[:, None], torch.zeros_like(dipole), dipole)
@@ -152,10 +146,10 @@ class LongRangeModule(nn.Module):
         )
         polar = polarization(charges, data.positions, data.cell, data.batch)
         polar = torch.where(periodic[:, None], polar, torch.zeros_like(polar))
-        out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar, **spin_outputs}
+        out = {"energy": energy, "charges": charges, "dipole": dipole, "polarization": polar}
         if "induced_moment" in solved:  # dipoles equilibrated with the charges
             self._add_induced_moment(solved.pop("induced_moment"), data, out)
-            out.update(solved)
+        out.update(solved)  # the charge model's by-products: induced dipoles, spins, ...
         if self.polarizability_head is not None:
             self._add_induction(features, charges, sigma, data, out, state)
         return out

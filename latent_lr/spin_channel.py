@@ -101,7 +101,7 @@ class SpinChargeHead(ChargeHead):
         per_atom = coefficients[:, 0] * square + torch.nn.functional.softplus(coefficients[:, 1]) * square * square
         return per_atom.new_zeros(n_structures).index_add(0, batch, per_atom)
 
-    def spin_resolved(
+    def outputs(
         self,
         features: torch.Tensor,
         data: AtomsBatch,
@@ -124,6 +124,6 @@ class SpinChargeHead(ChargeHead):
         return {"charges": charges, "spins": spins, "energy": coulomb + spin_energy, "spin_energy": spin_energy}
 
     def forward(self, *arguments: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Charges (N,) e and the Coulomb plus spin energy (B,) eV; arguments as :meth:`spin_resolved`, which also has the spins."""
-        out = self.spin_resolved(*arguments, **options)
+        """Charges (N,) e and the Coulomb plus spin energy (B,) eV; arguments as :meth:`outputs`, which also has the spins."""
+        out = self.outputs(*arguments, **options)
         return out["charges"], out["energy"]
