@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .switching import switch_off_and_slope
+
 
 def switched_pair_energies(
     vectors: torch.Tensor,
@@ -64,12 +66,7 @@ def _kernel_and_slope(
         screened = screened - torch.erfc(beta * distance)
     kernel = screened * inverse
     kernel_slope = -(2.0 / math.sqrt(math.pi)) * gaussian * inverse - kernel * inverse
-    width = r_cut - r_switch
-    t = ((distance - r_switch) / width).clamp(0.0, 1.0)
-    t_squared = t * t
-    switch = 1.0 - t_squared * t * (10.0 + t * (-15.0 + 6.0 * t))
-    one_minus = 1.0 - t
-    switch_slope = -30.0 * t_squared * one_minus * one_minus / width
+    switch, switch_slope = switch_off_and_slope(distance, r_switch, r_cut)
     return switch * kernel, (switch_slope * kernel + switch * kernel_slope) * inverse
 
 
