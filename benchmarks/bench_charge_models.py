@@ -12,16 +12,21 @@ in for the host's), energy + forces by autograd, float64, on SPC/E-like water:
   atoms, PME above, for the charges and the self-consistent dipoles); open
   clusters (the same boxes without periodicity; direct O(N²) pair sums).
   ``qeq-dipoles`` is the joint charge-dipole equilibration (issue 15 item 1).
-* Each variant runs a short stand-in for MD (``--md-steps`` calls, every atom
-  displaced by ``--step`` Å of Gaussian noise per call, the module keeping its
-  engine state as in a run); the time is the median over the calls after the
-  first, in ms, with the ratio to the plain latent-charge model in the same
-  geometry.  ``-cold`` variants have warm starts off (every call starts CG
+* Each variant runs a short stand-in for MD in eval mode (``--md-steps``
+  calls, the module keeping its engine state as in a run): ``--trajectory
+  noise`` displaces every atom by ``--step`` Å of Gaussian noise per call (no
+  predictor can extrapolate it), ``--trajectory verlet`` follows a smooth
+  velocity-Verlet trajectory of flexible water (``--timestep`` fs, 300 K).
+  The variants take turns at every frame; the time is the median over the
+  calls after the first, in ms, with the median of the per-frame time ratios
+  to the first variant (plain latent charges) in the same geometry.  ``-cold`` variants have warm starts off (every call starts CG
   afresh), ``-warm`` ones start from the previous call's solution.
-  ``qeq-kspace-warm`` uses the defaults (issue 15 item 5, MD: deferred
-  derivatives, explicit Coulomb operator, quadratic extrapolation of the warm
-  start, eval tolerance accuracy/10); ``qeq-warm-last`` starts from the last
-  charges instead, ``qeq-warm-tight`` solves to rtol 1e-10 as in training.
+  ``qeq-warm`` uses the defaults (issue 15 item 5, MD: deferred derivatives,
+  explicit Coulomb operator, near-field block + k-space preconditioner,
+  quadratic extrapolation of the warm start, eval tolerance accuracy/10);
+  ``qeq-kspace-warm`` the k-space preconditioner without blocks,
+  ``qeq-warm-last`` starts from the last charges instead, ``qeq-warm-tight``
+  solves to rtol 1e-10 as in training.
   ``qeq-jacobi-cold`` is the solver before item 5 (Jacobi preconditioner, cold
   start) except for the adjoint tolerance of the backward pass, which item 5
   also changed; RESULTS §5 has the earlier numbers.
@@ -56,7 +61,8 @@ VARIANTS = {
     "plain": dict(),
     "qeq-jacobi-cold": dict(charge_model="qeq", qeq_solver="cg", qeq_preconditioner="jacobi", solver_warm_start=False),
     "qeq-kspace-cold": dict(charge_model="qeq", qeq_solver="cg", solver_warm_start=False),
-    "qeq-kspace-warm": dict(charge_model="qeq", qeq_solver="cg"),
+    "qeq-kspace-warm": dict(charge_model="qeq", qeq_solver="cg", qeq_preconditioner="kspace"),
+    "qeq-warm": dict(charge_model="qeq", qeq_solver="cg"),
     "qeq-warm-last": dict(charge_model="qeq", qeq_solver="cg", solver_extrapolation=0),
     "qeq-warm-tight": dict(charge_model="qeq", qeq_solver="cg", qeq_md_rtol=1e-10),
     "pol-1step": dict(polarizability="one_step"),
@@ -137,19 +143,22 @@ def verlet_trajectory(
     return frames
 
 
-def md_time(
-    module: LongRangeModule, features: torch.Tensor, data: AtomsBatch, frames: list[torch.Tensor]
-) -> tuple[float, list[list[int]]]:
-    """Median seconds per energy + forces call along ``frames`` (first call excluded), module in eval mode,
-    and each call's CG iteration counts (forward, then any adjoint solves; empty without CG)."""
-    module.eval()
-    times, iterations = [], []
+def md_times(
+    modules: dict[str, LongRangeModule], features: torch.Tensor, data: AtomsBatch, frames: list[torch.Tensor]
+) -> dict[str, tuple[list[float], list[list[int]]]]:
+    """Seconds per energy + forces call of every module (eval mode) along ``frames``, the modules taking turns
+    at each frame (so that a change of machine load hits all alike), and each call's CG iteration counts
+    (forward, then any adjoint solves; empty without CG)."""
+    results: dict[str, tuple[list[float], list[list[int]]]] = {name: ([], []) for name in modules}
+    for module in modules.values():
+        module.eval()
     for positions in frames:
-        start = time.perf_counter()
-        energy_and_forces(module, features, data.with_geometry(positions, data.cell))
-        times.append(time.perf_counter() - start)
-        iterations.append(list(next(iter(module.engine_state.solutions.iterations.values()), [])))
-    return (statistics.median(times[1:]) if len(times) > 1 else times[0]), iterations
+        for name, module in modules.items():
+            start = time.perf_counter()
+            energy_and_forces(module, features, data.with_geometry(positions, data.cell))
+            results[name][0].append(time.perf_counter() - start)
+            results[name][1].append(list(next(iter(module.engine_state.solutions.iterations.values()), [])))
+    return results
 
 
 def costs(args: argparse.Namespace) -> None:
@@ -158,6 +167,7 @@ def costs(args: argparse.Namespace) -> None:
     trajectory = f"flexible-water Verlet, {args.timestep} fs" if args.trajectory == "verlet" else f"noise {args.step} Å"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, engine accuracy {args.accuracy:g}; "
           f"energy + forces, median of {args.md_steps - 1} MD-like calls ({trajectory}), ms (ratio to plain) "
+          "(median over the calls of the time ratio to the first variant in the same call round) "
           "[CG iterations: forward (mean), adjoint of the last call]")
     print(f"{'geometry':<9}{'N':>7} " + "".join(f"{name:>32}" for name in names))
     for periodic in (True, False):
@@ -167,19 +177,25 @@ def costs(args: argparse.Namespace) -> None:
             data = batch_of(n_atoms, periodic, dtype)
             generator = torch.Generator().manual_seed(0)
             features = torch.randn(data.positions.shape[0], FEATURES, generator=generator, dtype=dtype)
-            cells, plain = [], None
+            cells = []
             if args.trajectory == "verlet":
                 frames = verlet_trajectory(data.positions, args.md_steps, args.timestep)
             else:
                 frames = noise_trajectory(data.positions, args.md_steps, args.step)
+            modules = {}
             for name in names:
                 torch.manual_seed(0)
-                module = LongRangeModule(FEATURES, accuracy=args.accuracy, **VARIANTS[name]).to(dtype)
-                seconds, iterations = md_time(module, features, data, frames)
-                plain = plain or seconds
-                timed = iterations[1:] or iterations
-                counts = "" if not timed[-1] else f" [{statistics.mean(i[0] for i in timed):.0f}, {timed[-1][1:2]}]"
-                cells.append(f"{f'{1e3 * seconds:.1f} ({seconds / plain:.1f}x){counts}':>32}")
+                modules[name] = LongRangeModule(FEATURES, accuracy=args.accuracy, **VARIANTS[name]).to(dtype)
+            results = md_times(modules, features, data, frames)
+            plain_times = results[names[0]][0]
+            for name in names:
+                times, iterations = results[name]
+                timed = slice(1, None) if len(times) > 1 else slice(None)  # the first call is not timed
+                seconds = statistics.median(times[timed])
+                ratio = statistics.median(t / p for t, p in zip(times[timed], plain_times[timed]))
+                counts = iterations[timed]
+                solves = "" if not counts[-1] else f" [{statistics.mean(i[0] for i in counts):.0f}, {counts[-1][1:2]}]"
+                cells.append(f"{f'{1e3 * seconds:.1f} ({ratio:.1f}x){solves}':>32}")
             label = "periodic" if periodic else "open"
             print(f"{label:<9}{data.positions.shape[0]:>7} " + "".join(cells), flush=True)
 

@@ -18,7 +18,7 @@ CHARGE_REDISTRIBUTIONS = ("learned", "uniform", "none")
 QEQ_SOLVERS = ("auto", "dense", "cg")
 POLARIZABILITY_MODES = ("none", "one_step", "self_consistent")
 POLARIZABILITY_SOLVERS = ("cg", "dense")
-QEQ_PRECONDITIONERS = ("kspace", "jacobi")
+QEQ_PRECONDITIONERS = ("kspace", "jacobi", "blocks")
 
 
 def _option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None) -> Any:
@@ -78,8 +78,9 @@ class LongRangeConfig:
         "(same atomic numbers) kept in the run's engine state; results change only within the CG tolerance"
     )
     qeq_preconditioner: str = _option(
-        "kspace", "preconditioner of the Qeq CG: kspace (long-wavelength mesh model of the Coulomb operator for "
-        "periodic structures, Jacobi elsewhere; iteration counts stop growing with the box) or jacobi",
+        "blocks", "preconditioner of the Qeq CG: kspace (long-wavelength mesh model of the Coulomb operator for "
+        "periodic structures, Jacobi elsewhere; iteration counts stop growing with the box), blocks (kspace "
+        "around exact near-field blocks of bonded neighbours; block Jacobi for open structures) or jacobi",
         QEQ_PRECONDITIONERS,
     )
     # Issue 15 item 5 (Qeq during MD): extrapolated warm starts and the tolerance of eval-mode (MD) solves.

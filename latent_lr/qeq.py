@@ -45,7 +45,7 @@ class QeqChargeHead(ChargeModel):
         hardness_floor: smallest J, eV/e² (> 0).
         warm_start: start each CG solve from the engine state's last charges of the
             same structure identity (:mod:`latent_lr.electrostatics.warm_start`).
-        preconditioner: CG preconditioner, ``"kspace"`` or ``"jacobi"`` (see :func:`equilibrate_charges`).
+        preconditioner: CG preconditioner, ``"blocks"``, ``"kspace"`` or ``"jacobi"`` (see :func:`equilibrate_charges`).
         extrapolation: eval mode: degree of the extrapolated warm start
             (:mod:`latent_lr.electrostatics.warm_start`); training uses the last solution.
         md_rtol: eval mode: CG tolerance (None: :data:`MD_TOLERANCE_PER_ACCURACY` × the engine accuracy;
@@ -65,7 +65,7 @@ class QeqChargeHead(ChargeModel):
         solver: str = "auto",
         hardness_floor: float = HARDNESS_FLOOR,
         warm_start: bool = True,
-        preconditioner: str = "kspace",
+        preconditioner: str = "blocks",
         extrapolation: int = 0,
         md_rtol: Optional[float] = None,
     ):

@@ -155,8 +155,8 @@ def _periodic_terms(
     stencil = (weights[:, 0, :, None, None] * weights[:, 1, None, :, None] * weights[:, 2, None, None, :]).reshape(
         len(atoms), -1
     )
-    points = flat.reshape(len(atoms), -1)
-    row_starts = torch.arange(len(atoms) + 1, device=positions.device) * points.shape[1]
+    points = flat.reshape(len(atoms), -1).to(torch.int32)  # int32: half the index traffic of each product
+    row_starts = (torch.arange(len(atoms) + 1, device=positions.device) * points.shape[1]).to(torch.int32)
     with _quiet_sparse():
         interpolation = torch.sparse_csr_tensor(
             row_starts, points.reshape(-1), stencil.reshape(-1), (len(atoms), cursor), check_invariants=False
@@ -186,7 +186,7 @@ def _periodic_terms(
             start += length
             spectrum = torch.fft.rfftn(block, dim=(1, 2, 3))
             potentials.append(mesh_potential(spectrum, theta, list(shape)).reshape(-1))
-        mesh = torch.mv(interpolation, torch.cat(potentials))
+        mesh = torch.mv(interpolation, potentials[0] if len(potentials) == 1 else torch.cat(potentials))
         total = charges.new_zeros(len(rows_list)).index_add(0, atom_row, charges)
         local = self_coefficient * charges + background_coefficient[atom_row] * total[atom_row]
         return torch.zeros_like(v).index_add(0, atoms, COULOMB_CONSTANT * (mesh + local))
