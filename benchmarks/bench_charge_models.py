@@ -34,7 +34,7 @@ in for the host's), energy + forces by autograd, float64, on SPC/E-like water:
   the time.
 
 ``--iterations`` prints instead the CG iteration counts of one Qeq solve
-(random χ, J; rtol 1e-10) against the box size, Jacobi vs k-space preconditioner;
+(random χ, J; rtol 1e-10) against the box size, Jacobi vs k-space vs near-field blocks + k-space;
 ``--dipole-products`` the time of one periodic dipole-field product T p,
 Ewald vs PME (the operator built once, as in a CG solve).
 """
@@ -203,7 +203,7 @@ def costs(args: argparse.Namespace) -> None:
 def iteration_counts(args: argparse.Namespace) -> None:
     print("Qeq CG iterations of one solve (random χ ~ N(0, 1) eV/e, J ~ U(1, 2) eV/e², σ = 1 Å, rtol 1e-10), "
           "periodic water boxes")
-    print(f"{'N':>7}{'L (Å)':>8}{'ln L':>7}{'jacobi':>8}{'kspace':>8}")
+    print(f"{'N':>7}{'L (Å)':>8}{'ln L':>7}{'jacobi':>8}{'kspace':>8}{'blocks':>8}")
     for n_atoms in args.sizes:
         data = batch_of(n_atoms, True, torch.float64)
         generator = torch.Generator().manual_seed(0)
@@ -211,7 +211,7 @@ def iteration_counts(args: argparse.Namespace) -> None:
         chi = torch.randn(n, generator=generator, dtype=torch.float64)
         hardness = 1.0 + torch.rand(n, generator=generator, dtype=torch.float64)
         row = []
-        for preconditioner in ("jacobi", "kspace"):
+        for preconditioner in ("jacobi", "kspace", "blocks"):
             record = SolveStatistics()
             equilibrate_charges(
                 chi, hardness, data.positions, data.cell, data.pbc, data.batch, data.total_charge,
@@ -220,7 +220,7 @@ def iteration_counts(args: argparse.Namespace) -> None:
             )
             row.append(record.iterations[0])
         length = float(data.cell[0, 0, 0])
-        print(f"{n:>7}{length:>8.1f}{math.log(length):>7.2f}{row[0]:>8}{row[1]:>8}", flush=True)
+        print(f"{n:>7}{length:>8.1f}{math.log(length):>7.2f}" + "".join(f"{count:>8}" for count in row), flush=True)
 
 
 def dipole_products(args: argparse.Namespace) -> None:

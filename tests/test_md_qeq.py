@@ -199,7 +199,7 @@ def test_md_with_extrapolated_warm_starts_and_the_eval_tolerance_conserves_energ
             out = module(features, data.with_geometry(leaf, data.cell), engine_state=state)
             energy = out["energy"].sum() + 0.5 * tether * ((leaf - data.positions) ** 2).sum()
             (gradient,) = torch.autograd.grad(energy, leaf)
-            return float(energy), -gradient, state.solutions.iterations["qeq"][0]
+            return float(energy.detach()), -gradient, state.solutions.iterations["qeq"][0]
 
         x = data.positions.clone()
         v = 0.005 * torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

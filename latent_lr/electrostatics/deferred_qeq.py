@@ -156,20 +156,22 @@ class _StationaryEnergy(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph is being built: exact higher derivatives through the solve
             with torch.enable_grad():
                 energy = settings.energy(settings.charges(inputs, solution), inputs)
-                grads = torch.autograd.grad(energy, _wanted(inputs, needs), grad, create_graph=True, allow_unused=True)
-            return (None, None, *_scatter(grads, needs))
+                exact = torch.autograd.grad(energy, _wanted(inputs, needs), grad, create_graph=True, allow_unused=True)
+            return (None, None, *_scatter(exact, needs))
         total_index = _INPUTS.index("total_charge")
         aliases = _aliases(inputs, needs)
         fixed = solution.detach().requires_grad_(needs[total_index])
         with torch.enable_grad():
             energy = settings.energy(fixed, aliases)
             wanted = _wanted(aliases, needs) + ([fixed] if needs[total_index] else [])
-            grads = list(torch.autograd.grad(energy, wanted, grad, allow_unused=True))
+            grads: list[Optional[torch.Tensor]] = list(torch.autograd.grad(energy, wanted, grad, allow_unused=True))
         if needs[total_index]:
             # dE_b/dQ_b = −μ_b = the mean of ∂E_b/∂q_i over the structure's atoms.
             charge_gradient = grads.pop()
+            assert charge_gradient is not None, "the energy depends on the charges"
             total = inputs[total_index]
             counts = torch.bincount(settings.batch, minlength=total.shape[0]).to(total.dtype)
             per_structure = torch.zeros_like(total).index_add(0, settings.batch, charge_gradient) / counts
-            grads[-1] = per_structure if grads[-1] is None else grads[-1] + per_structure
+            last = grads[-1]
+            grads[-1] = per_structure if last is None else last + per_structure
         return (None, None, *_scatter(tuple(grads), needs))

@@ -45,9 +45,9 @@ from typing import Callable, Optional
 import torch
 
 from ..units import COULOMB_CONSTANT
+from .block_preconditioner import near_field_preconditioner
 from .coulomb import coulomb_energy
 from .coulomb_operator import coulomb_operator
-from .block_preconditioner import near_field_preconditioner
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import SolveStatistics, solve_spd
 from .state import EngineState
