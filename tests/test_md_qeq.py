@@ -313,3 +313,20 @@ def test_block_preconditioned_iterations_do_not_grow_with_the_box():
         )
         counts.append(record.iterations[0])
     assert max(counts) <= counts[0] + 6, counts  # Jacobi: 35 → 82 over these boxes
+
+
+def test_md_options_are_checked_and_reach_the_cli():
+    import argparse
+
+    from latent_lr.cli import _add_long_range_arguments, _long_range_flags
+    from latent_lr.config import LongRangeConfig
+
+    with pytest.raises(ValueError, match="solver_extrapolation"):
+        LongRangeConfig(solver_extrapolation=4)
+    with pytest.raises(ValueError, match="qeq_md_rtol"):
+        LongRangeConfig(qeq_md_rtol=0.0)
+    parser = argparse.ArgumentParser()
+    _add_long_range_arguments(parser)
+    flags = _long_range_flags(parser.parse_args(["--qeq-md-rtol", "1e-5", "--solver-extrapolation", "1"]))
+    config = LongRangeConfig.from_dict(flags)
+    assert config.qeq_md_rtol == 1e-5 and config.solver_extrapolation == 1
