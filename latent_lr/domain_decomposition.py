@@ -70,7 +70,14 @@ from .charges import ChargeHead, LearnedChargeRedistribution, NoChargeConstraint
 from .data import AtomsBatch
 from .electrostatics.coulomb import PME_MIN_ATOMS
 from .electrostatics.kernels import switched_real_space_kernel
-from .electrostatics.mesh import influence_function, interpolate_mesh, solve_mesh, spline_stencil, spread_charges
+from .electrostatics.mesh import (
+    bspline_weights,
+    influence_function,
+    interpolate_mesh,
+    solve_mesh,
+    spread_charges,
+    structure_spline_points,
+)
 from .electrostatics.mesh_parameters import MeshParameters, mesh_parameters
 from .electrostatics.parameters import EwaldParameters
 from .electrostatics.reciprocal import k_space_weights
@@ -388,11 +395,10 @@ class _MeshKSpace(_KSpace):
         self.parameters, self.cell, self.state = parameters, cell, state
         self.shape = parameters.mesh
         self.size = self.shape[0] * self.shape[1] * self.shape[2]
-        self.offset = torch.zeros(1, dtype=torch.long, device=cell.device)
 
     def _stencil(self, positions: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.zeros(len(positions), dtype=torch.long, device=positions.device)
-        return spline_stencil(positions, cell[None], rows, [self.shape], self.offset, self.parameters.order)
+        flat, t = structure_spline_points(positions, cell, self.shape, self.parameters.order)
+        return flat, bspline_weights(t, self.parameters.order)
 
     def local_part(self, positions: torch.Tensor, charges: torch.Tensor) -> np.ndarray:
         flat, weights = self._stencil(positions, self.cell)
