@@ -13,6 +13,7 @@ from typing import Union
 import torch
 
 from .backbone import adapter_class
+from .info_keys import InfoKeys
 from .long_range import LongRangeModule
 from .model import LongRangeModel
 
@@ -38,4 +39,5 @@ def load(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu")
     long_range = None if config["long_range"] is None else LongRangeModule.from_dict(config["long_range"])
     model = LongRangeModel(backbone, long_range).to(getattr(torch, config["dtype"]))
     model.load_state_dict(payload["state_dict"])
+    model.info_keys = InfoKeys.from_dict(config.get("info_keys"))  # absent in files written before keys were stored
     return model

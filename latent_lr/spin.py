@@ -24,12 +24,6 @@ MULTIPLICITY_KEY = "multiplicity"
 _INTEGER_TOLERANCE = 1e-9
 
 
-def spin_info_keys(reads_spin: bool) -> tuple[Optional[str], Optional[str]]:
-    """The (spin, multiplicity) info keys to read: the defaults for a model that reads the total spin,
-    (None, None) for a spin-blind one, which ignores them and never checks them."""
-    return (SPIN_KEY, MULTIPLICITY_KEY) if reads_spin else (None, None)
-
-
 def _integer(value: Any, what: str, where: str, hint: str) -> int:
     """``value`` as an int, or ValueError naming ``what`` at ``where``."""
     try:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..backbone import adapter_class
 from ..errors import UserInputError
 from ..host_files import LATENT_LR_FILE, identify, load_host
+from ..info_keys import InfoKeys
 from ..model import LongRangeModel
 from ..neighbors import edge_count
 from ..serialization import load, save
@@ -113,6 +114,7 @@ def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
                      backbone=None if source else config.backbone)
     if config.freeze_host:
         model.freeze_host(trainable=config.trainable_host_parameters)
+    model.info_keys = InfoKeys.of_training(config.total_charge_key, config.total_spin_key, config.multiplicity_key)
     return model.to(dtype)
 
 
