@@ -177,18 +177,28 @@ class DecomposedModel:
             raise UserInputError(f"method must be one of {METHODS}, got {method!r}.")
         self.model = model.eval()
         self.head: ChargeHead = long_range.charge_head
-        self.charge_sign = long_range.charge_sign
         self.method = method
         #: Å, how far ghosts reach (LAMMPS's ``comm_modify cutoff``, set by :func:`latent_lr.lammps.attach`); None: not checked.
         self.ghost_reach: Optional[float] = None
         self.allreduce = allreduce
         self.charge_transfer_forces = charge_transfer_forces
-        self.smearing = float(long_range.smearing)
         self.accuracy = float(long_range.accuracy)
         #: Keeps the PME mesh along a trajectory and the influence function at fixed cell, as on one rank.
         self.engine_state = EngineState()
         #: Wall time spent in ``allreduce`` so far, s (communication plus waiting for slower ranks).
         self.communication_seconds = 0.0
+
+    @property
+    def smearing(self) -> float:
+        """σ, Å: the model's at call time (it is learnable: ``learnable_smearing``)."""
+        assert self.model.long_range is not None
+        return float(self.model.long_range.smearing)
+
+    @property
+    def charge_sign(self) -> torch.Tensor:
+        """The model's charge sign s = ±1 at call time (the sign convention may flip it)."""
+        assert self.model.long_range is not None
+        return self.model.long_range.charge_sign
 
     def _sum(self, values: np.ndarray) -> np.ndarray:
         """``allreduce(values)``, timed into :attr:`communication_seconds`."""
