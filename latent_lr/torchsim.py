@@ -114,8 +114,8 @@ class TorchSimModel(ModelInterface):
     def _check_spins(data: AtomsBatch) -> None:
         """Each structure's 2S_z against its Σ Z − Q electrons (parity and size), a one-line error."""
         assert data.total_spin is not None and data.total_charge is not None
-        sums = torch.zeros(data.n_structures, dtype=torch.long, device=data.numbers.device)
-        sums = sums.index_add(0, data.batch, data.numbers).tolist()
+        zeros = torch.zeros(data.n_structures, dtype=torch.long, device=data.numbers.device)
+        sums = zeros.index_add(0, data.batch, data.numbers).tolist()
         for index, (spin, atomic_number_sum, charge) in enumerate(
             zip(data.total_spin.tolist(), sums, data.total_charge.tolist())
         ):
