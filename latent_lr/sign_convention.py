@@ -51,6 +51,7 @@ from ase.data import chemical_symbols
 
 from .data import AtomsBatch
 from .model import LongRangeModel
+from .spin import spin_info_keys
 
 #: Pauling electronegativity by atomic number (Allred 1961 / CRC Handbook); absent: no value (He, Ne, Ar, Z > 94).
 PAULING_ELECTRONEGATIVITY: dict[int, float] = {
@@ -134,10 +135,10 @@ def latent_moments(
     dipoles: list[np.ndarray] = []
     try:
         for start in range(0, len(structures), batch_size):
+            spin_keys = spin_info_keys(model.reads_spin)
             data = AtomsBatch.from_atoms(
                 list(structures[start : start + batch_size]), dtype=model.dtype, device=model.device,
-                total_charge_key=model.info_keys.total_charge, spin_key=model.spin_keys[0],
-                multiplicity_key=model.spin_keys[1],
+                spin_key=spin_keys[0], multiplicity_key=spin_keys[1],
             )
             out = model(data, compute_forces=False, compute_stress=False)
             values = out["charges"].detach().cpu().numpy()
@@ -200,7 +201,8 @@ def apply_sign_convention(
 
     Args:
         model: a long-range model (its ``long_range.charge_sign`` is updated).
-        structures: the training structures (net charge in ``info['charge']``,
+        structures: the training structures (net charge in ``info['charge']``, total spin in
+            ``info['spin']``, as training frames carry them whatever keys the data used;
             field in ``info['external_field']``, V/Å); the first
             ``max_structures`` are evaluated.
         labels: optional reference labels per structure, aligned with

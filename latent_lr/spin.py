@@ -24,6 +24,13 @@ MULTIPLICITY_KEY = "multiplicity"
 _INTEGER_TOLERANCE = 1e-9
 
 
+def spin_info_keys(reads_spin: bool) -> tuple[Optional[str], Optional[str]]:
+    """The default (spin, multiplicity) info keys for a model that reads the total spin, (None, None)
+    for a spin-blind one, which ignores them and never checks them (structures normalised to the
+    default keys, such as training frames; a model's own keys: ``LongRangeModel.spin_keys``)."""
+    return (SPIN_KEY, MULTIPLICITY_KEY) if reads_spin else (None, None)
+
+
 def _integer(value: Any, what: str, where: str, hint: str) -> int:
     """``value`` as an int, or ValueError naming ``what`` at ``where``."""
     try:

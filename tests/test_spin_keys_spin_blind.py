@@ -126,3 +126,16 @@ def test_calculator_reads_the_stored_keys_and_its_arguments_win(tmp_path):
     atoms.calc = latent_lr.Calculator(model, charge=-1.0, spin=3)  # 11 electrons
     assert atoms.calc.get_property("charges", atoms).sum() == pytest.approx(-1.0, abs=1e-9)
     assert atoms.calc.get_property("magmom", atoms) == pytest.approx(3.0, abs=1e-9)
+
+
+def test_sign_convention_reads_training_frames_whatever_keys_the_data_used(tmp_path):
+    """Training frames carry the charge and spin under the default keys (info['charge'], info['spin']),
+    so the sign convention reads those, not the model's stored data keys."""
+    from latent_lr.sign_convention import latent_moments
+    from latent_lr.training.dataset import LabelKeys, frame_from_atoms
+
+    model = latent_lr.load(_keyed_model(tmp_path))
+    keys = LabelKeys(energy=None, forces=None, total_charge="q", total_spin="S2z")
+    frame = frame_from_atoms(_charged_doublet(), keys)
+    charges, _ = latent_moments(model, [frame.atoms])
+    assert charges[0].sum() == pytest.approx(1.0, abs=1e-9)
