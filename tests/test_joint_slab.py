@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_joint_equilibration import FIELD, SIGMA, K_E, random_problem, solve
+from test_joint_equilibration import FIELD, K_E, SIGMA, random_problem, solve
 from test_model_radial import rattled_salt
 
 from latent_lr import coulomb_energy
