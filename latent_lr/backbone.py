@@ -141,12 +141,14 @@ class Backbone(nn.Module):
 
 
     @classmethod
-    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+    def load_host_file(cls, path: Path, trust_pickle: bool = False, payload: Optional[object] = None) -> nn.Module:
         """The host model in one of this backbone's own files (:func:`latent_lr.load_host` calls it).
 
         Args:
             path: the file (already identified as this backbone's).
             trust_pickle: the caller allows loading that runs code from the file.
+            payload: the file's weights-only contents when identification already loaded them
+                (use them instead of reading the file again); None otherwise.
         """
         raise UserInputError(f"the {cls.name} adapter reads no model files of its backbone ({path}); build the host in Python and wrap it.")
 

@@ -13,7 +13,7 @@ from ase.calculators.calculator import all_changes
 from .data import AtomsBatch
 from .electrostatics import EngineState
 from .model import LongRangeModel
-from .spin import MULTIPLICITY_KEY, SPIN_KEY, spin_info_keys, total_spin
+from .spin import SPIN_KEY, total_spin
 
 
 class Calculator(AseCalculator):
@@ -23,7 +23,8 @@ class Calculator(AseCalculator):
     shape (3, 3); ``calc.get_property("polarizability", atoms)``) from a wrapped model.
 
     The net charge is read from ``atoms.info['charge']``, the total spin 2S_z from
-    ``atoms.info['spin']`` or ``atoms.info['multiplicity']`` (see :mod:`latent_lr.spin`) and a
+    ``atoms.info['spin']`` or ``atoms.info['multiplicity']`` (see :mod:`latent_lr.spin`; the keys
+    are the model's :attr:`~latent_lr.LongRangeModel.info_keys`, those its training read) and a
     uniform external field (V/Å) from ``atoms.info['external_field']`` when present; the
     ``charge``, ``spin`` and ``external_field`` arguments, when given, take precedence.
     A model with the spin channel also gives per-atom spin populations n↑ − n↓ as ASE's
@@ -78,8 +79,8 @@ class Calculator(AseCalculator):
         """ASE's checks plus the net charge and external field held in ``atoms.info``."""
         changes = super().check_state(atoms, tol)
         if self.atoms is not None:
-            spin_keys = [key for key in spin_info_keys(self.model.reads_spin) if key is not None]
-            for key in ("charge", "external_field", *spin_keys):
+            spin_keys = [key for key in self.model.spin_keys if key is not None]
+            for key in (self.model.info_keys.total_charge, "external_field", *spin_keys):
                 old, new = self.atoms.info.get(key, 0.0), atoms.info.get(key, 0.0)
                 if not np.array_equal(np.asarray(old, dtype=float), np.asarray(new, dtype=float)):
                     changes.append(f"info[{key!r}]")
@@ -88,16 +89,18 @@ class Calculator(AseCalculator):
     def calculate(self, atoms: Optional[Atoms] = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
+        keys = self.model.info_keys
+        spin_keys = self.model.spin_keys
         if self.charge is not None or self.spin is not None:  # the arguments win over atoms.info
             atoms = self.atoms.copy()
             if self.charge is not None:
-                atoms.info["charge"] = self.charge
-            if self.spin is not None:
-                atoms.info.pop(MULTIPLICITY_KEY, None)
-                atoms.info[SPIN_KEY] = self.spin
-        spin_keys = spin_info_keys(self.model.reads_spin)
+                atoms.info[keys.total_charge] = self.charge
+            if self.spin is not None and self.model.reads_spin:
+                spin_keys = (spin_keys[0] or SPIN_KEY, None)
+                atoms.info[spin_keys[0]] = self.spin
         data = AtomsBatch.from_atoms(
-            atoms, dtype=self.model.dtype, device=self.model.device, spin_key=spin_keys[0], multiplicity_key=spin_keys[1]
+            atoms, dtype=self.model.dtype, device=self.model.device, total_charge_key=keys.total_charge,
+            spin_key=spin_keys[0], multiplicity_key=spin_keys[1],
         )
         if self.external_field is not None:
             data.external_field = torch.tensor(

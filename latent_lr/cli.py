@@ -181,9 +181,10 @@ def _build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("output", help="extended XYZ to write, batch by batch")
     predict_parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (cuda:N)")
     predict_parser.add_argument("--batch-size", type=int, default=16, help="structures per forward pass (default 16)")
-    predict_parser.add_argument("--total-charge-key", default="charge", help="info key of net charges, e (default charge)")
-    predict_parser.add_argument("--total-spin-key", default="spin", help="info key of total spins 2S_z (default spin)")
-    predict_parser.add_argument("--multiplicity-key", default="multiplicity", help="info key of multiplicities 2S + 1 (default multiplicity)")
+    stored = "default: the key the model's training read (older files: %s)"
+    predict_parser.add_argument("--total-charge-key", help=f"info key of net charges, e ({stored % 'charge'})")
+    predict_parser.add_argument("--total-spin-key", help=f"info key of total spins 2S_z ({stored % 'spin'})")
+    predict_parser.add_argument("--multiplicity-key", help=f"info key of multiplicities 2S + 1 ({stored % 'multiplicity'})")
     predict_parser.add_argument("--no-progress", dest="progress", action="store_false")
     prepare_parser = commands.add_parser("prepare-data", help="convert extended XYZ to the on-disk HDF5 format, read lazily by train")
     prepare_parser.add_argument("paths", nargs="+", metavar="PATH", help="IN.xyz [IN2.xyz ...] OUT (OUT: a .h5 file, or a folder with --shard-size)")

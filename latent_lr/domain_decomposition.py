@@ -70,7 +70,14 @@ from .charges import ChargeHead, LearnedChargeRedistribution, NoChargeConstraint
 from .data import AtomsBatch
 from .electrostatics.coulomb import PME_MIN_ATOMS
 from .electrostatics.kernels import switched_real_space_kernel
-from .electrostatics.mesh import influence_function, interpolate_mesh, solve_mesh, spline_stencil, spread_charges
+from .electrostatics.mesh import (
+    bspline_weights,
+    influence_function,
+    interpolate_mesh,
+    solve_mesh,
+    spread_charges,
+    structure_spline_points,
+)
 from .electrostatics.mesh_parameters import MeshParameters, mesh_parameters
 from .electrostatics.parameters import EwaldParameters
 from .electrostatics.reciprocal import k_space_weights
@@ -170,18 +177,28 @@ class DecomposedModel:
             raise UserInputError(f"method must be one of {METHODS}, got {method!r}.")
         self.model = model.eval()
         self.head: ChargeHead = long_range.charge_head
-        self.charge_sign = long_range.charge_sign
         self.method = method
         #: Å, how far ghosts reach (LAMMPS's ``comm_modify cutoff``, set by :func:`latent_lr.lammps.attach`); None: not checked.
         self.ghost_reach: Optional[float] = None
         self.allreduce = allreduce
         self.charge_transfer_forces = charge_transfer_forces
-        self.smearing = float(long_range.smearing)
         self.accuracy = float(long_range.accuracy)
         #: Keeps the PME mesh along a trajectory and the influence function at fixed cell, as on one rank.
         self.engine_state = EngineState()
         #: Wall time spent in ``allreduce`` so far, s (communication plus waiting for slower ranks).
         self.communication_seconds = 0.0
+
+    @property
+    def smearing(self) -> float:
+        """σ, Å: the model's at call time (it is learnable: ``learnable_smearing``)."""
+        assert self.model.long_range is not None
+        return float(self.model.long_range.smearing)
+
+    @property
+    def charge_sign(self) -> torch.Tensor:
+        """The model's charge sign s = ±1 at call time (the sign convention may flip it)."""
+        assert self.model.long_range is not None
+        return self.model.long_range.charge_sign
 
     def _sum(self, values: np.ndarray) -> np.ndarray:
         """``allreduce(values)``, timed into :attr:`communication_seconds`."""
@@ -388,11 +405,10 @@ class _MeshKSpace(_KSpace):
         self.parameters, self.cell, self.state = parameters, cell, state
         self.shape = parameters.mesh
         self.size = self.shape[0] * self.shape[1] * self.shape[2]
-        self.offset = torch.zeros(1, dtype=torch.long, device=cell.device)
 
     def _stencil(self, positions: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.zeros(len(positions), dtype=torch.long, device=positions.device)
-        return spline_stencil(positions, cell[None], rows, [self.shape], self.offset, self.parameters.order)
+        flat, t = structure_spline_points(positions, cell, self.shape, self.parameters.order)
+        return flat, bspline_weights(t, self.parameters.order)
 
     def local_part(self, positions: torch.Tensor, charges: torch.Tensor) -> np.ndarray:
         flat, weights = self._stencil(positions, self.cell)

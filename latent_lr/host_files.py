@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -75,6 +76,15 @@ def _payload_kind(path: Path, payload: object) -> str:
     raise _unrecognised(path, "a torch file of no format latent-lr knows")
 
 
+@dataclass(frozen=True)
+class IdentifiedFile:
+    """What :func:`identify_file` found: whose file it is and, when it had to load the file
+    weights-only to tell, the loaded contents (so that the file is read once)."""
+
+    kind: str  # a name of latent_lr.backbone.ADAPTERS, or LATENT_LR_FILE
+    payload: Optional[object] = None  # the weights-only contents; None when only the pickle opcodes were read
+
+
 def identify(path: Union[str, Path]) -> str:
     """Which backbone's file ``path`` is (a name of :data:`~latent_lr.backbone.ADAPTERS`), or ``"latent-lr"``.
 
@@ -84,6 +94,11 @@ def identify(path: Union[str, Path]) -> str:
     Raises:
         UserInputError: a TorchScript export, or no format latent-lr reads.
     """
+    return identify_file(path).kind
+
+
+def identify_file(path: Union[str, Path]) -> IdentifiedFile:
+    """:func:`identify`, keeping the contents it loaded (pass them on to the reader of the file)."""
     path = Path(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -92,20 +107,20 @@ def identify(path: Union[str, Path]) -> str:
             raise _torchscript_error(path)
         if is_torch_package(names):
             if any(name.split("/")[1:2] == ["nequip"] or "/nequip/" in name for name in names):
-                return "nequip"
+                return IdentifiedFile("nequip")
             raise _unrecognised(path, "a torch.package archive that is not a nequip-package")
         if not any(name.endswith("data.pkl") for name in names):
             raise _unrecognised(path, "a zip archive that is not a torch file")
         packages = sorted({name.split(".")[0] for name in unsafe_globals(path)} & set(PICKLE_PACKAGES))
         if len(packages) == 1:
-            return packages[0]
+            return IdentifiedFile(packages[0])
         if packages:
             raise _unrecognised(path, f"a pickle of classes from several backbones ({packages})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for files that are not weights-only torch files
         raise _unrecognised(path, f"not a file torch reads weights-only ({str(error).splitlines()[0][:120]})") from error
-    return _payload_kind(path, payload)
+    return IdentifiedFile(_payload_kind(path, payload), payload)
 
 
 def _pretrained(name: str, backbone: Optional[str]) -> nn.Module:
@@ -122,7 +137,13 @@ def _pretrained(name: str, backbone: Optional[str]) -> nn.Module:
         raise UserInputError(str(error)) from error
 
 
-def load_host(path: Union[str, os.PathLike], backbone: Optional[str] = None, *, trust_pickle: bool = False) -> nn.Module:
+def load_host(
+    path: Union[str, os.PathLike],
+    backbone: Optional[str] = None,
+    *,
+    trust_pickle: bool = False,
+    identified: Optional[IdentifiedFile] = None,
+) -> nn.Module:
     """The host model in a backbone's own file (or a pretrained model by name).
 
     Example::
@@ -136,6 +157,8 @@ def load_host(path: Union[str, os.PathLike], backbone: Optional[str] = None, *, 
         trust_pickle: allow loading that runs code from the file (whole-model
             pickles the allow-list cannot read, nequip-package archives).
             Only for files from a source you trust.
+        identified: :func:`identify_file`'s answer for ``path`` when the caller has it
+            (the file is then not identified, nor its weights-only contents read, again).
 
     Raises:
         UserInputError: missing file, unknown format, backbone mismatch, or a
@@ -144,9 +167,10 @@ def load_host(path: Union[str, os.PathLike], backbone: Optional[str] = None, *, 
     file = Path(path)
     if not file.is_file():
         return _pretrained(str(path), backbone)
-    kind = identify(file)
+    identified = identified or identify_file(file)
+    kind = identified.kind
     if kind == LATENT_LR_FILE:
         raise UserInputError(f"{file} is a latent-lr model file, not a host; read it with latent_lr.load({str(file)!r}).")
     if backbone is not None and backbone != kind:
         raise UserInputError(f"{file} is a {kind} model file, but backbone {backbone!r} was asked for; drop the backbone or give a {backbone} file.")
-    return adapter_class(kind).load_host_file(file, trust_pickle=trust_pickle)
+    return adapter_class(kind).load_host_file(file, trust_pickle=trust_pickle, payload=identified.payload)

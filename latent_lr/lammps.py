@@ -65,7 +65,7 @@ from .domain_decomposition import DecomposedModel, Subdomain
 from .electrostatics import EngineState
 from .errors import UserInputError
 from .model import LongRangeModel
-from .spin import SPIN_KEY, total_spin
+from .spin import SPIN_KEY, check_spin_fits_electrons, total_spin
 
 
 def _preload_mpi_library() -> None:
@@ -312,6 +312,9 @@ def attach(
     field = None if external_field is None else np.asarray(external_field, dtype=float)
     try:
         total_spin({SPIN_KEY: spin}, [], float("nan"), where="attach(spin=...)")
+        if model.reads_spin:  # Σ Z over every atom of every rank (gather_atoms is collective)
+            types = np.asarray(lmp.gather_atoms("type", 0, 1), dtype=np.int64)
+            check_spin_fits_electrons(int(spin), int(numbers_by_type[types].sum()), float(charge), "attach(spin=...)")
     except ValueError as error:
         raise UserInputError(str(error)) from error
     potential = LammpsPotential(lmp, model.eval(), numbers_by_type, charge, field, fix_id, spin=spin)

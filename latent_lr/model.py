@@ -13,6 +13,7 @@ from .data import AtomsBatch
 from .derivatives import forces_and_stress, stress_requested
 from .electrostatics import EngineState
 from .energy_terms import field_energy, reference_energy
+from .info_keys import InfoKeys
 from .long_range import LongRangeModule
 from .properties import born_effective_charges, cell_moment, polarizability_tensor
 from .strain import StrainedGeometry
@@ -53,6 +54,8 @@ class LongRangeModel(nn.Module):
         self.long_range = long_range
         #: Per-element reference energies E_ref(Z), eV, added to every atom (fitted by training).
         self.register_buffer("reference_energy", torch.zeros(119, dtype=torch.float64))
+        #: info keys of the net charge and total spin (those training read; saved with the model).
+        self.info_keys = InfoKeys()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,6 +75,14 @@ class LongRangeModel(nn.Module):
         """Whether the model reads the total spin 2S_z (``LongRangeConfig.spin_channel``); spin-blind
         models ignore ``atoms.info['spin']`` / ``['multiplicity']`` and never check them."""
         return self.long_range is not None and bool(self.long_range.config.spin_channel)
+
+    @property
+    def spin_keys(self) -> tuple[Optional[str], Optional[str]]:
+        """The (spin, multiplicity) info keys this model reads: :attr:`info_keys`' for a model that
+        reads the total spin, (None, None) for a spin-blind one, which ignores them and never checks them."""
+        if not self.reads_spin:
+            return None, None
+        return self.info_keys.total_spin, self.info_keys.multiplicity
 
     def freeze_host(self, frozen: bool = True, trainable: Sequence[str] = ()) -> "LongRangeModel":
         """Stop (or restart) training the host; only the long-range head learns.
@@ -239,5 +250,6 @@ class LongRangeModel(nn.Module):
             "adapter_options": self.backbone.options(),
             "long_range": None if self.long_range is None else self.long_range.to_dict(),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "info_keys": self.info_keys.to_dict(),
         }
 

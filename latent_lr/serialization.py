@@ -13,6 +13,7 @@ from typing import Union
 import torch
 
 from .backbone import adapter_class
+from .info_keys import InfoKeys
 from .long_range import LongRangeModule
 from .model import LongRangeModel
 
@@ -28,9 +29,13 @@ def save(model: LongRangeModel, path: Union[str, Path]) -> None:
 
 def load(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> LongRangeModel:
     """Rebuild a model written by :func:`save`."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    return from_payload(torch.load(path, map_location=map_location, weights_only=True), path)
+
+
+def from_payload(payload: object, source: Union[str, Path]) -> LongRangeModel:
+    """Rebuild a model from the contents of a :func:`save` file already read (``source`` names it in errors)."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a latent-lr model file (expected format {FORMAT}).")
+        raise ValueError(f"{source} is not a latent-lr model file (expected format {FORMAT}).")
     config = payload["config"]
     # Files written before adapter options were saved have no "adapter_options".
     options = config.get("adapter_options") or {}
@@ -38,4 +43,5 @@ def load(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu")
     long_range = None if config["long_range"] is None else LongRangeModule.from_dict(config["long_range"])
     model = LongRangeModel(backbone, long_range).to(getattr(torch, config["dtype"]))
     model.load_state_dict(payload["state_dict"])
+    model.info_keys = InfoKeys.from_dict(config.get("info_keys"))  # absent in files written before keys were stored
     return model

@@ -201,7 +201,8 @@ def apply_sign_convention(
 
     Args:
         model: a long-range model (its ``long_range.charge_sign`` is updated).
-        structures: the training structures (net charge in ``info['charge']``,
+        structures: the training structures (net charge in ``info['charge']``, total spin in
+            ``info['spin']``, as training frames carry them whatever keys the data used;
             field in ``info['external_field']``, V/Å); the first
             ``max_structures`` are evaluated.
         labels: optional reference labels per structure, aligned with

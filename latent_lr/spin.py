@@ -25,8 +25,9 @@ _INTEGER_TOLERANCE = 1e-9
 
 
 def spin_info_keys(reads_spin: bool) -> tuple[Optional[str], Optional[str]]:
-    """The (spin, multiplicity) info keys to read: the defaults for a model that reads the total spin,
-    (None, None) for a spin-blind one, which ignores them and never checks them."""
+    """The default (spin, multiplicity) info keys for a model that reads the total spin, (None, None)
+    for a spin-blind one, which ignores them and never checks them (structures normalised to the
+    default keys, such as training frames; a model's own keys: ``LongRangeModel.spin_keys``)."""
     return (SPIN_KEY, MULTIPLICITY_KEY) if reads_spin else (None, None)
 
 
@@ -83,15 +84,21 @@ def total_spin(
                              f"{multiplicity} (2S_z = ±(multiplicity − 1) = ±{multiplicity - 1}); give one of them.")
         spin = multiplicity - 1 if spin is None else spin
     assert spin is not None
-    _check_electron_count(spin, numbers, charge, where)
+    check_spin_fits_electrons(spin, sum(int(z) for z in numbers), charge, where)
     return spin
 
 
-def _check_electron_count(spin: int, numbers: Sequence[int], charge: float, where: str) -> None:
-    """ValueError when 2S_z = ``spin`` is impossible for Σ Z − Q electrons (integer Q only)."""
+def check_spin_fits_electrons(spin: int, atomic_number_sum: int, charge: float, where: str) -> None:
+    """ValueError (one line) when 2S_z = ``spin`` is impossible for the N_e = Σ Z − Q electrons of a
+    structure: |2S_z| > N_e, or 2S_z without the parity of N_e.  Not checked when Q is not an integer.
+
+    Args:
+        spin: 2S_z; atomic_number_sum: Σ Z of the structure's atoms; charge: its net charge Q, e;
+        where: names the structure (or argument) in the message.
+    """
     if not math.isfinite(charge) or abs(charge - round(charge)) > _INTEGER_TOLERANCE:
         return
-    electrons = int(sum(int(z) for z in numbers)) - int(round(charge))
+    electrons = int(atomic_number_sum) - int(round(charge))
     if abs(spin) > electrons:
         raise ValueError(f"{where}: 2S_z = {spin} needs at least {abs(spin)} electrons but the structure has "
                          f"{electrons} (Σ Z = {electrons + int(round(charge))}, charge {charge:g}); check the spin and charge.")

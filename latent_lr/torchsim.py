@@ -33,7 +33,7 @@ from .data import AtomsBatch
 from .electrostatics import EngineState
 from .errors import UserInputError
 from .model import LongRangeModel
-from .spin import SPIN_KEY
+from .spin import SPIN_KEY, check_spin_fits_electrons
 from .spin import total_spin as total_spin_of
 
 #: A per-structure quantity: one value for every structure, or a (B,) / (B, 3) tensor.
@@ -92,7 +92,7 @@ class TorchSimModel(ModelInterface):
         as_float = dict(dtype=self._dtype, device=self._device)
         periodic = bool(state.pbc)
         cell = state.row_vector_cell.to(**as_float)
-        return AtomsBatch(
+        data = AtomsBatch(
             positions=state.positions.to(**as_float),
             numbers=state.atomic_numbers.to(device=self._device, dtype=torch.long),
             cell=cell if periodic else torch.zeros_like(cell),
@@ -106,6 +106,23 @@ class TorchSimModel(ModelInterface):
             ),
             total_spin=self._per_structure("total_spin", self.total_spin, None, (n_systems,)),
         )
+        if self.total_spin is not None and self.model.reads_spin:
+            self._check_spins(data)
+        return data
+
+    @staticmethod
+    def _check_spins(data: AtomsBatch) -> None:
+        """Each structure's 2S_z against its Σ Z − Q electrons (parity and size), a one-line error."""
+        assert data.total_spin is not None and data.total_charge is not None
+        zeros = torch.zeros(data.n_structures, dtype=torch.long, device=data.numbers.device)
+        sums = zeros.index_add(0, data.batch, data.numbers).tolist()
+        for index, (spin, atomic_number_sum, charge) in enumerate(
+            zip(data.total_spin.tolist(), sums, data.total_charge.tolist())
+        ):
+            try:
+                check_spin_fits_electrons(round(spin), atomic_number_sum, charge, f"TorchSimModel(total_spin=...), structure {index}")
+            except ValueError as error:
+                raise UserInputError(str(error)) from None
 
     def _per_structure(
         self, name: str, given: Optional[PerStructure], from_state: Optional[torch.Tensor], shape: tuple[int, ...]

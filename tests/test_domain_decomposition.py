@@ -146,3 +146,22 @@ def test_ghosts_that_no_longer_reach_far_enough_are_an_error():
     decomposed.ghost_reach = 0.9 * needed  # a box that grew under a barostat needs more than LAMMPS was told
     with pytest.raises(UserInputError, match="the box grew"):
         decomposed(subdomain)
+
+
+def test_smearing_and_charge_sign_are_read_at_call_time():
+    """A learnable smearing changed (and the charge sign flipped) after the decomposition was built
+    gives the model's new energy, not the one of the values at construction."""
+    model = make_model(seed=0, learnable_smearing=True)
+    atoms = triclinic_water()
+    atoms.info["charge"] = 1.0
+    decomposed = DecomposedModel(model, allreduce=lambda values: values)
+    before = decomposed(one_rank_subdomain(atoms, decomposed.ghost_cutoff(atoms.cell.array, len(atoms))))[0]
+    with torch.no_grad():
+        model.long_range.log_smearing.add_(np.log(1.3))
+    model.long_range.charge_sign.fill_(-1.0)
+    reference = model(latent_lr.AtomsBatch.from_atoms(atoms))
+    energy, forces, charges, _ = decomposed(one_rank_subdomain(atoms, decomposed.ghost_cutoff(atoms.cell.array, len(atoms))))
+    assert abs(energy - before) > 1e-3
+    assert energy == pytest.approx(float(reference["energy"][0]), rel=1e-12)
+    torch.testing.assert_close(charges, reference["charges"], rtol=0, atol=1e-12)
+    assert float((forces - reference["forces"]).abs().max()) <= 1e-12 * float(reference["forces"].abs().max())

@@ -262,3 +262,52 @@ def test_cace_pickle_loads_through_the_allow_list(monkeypatch, tmp_path):
     with pytest.raises(UserInputError, match="trust_pickle"):
         latent_lr.load_host(path)
     assert not (tmp_path / FLAG).exists()
+
+
+# ----------------------------------------------------------------------------- each file is read once
+
+
+def count_reads(monkeypatch, path):
+    """Counts of full ``torch.load`` reads and pickle-opcode scans of ``path`` from here on."""
+    reads = {"load": 0, "scan": 0}
+    real_load, real_scan = torch.load, torch.serialization.get_unsafe_globals_in_checkpoint
+
+    def load(source, *args, **kwargs):
+        reads["load"] += str(source) == str(path)
+        return real_load(source, *args, **kwargs)
+
+    def scan(source, *args, **kwargs):
+        reads["scan"] += str(source) == str(path)
+        return real_scan(source, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(torch.serialization, "get_unsafe_globals_in_checkpoint", scan)
+    return reads
+
+
+def test_init_model_and_load_host_read_a_file_once(monkeypatch, mace_file, tmp_path):
+    from pathlib import Path
+
+    import chgnet
+
+    from latent_lr.training.model_files import load_model_file
+
+    weights = next((Path(chgnet.__file__).parent / "pretrained" / "0.3.0").glob("*.pth.tar"))
+    torch.manual_seed(0)
+    latent_lr.save(latent_lr.wrap(latent_lr.RadialPotential([1, 8], cutoff=3.0, hidden_dim=8)), tmp_path / "lr.pt")
+    cases = [  # (file, how it is read, expected reads); main read them 3, 2, 3, 2, 1 times (scans 2, 1, 1, 0, 3)
+        (weights, lambda: build_model(TrainConfig(init_model=str(weights), long_range=False, dtype="float32"), SPECIES),
+         {"load": 1, "scan": 1}),
+        (weights, lambda: latent_lr.load_host(weights), {"load": 1, "scan": 1}),
+        (tmp_path / "lr.pt", lambda: build_model(TrainConfig(init_model=str(tmp_path / "lr.pt")), [1, 8]),
+         {"load": 1, "scan": 1}),
+        (tmp_path / "lr.pt", lambda: load_model_file(tmp_path / "lr.pt"), {"load": 1, "scan": 0}),
+        # a whole-model pickle: its opcodes are scanned to identify it and again by the allow-list, then loaded once
+        (mace_file, lambda: build_model(TrainConfig(init_model=str(mace_file), long_range=False), SPECIES),
+         {"load": 1, "scan": 2}),
+    ]
+    for path, read, expected in cases:
+        with monkeypatch.context() as patch:
+            reads = count_reads(patch, path)
+            read()
+        assert reads == expected, (path, reads)

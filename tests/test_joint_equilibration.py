@@ -262,11 +262,17 @@ def test_joint_model_keeps_total_charge_flips_with_the_sign_gauge_and_round_trip
     torch.testing.assert_close(latent_lr.load(path)(data, compute_forces=False)["energy"], out["energy"])
 
 
-def test_slabs_and_a_second_polarisability_model_are_clear_errors(joint_model):
+def test_the_joint_model_runs_on_slabs_and_a_second_polarisability_model_is_a_clear_error(joint_model):
     slab = rattled_salt()
     slab.pbc = (True, True, False)
-    with pytest.raises(NotImplementedError, match="slab"):
-        joint_model(AtomsBatch.from_atoms(slab), compute_forces=False)
+    slab.info["charge"] = 1.0
+    out = joint_model(in_field(slab, FIELD))
+    assert out["charges"].sum().item() == pytest.approx(1.0, abs=1e-9)
+    assert torch.isfinite(out["forces"]).all() and out["induced_dipoles"][:, 2].abs().max() > 1e-3
+    wire = rattled_salt()
+    wire.pbc = (True, False, False)
+    with pytest.raises(NotImplementedError, match="open, fully periodic and slab"):
+        joint_model(AtomsBatch.from_atoms(wire), compute_forces=False)
     with pytest.raises(ValueError, match="qeq_dipoles.*polarizability='none'"):
         LongRangeConfig(charge_model="qeq_dipoles", polarizability="self_consistent")
     chi, hardness, alpha, positions = random_problem(3, seed=6)

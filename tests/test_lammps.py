@@ -187,3 +187,8 @@ def test_total_spin_reaches_a_spin_channel_model(tmp_path):
     assert abs(singlet.get_potential_energy() - energy) > 1e-6
     with pytest.raises(UserInputError, match="not an integer"):
         latent_lr_lammps.attach(lammps_from_atoms(atoms, tmp_path), model, elements=ELEMENTS, spin=0.5)
+    # water has an even number of electrons: 2S_z = 1 is impossible, unless the charge makes it odd
+    with pytest.raises(UserInputError, match=r"attach\(spin=...\): 2S_z = 1 .* must be even"):
+        latent_lr_lammps.attach(lammps_from_atoms(atoms, tmp_path), model, elements=ELEMENTS, spin=1)
+    latent_lr_lammps.attach(lammps_from_atoms(atoms, tmp_path), model, elements=ELEMENTS, spin=1, charge=1.0)
+    latent_lr_lammps.attach(lammps_from_atoms(atoms, tmp_path), make_model(seed=1), elements=ELEMENTS, spin=1)  # not read

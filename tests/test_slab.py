@@ -199,3 +199,16 @@ def test_every_periodic_method_applies_the_correction(method):
         pbc=SLAB, accuracy=1e-6, method=method,
     ).item()
     assert energy == pytest.approx(reference, rel=1e-6)
+
+
+def test_two_slabs_in_one_batch_equal_separate_calls_against_2d_ewald():
+    """More than one slab per call (it once failed in the plane check's broadcasting)."""
+    neutral, charged = random_slab(0.0, seed=2), random_slab(1.0, seed=3)
+    cell = np.array([A_VEC, B_VEC, [0.0, 0.0, 6.0]])
+    batched = coulomb_energy(
+        torch.tensor(np.vstack([neutral[0], charged[0]])), torch.tensor(np.concatenate([neutral[1], charged[1]])),
+        cell=torch.tensor(np.stack([cell, cell])), pbc=torch.tensor([[True, True, False]] * 2),
+        batch=torch.tensor([0] * 8 + [1] * 8), accuracy=1e-8,
+    )
+    reference = [ewald_2d(*neutral, alpha=0.6), ewald_2d(*charged, alpha=0.6)]
+    np.testing.assert_allclose(batched.numpy(), reference, rtol=1e-9)

@@ -134,3 +134,8 @@ def test_total_spin_reaches_a_spin_channel_model():
     assert (singlet["energy"] - outputs["energy"]).abs().min() > 1e-6
     with pytest.raises(ValueError, match="not an integer"):
         TorchSimModel(model, total_spin=[0, 1.5])
+    state = ts.initialize_state(structures, ts_model.device, ts_model.dtype)
+    with pytest.raises(latent_lr.errors.UserInputError, match=r"structure 1: 2S_z = 3 .* must be even"):
+        TorchSimModel(model, total_spin=[2, 3])(state)  # water: an even number of electrons
+    TorchSimModel(model, total_spin=[2, 3], total_charge=[0.0, 1.0])(state)
+    TorchSimModel(make_model(seed=1), total_spin=[2, 3])(state)  # a spin-blind model does not read it

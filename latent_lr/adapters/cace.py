@@ -398,7 +398,7 @@ class CaceBackbone(Backbone):
         return cace_config.default_host(species, **options)
 
     @classmethod
-    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+    def load_host_file(cls, path: Path, trust_pickle: bool = False, payload: Optional[object] = None) -> nn.Module:
         """A CACE model from a whole-model pickle (``torch.save(model)``, as CACE's training scripts write).
 
         Read with the allow-list of cace and torch.nn classes (nothing from the

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -270,16 +270,17 @@ class ChgnetBackbone(Backbone):
             return CHGNet.load(model_name=key, use_device="cpu", verbose=False)
 
     @classmethod
-    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+    def load_host_file(cls, path: Path, trust_pickle: bool = False, payload: Optional[object] = None) -> nn.Module:
         """A CHGNet from a weight file (``CHGNet.save``/the bundled ``.pth.tar``: ``{"model": {"model_args", "state_dict"}}``).
 
         Weight files load weights-only (nothing runs); whole-model pickles
         (``torch.save(model)``) go through the allow-list of chgnet and torch.nn classes.
         """
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # not weights-only: a whole-model pickle
-            payload = None
+        if payload is None:
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # not weights-only: a whole-model pickle
+                payload = None
         if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
             saved = payload["model"]
             with _quiet_construction():

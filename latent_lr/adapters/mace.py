@@ -20,7 +20,7 @@ rebuilt from its settings and weights, bit-identical to unpickling it; with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Any, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -175,7 +175,7 @@ class MaceBackbone(Backbone):
 
 
     @classmethod
-    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+    def load_host_file(cls, path: Path, trust_pickle: bool = False, payload: Optional[object] = None) -> nn.Module:
         """A MACE model from a ``.model`` file (``torch.save(model)``, as mace_run_train writes).
 
         Without ``trust_pickle`` nothing from the file runs: the allow-listed

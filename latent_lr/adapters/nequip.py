@@ -170,7 +170,7 @@ class NequipBackbone(Backbone):
         return nequip_host.build_host(nequip_host.default_config(species, **options))
 
     @classmethod
-    def load_host_file(cls, path: Path, trust_pickle: bool = False) -> nn.Module:
+    def load_host_file(cls, path: Path, trust_pickle: bool = False, payload: Optional[object] = None) -> nn.Module:
         """A nequip host from a 0.19 training checkpoint (``.ckpt``) or, with ``trust_pickle``, a ``nequip-package`` archive.
 
         Checkpoints load weights-only: the model block of their
@@ -181,12 +181,14 @@ class NequipBackbone(Backbone):
             with zipfile.ZipFile(path) as archive:
                 if is_torch_package(archive.namelist()):
                     return _host_from_package(path, trust_pickle)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # objects beyond tensors and containers
-            if not trust_pickle:
-                raise needs_trust(path, "it holds Python objects beyond weights and settings") from error
-            checkpoint = load_trusted(path)
+        checkpoint = payload
+        if not isinstance(checkpoint, dict):
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # objects beyond tensors and containers
+                if not trust_pickle:
+                    raise needs_trust(path, "it holds Python objects beyond weights and settings") from error
+                checkpoint = load_trusted(path)
         model_config = checkpoint["hyper_parameters"]["model"]
         return _host_from_weights(path, model_config, checkpoint["state_dict"], prefix="model.")
 

@@ -11,7 +11,7 @@ once, from the engine's own functions and parameters, and each product is
   kernel of :func:`.kernels.switched_real_space_kernel`, the full smeared one
   :func:`.kernels.screened_pair_kernel` for open structures);
 * the PME mesh: spread by the sparse B-spline matrix of the engine's stencil
-  (:func:`.mesh.spline_stencil`, as :func:`.mesh.spread_charges`), the mesh
+  (:func:`.mesh.spline_points`, as :func:`.mesh.spread_charges`), the mesh
   potential by one real FFT pair (:func:`.mesh.mesh_potential` with the
   influence function θ of the same mesh and α), interpolation back by the
   transpose (as :func:`.mesh.interpolate_mesh`);
@@ -39,7 +39,7 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .coulomb import PME_MIN_ATOMS
 from .kernels import screened_pair_kernel, switched_real_space_kernel
-from .mesh import _cached_influence, influence_function, mesh_layout, mesh_potential, spline_stencil
+from .mesh import _cached_influence, bspline_weights, influence_function, mesh_layout, mesh_potential, spline_points
 from .mesh_parameters import mesh_parameters
 from .pairs import all_pairs_within, periodic_pairs_within_cutoff
 from .state import EngineState
@@ -149,7 +149,8 @@ def _periodic_terms(
     mesh_shapes = [parameters[i].mesh for i in rows_list]
     order = parameters[rows_list[0]].order
     shapes, groups, offset, cursor = mesh_layout(mesh_shapes, positions.device)
-    flat, weights = spline_stencil(positions[atoms], cell[rows], atom_row, mesh_shapes, offset, order)
+    flat, offsets = spline_points(positions[atoms], cell[rows], atom_row, mesh_shapes, offset, order)
+    weights = bspline_weights(offsets, order)  # (M, 3, p), as spme_reciprocal_energy
     # The interpolation matrix A (M atoms × mesh points, p³ entries per row, the product of the three axes'
     # spline weights as in interpolate_mesh) in CSR form; spreading applies Aᵀ by one index_add.
     stencil = (weights[:, 0, :, None, None] * weights[:, 1, None, :, None] * weights[:, 2, None, None, :]).reshape(

@@ -25,8 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..units import COULOMB_CONSTANT
-from .mesh import bspline_weights, influence_function
-from .mesh_support import spline_support
+from .mesh import bspline_weights, influence_function, structure_spline_points
 
 
 @dataclass
@@ -73,7 +72,8 @@ def dipole_mesh(
     device, dtype = positions.device, positions.dtype
     mesh = torch.tensor(shape, device=device)
     inverse = torch.linalg.inv(cell)
-    offset, flat = spline_support(positions[atoms], inverse, shape, order)
+    flat, offset = structure_spline_points(positions[atoms], cell, shape, order)
+    flat = flat.reshape(len(atoms), -1)
     weights = bspline_weights(offset, order)  # (n, 3, p): M_p(t + j)
     lower = bspline_weights(offset, order - 1)  # (n, 3, p - 1): M_{p-1}(t + j)
     zero = torch.zeros_like(lower[..., :1])

@@ -20,8 +20,14 @@ tensors and k-vectors (:class:`_ChargeDipoleCoupling`), so it is the gradient of
 the same sums of which −T is the Hessian: for open boundaries and Ewald it equals
 :func:`.field.electric_field` to round-off; where the engine switches to PME
 (``method="auto"``, large cells) E_coul and G differ at the engine accuracy.
-Periodic structures use tin-foil sums for all three terms.  Slabs raise
-:class:`NotImplementedError` (the dipole tensor has no slab form here).
+Periodic structures use tin-foil sums for all three terms.  Slabs
+(pbc = (True, True, False)) use the engine's slab approach for all three
+(:mod:`.slab`): tin-foil sums in the vacuum-extended cell plus the
+Yeh–Berkowitz/Ballenegger correction of the total density, whose part linear
+in the dipoles gives the coupling F_i += −(4π k_e/V) n̂ Σ_j q_j (z_j − z_i)
+(:meth:`_ChargeDipoleCoupling.slab_field`); its charge–charge part is the
+engine's and its dipole–dipole part the slab dipole tensor's
+(:mod:`.dipole_ewald`).
 
 The unknowns are solved for together: with S = diag √α and p = S x, the
 stationarity conditions are the KKT system of the symmetric matrix (N + 3N)::
@@ -80,11 +86,42 @@ class _ChargeDipoleCoupling:
         along = torch.einsum("pa,pab,pb->p", vectors, operator.tensors, vectors) / (vectors * vectors).sum(1)
         transverse = 0.5 * (torch.einsum("paa->p", operator.tensors) - along)
         self.pair_field = transverse[:, None] * vectors  # field at `first` of a unit charge at `second`
+        # Slabs: heights z_i = r_i·n̂ (0 outside slabs), for the correction's charge–dipole part.
+        self.heights = None if operator.slab_normals is None else (positions * operator.slab_normals).sum(1)
+
+    def _slab_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """(N,) Σ_{j in i's structure} values_j, for values (N,)."""
+        batch = self.operator.batch
+        assert batch is not None
+        return values.new_zeros(int(batch.max()) + 1).index_add(0, batch, values)[batch]
+
+    def slab_field(self, charges: torch.Tensor) -> torch.Tensor:
+        """(N, 3) slab-correction field −(4π k_e/V) n̂ (Σ_j q_j z_j − Q z_i) of charges (N,) e; zeros outside slabs.
+
+        The part of the Yeh–Berkowitz/Ballenegger energy (2π k_e/V)(M_z² − Q Σ ρ z² − …) of the
+        total density (charges q_j at z_j, dipoles p_i, which add p_i·n̂ to M_z and 2 z_i p_i·n̂ to
+        Σ ρ z²) that is linear in the dipoles is −Σ_i p_i·(this field).
+        """
+        if self.heights is None:
+            return charges.new_zeros(charges.shape[0], 3)
+        operator, z = self.operator, self.heights
+        assert operator.slab_weight is not None and operator.slab_normals is not None
+        amplitude = self._slab_sums(charges * z) - self._slab_sums(charges) * z
+        return -(operator.slab_weight * amplitude)[:, None] * operator.slab_normals
+
+    def slab_potential(self, dipoles: torch.Tensor) -> torch.Tensor:
+        """(N,) transpose of :meth:`slab_field`: −(4π k_e/V)(z_j Σ_i p_i·n̂ − Σ_i z_i p_i·n̂) at every atom j, V."""
+        if self.heights is None:
+            return dipoles.new_zeros(dipoles.shape[0])
+        operator, z = self.operator, self.heights
+        assert operator.slab_weight is not None and operator.slab_normals is not None
+        along = (dipoles * operator.slab_normals).sum(1)
+        return -operator.slab_weight * (z * self._slab_sums(along) - self._slab_sums(z * along))
 
     def field(self, charges: torch.Tensor) -> torch.Tensor:
         """(N, 3) field G q of charges (N,) e at every atom, V/Å (own charge excluded)."""
         pairs, pair_field = self.operator.pairs, self.pair_field
-        field = charges.new_zeros(charges.shape[0], 3)
+        field = self.slab_field(charges)
         field = field.index_add(0, pairs.first, pair_field * charges[pairs.second, None])
         field = field.index_add(0, pairs.second, -pair_field * charges[pairs.first, None])
         for g in self.operator.groups:  # F_i = Σ_k W(k) k [sin(k·r_i) C(k) − cos(k·r_i) S(k)]
@@ -98,7 +135,7 @@ class _ChargeDipoleCoupling:
     def potential(self, dipoles: torch.Tensor) -> torch.Tensor:
         """(N,) Gᵀp: the potential of dipoles (N, 3) e·Å at every atom, V (own dipole excluded)."""
         pairs, pair_field = self.operator.pairs, self.pair_field
-        potential = dipoles.new_zeros(dipoles.shape[0])
+        potential = self.slab_potential(dipoles)
         potential = potential.index_add(0, pairs.second, (pair_field * dipoles[pairs.first]).sum(1))
         potential = potential.index_add(0, pairs.first, -(pair_field * dipoles[pairs.second]).sum(1))
         for g in self.operator.groups:  # φ_j = Σ_k W(k) [cos(k·r_j) A(k) − sin(k·r_j) B(k)]
@@ -123,11 +160,12 @@ class _JointOperator:
     ):
         self.charges = _Geometry(pbc, batch, n_structures, accuracy, state)
         self.periodic = pbc.all(dim=1)
+        self.slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
 
     def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> DipoleOperator:
-        """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`)."""
+        """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`), slabs included."""
         geometry = self.charges
-        return dipole_operator(positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy)
+        return dipole_operator(positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab)
 
     def __call__(
         self, v: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
@@ -185,8 +223,9 @@ def equilibrate_charges_and_dipoles(
         electronegativity: χ (N,) eV/e, without the field shift (the field is ``external_field``).
         hardness: J (N,) eV/e², > 0.
         polarizability: α (N,) e·Å²/V, 0 ≤ α < 1/c (below :func:`catastrophe_free_polarizability`).
-        positions: (N, 3) Å; cell: (B, 3, 3) Å; pbc: (B, 3) bool, each structure open or fully
-            periodic; batch: (N,) sorted structure index.
+        positions: (N, 3) Å; cell: (B, 3, 3) Å; pbc: (B, 3) bool, each structure open, fully
+            periodic or a slab (True, True, False; third cell vector normal to the plane, see
+            :mod:`.slab`); batch: (N,) sorted structure index.
         total_charge: Q (B,) e.
         smearing: σ (scalar tensor), Å, > 0.
         external_field: E_ext (B, 3) V/Å or None (no field).
@@ -201,7 +240,7 @@ def equilibrate_charges_and_dipoles(
 
     Raises:
         ValueError: J ≤ 0, α outside [0, 1/c), σ ≤ 0.
-        NotImplementedError: a slab or other partly periodic structure.
+        NotImplementedError: a partly periodic structure other than a slab.
     """
     smearing = torch.as_tensor(smearing, dtype=positions.dtype, device=positions.device)
     if not float(smearing.detach()) > 0:
@@ -214,11 +253,13 @@ def equilibrate_charges_and_dipoles(
             f"polarisabilities must lie in [0, {bound:.4g}) e·Å²/V (below 1/c at σ = {float(smearing):.3g} Å, "
             "or the dipoles diverge); lower α or raise the smearing."
         )
-    partial = pbc.any(dim=1) & ~pbc.all(dim=1)
+    slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
+    partial = pbc.any(dim=1) & ~pbc.all(dim=1) & ~slab
     if bool(partial.any()):
         raise NotImplementedError(
-            "joint charge-dipole equilibration supports open and fully periodic structures; the dipole tensor "
-            "has no slab (partly periodic) form yet. Use charge_model='qeq' with polarizability='one_step' for slabs."
+            f"joint charge-dipole equilibration supports open, fully periodic and slab (pbc = (True, True, False)) "
+            f"structures; got pbc = {pbc[partial][0].tolist()}. Put the open direction third (a slab) or make the "
+            "structure open or fully periodic."
         )
     n_structures = cell.shape[0]
     scale = polarizability.clamp_min(1e-30).sqrt()  # finite gradients at α = 0

@@ -40,8 +40,7 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .linear_solve import Preconditioner
-from .mesh import bspline_weights
-from .mesh_support import spline_support
+from .mesh import bspline_weights, structure_spline_points
 
 #: Mesh spacing of the preconditioner, Å (resolves the amplified modes, k ≲ 1.2 1/Å in water).
 MESH_SPACING = 2.0
@@ -122,7 +121,8 @@ def _structure_mesh(
     lengths = cell.norm(dim=1).tolist()
     k1, k2, k3 = (max(order, math.ceil(length / spacing)) for length in lengths)
     shape = (k1, k2, k3)
-    offset, flat = spline_support(positions[atoms], torch.linalg.inv(cell), shape, order)
+    flat, offset = structure_spline_points(positions[atoms], cell, shape, order)
+    flat = flat.reshape(len(atoms), -1)
     weights = bspline_weights(offset, order)  # (n, 3, p)
     product = (weights[:, 0, :, None, None] * weights[:, 1, None, :, None] * weights[:, 2, None, None, :]).reshape(
         len(atoms), -1

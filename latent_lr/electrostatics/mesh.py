@@ -245,7 +245,7 @@ def mesh_layout(
     return shapes, groups, torch.tensor(offsets, dtype=torch.long, device=device), cursor
 
 
-def spline_stencil(
+def spline_points(
     positions: torch.Tensor,
     cell: torch.Tensor,
     atom_row: torch.Tensor,
@@ -253,7 +253,7 @@ def spline_stencil(
     offset: torch.Tensor,
     order: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The p³ mesh points each atom spreads onto, and its B-spline weights along each axis.
+    """The p³ mesh points each atom's B-spline touches, and its offsets from the point below.
 
     Args:
         positions: (M, 3) positions, Å; cell: (R, 3, 3) lattice vectors as rows, Å.
@@ -261,9 +261,10 @@ def spline_stencil(
         order: B-spline order p.
 
     Returns:
-        flat: (M, p, p, p) indices into the flat mesh buffer (index data);
-        weights: (M, 3, p) spline weights, differentiable in positions and cell
-        (the weight of point (a, b, c) is weights[:, 0, a] weights[:, 1, b] weights[:, 2, c]).
+        flat: (M, p, p, p) indices into the flat mesh buffer (index data; point (a, b, c)
+        lies ``a, b, c`` mesh steps below the scaled position along each axis);
+        t: (M, 3) offsets in [0, 1), differentiable in positions and cell (the weight of
+        point ``below − j`` along an axis is M_p(t + j), :func:`bspline_weights`).
     """
     device, dtype = positions.device, positions.dtype
     mesh = torch.tensor([list(shape) for shape in mesh_shapes], dtype=torch.long, device=device)
@@ -272,7 +273,6 @@ def spline_stencil(
     atom_mesh = mesh[atom_row]
     scaled = fractional * atom_mesh.to(dtype)
     below = torch.floor(scaled.detach())
-    weights = bspline_weights(scaled - below, order)  # (M, 3, p)
     steps = torch.arange(order, device=device)
     point = torch.remainder(below.long().unsqueeze(-1) - steps, atom_mesh.unsqueeze(-1))
     strides = torch.stack(
@@ -285,7 +285,24 @@ def spline_stencil(
         + point[:, 1, None, :, None]
         + point[:, 2, None, None, :]
     )
-    return flat, weights
+    return flat, scaled - below
+
+
+def structure_spline_points(
+    positions: torch.Tensor, cell: torch.Tensor, shape: tuple[int, int, int], order: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`spline_points` of one structure on its own C-ordered mesh.
+
+    Args:
+        positions: (n, 3) Å; cell: (3, 3) lattice vectors as rows, Å; shape: mesh (K1, K2, K3);
+        order: B-spline order p.
+
+    Returns:
+        flat (n, p, p, p) indices into the mesh; t (n, 3) offsets (as :func:`spline_points`).
+    """
+    rows = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+    start = torch.zeros(1, dtype=torch.long, device=positions.device)
+    return spline_points(positions, cell.unsqueeze(0), rows, [shape], start, order)
 
 
 def spread_charges(charges: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
@@ -374,8 +391,8 @@ def spme_reciprocal_energy(
     device, dtype = positions.device, positions.dtype
     n_rows = len(mesh_shapes)
     shapes, groups, offset, cursor = mesh_layout(mesh_shapes, device)
-    flat, weights = spline_stencil(positions, cell, atom_row, mesh_shapes, offset, order)
-    grid = spread_charges(charges, flat, weights, cursor)
+    flat, t = spline_points(positions, cell, atom_row, mesh_shapes, offset, order)
+    grid = spread_charges(charges, flat, bspline_weights(t, order), cursor)
 
     energy = positions.new_zeros(n_rows)
     start = 0

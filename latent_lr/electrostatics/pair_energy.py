@@ -8,8 +8,8 @@ a graph and the backward is three products:
 
     ∂E/∂r_vec = q_i q_j f'(r)/r r_vec,   ∂E/∂q_i = q_j f,   ∂E/∂q_j = q_i f,
 
-with f' = S' K + S K', K = (erfc(α r) - erfc(β r))/r,
-K' = (2/√π)(β e^{-β²r²} - α e^{-α²r²})/r - K/r, S = 1 - (10t³ - 15t⁴ + 6t⁵),
+with f' = S' K + S K', K = (erfc(α r) - erfc(β r))/r and K' from
+:func:`.kernels.screened_pair_kernel_and_slope`, S = 1 - (10t³ - 15t⁴ + 6t⁵),
 S' = -30 t² (1 - t)² / (r_cut - r_switch), t = (r - r_switch)/(r_cut - r_switch) in [0, 1].
 
 When the backward itself is differentiated (``create_graph=True``: training
@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .kernels import screened_pair_kernel_and_slope
 from .switching import switch_off_and_slope
 
 
@@ -59,13 +60,8 @@ def _kernel_and_slope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """f(r) and f'(r)/r of the switched kernel (β = inf: point charges)."""
     inverse = 1.0 / distance
-    gaussian = alpha * torch.exp(-(alpha * distance) ** 2)
-    screened = torch.erfc(alpha * distance)
-    if bool(torch.isfinite(beta).all()):
-        gaussian = gaussian - beta * torch.exp(-(beta * distance) ** 2)
-        screened = screened - torch.erfc(beta * distance)
-    kernel = screened * inverse
-    kernel_slope = -(2.0 / math.sqrt(math.pi)) * gaussian * inverse - kernel * inverse
+    smear = beta if bool(torch.isfinite(beta).all()) else None
+    kernel, kernel_slope = screened_pair_kernel_and_slope(distance, inverse, alpha, smear)
     switch, switch_slope = switch_off_and_slope(distance, r_switch, r_cut)
     return switch * kernel, (switch_slope * kernel + switch * kernel_slope) * inverse
 

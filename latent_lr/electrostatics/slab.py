@@ -76,7 +76,7 @@ def _check_slab_cells(cell: torch.Tensor, indices: list[int]) -> None:
         cell = cell.double()
         area = torch.linalg.cross(cell[:, 0], cell[:, 1]).norm(dim=1)
         lengths = cell[:, :2].norm(dim=2)
-        widths = area / lengths.flip(1).clamp_min(1e-300)
+        widths = area[:, None] / lengths.flip(1).clamp_min(1e-300)
         thin = widths.min(dim=1).values < MIN_CELL_WIDTH
         if bool(thin.any()):
             which = [indices[i] for i in torch.nonzero(thin).flatten()[:5].tolist()]

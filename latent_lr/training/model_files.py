@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from ..errors import UserInputError
 from ..model import LongRangeModel
-from ..serialization import FORMAT, load
+from ..serialization import FORMAT, from_payload
 
 #: Checkpoint key holding ``LongRangeModel.config()`` (architecture; weights are under ``"model"``).
 CHECKPOINT_MODEL_CONFIG = "model_config"
@@ -18,9 +17,9 @@ CHECKPOINT_MODEL_CONFIG = "model_config"
 CHECKPOINT_EMA = "ema"
 
 
-def _read_payload(path: Path) -> object:
+def _read_payload(path: Path, map_location: Union[str, torch.device] = "cpu") -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not its own
         raise UserInputError(
             f"{path} is not a latent-lr model file (torch cannot read it); give best_model.pt or checkpoint.pt "
@@ -43,26 +42,29 @@ def _checkpoint_config(path: Path, payload: dict) -> dict:
     )
 
 
-def load_model_file(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> LongRangeModel:
+def load_model_file(
+    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu", payload: Optional[object] = None
+) -> LongRangeModel:
     """A model from ``best_model.pt`` (:func:`latent_lr.save` format) or a training ``checkpoint.pt``
     (its weight average when the run kept one, else its last weights).
+
+    ``payload``: the file's contents when the caller already read them (weights-only, e.g.
+    :func:`latent_lr.host_files.identify_file`), so the file is not read again.
 
     Raises:
         UserInputError: the file is missing or is neither kind of file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"model file {path} does not exist; give best_model.pt or checkpoint.pt of a training run.")
-    payload = _read_payload(path)
+    if payload is None:
+        if not path.is_file():
+            raise UserInputError(f"model file {path} does not exist; give best_model.pt or checkpoint.pt of a training run.")
+        payload = _read_payload(path, map_location)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return load(path, map_location=map_location)
+        return from_payload(payload, path)
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict) and "optimiser" in payload:
         average = payload.get(CHECKPOINT_EMA)
         weights = payload["model"] if average is None else average["weights"]  # the evaluated model: the average if any
-        buffer = io.BytesIO()  # re-use load()'s rebuild: the checkpoint's weights in the model-file format
-        torch.save({"format": FORMAT, "config": _checkpoint_config(path, payload), "state_dict": weights}, buffer)
-        buffer.seek(0)
-        return load(buffer, map_location=map_location)  # type: ignore[arg-type]
+        return from_payload({"format": FORMAT, "config": _checkpoint_config(path, payload), "state_dict": weights}, path)
     raise UserInputError(
         f"{path} is not a latent-lr model file (expected format {FORMAT} or a training checkpoint); "
         "give best_model.pt or checkpoint.pt written by latent-lr train."

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from ..errors import UserInputError
 from ..model import LongRangeModel
 from ..sign_convention import MAX_STRUCTURES, apply_sign_convention
-from ..spin import MULTIPLICITY_KEY, SPIN_KEY
 from .dataset import Frame, LabelKeys, check_frame_elements, iter_frames
 from .devices import resolve_device
 from .metrics import predict_frames
@@ -56,9 +55,9 @@ def predict_file(
     input_path: Union[str, Path],
     output_path: Union[str, Path],
     batch_size: int = 16,
-    total_charge_key: str = "charge",
-    total_spin_key: Optional[str] = SPIN_KEY,
-    multiplicity_key: Optional[str] = MULTIPLICITY_KEY,
+    total_charge_key: Optional[str] = None,
+    total_spin_key: Optional[str] = None,
+    multiplicity_key: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = False,
     sign_reference: Optional[Union[str, Path]] = None,
@@ -69,6 +68,11 @@ def predict_file(
     ``forces`` (eV/Å); with the spin channel also per-atom ``latent_spins`` (spin
     populations n↑ − n↓, summing to the total spin 2S_z read from ``total_spin_key``
     or ``multiplicity_key``).  Returns the number of structures written.
+
+    The net charge, total spin and multiplicity are read from the info keys given, each
+    key left None from the model's stored :attr:`~latent_lr.LongRangeModel.info_keys`
+    (those its training read; ``charge``, ``spin``, ``multiplicity`` for older files), see
+    :meth:`~latent_lr.info_keys.InfoKeys.overridden`.
 
     ``model_path`` is ``best_model.pt`` or a training ``checkpoint.pt``.
     ``device`` is ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).  The input is read lazily and each batch
@@ -89,10 +93,10 @@ def predict_file(
     model = load_model_file(model_path).to(target).eval()
     if model.long_range is None:
         raise UserInputError(f"{model_path} is a short-range model: it has no latent charges to predict from; give a long-range model.")
-    if not model.reads_spin:  # a spin-blind model neither reads nor checks the spin keys
-        total_spin_key = multiplicity_key = None
-    keys = LabelKeys(energy=None, forces=None, total_charge=total_charge_key, total_spin=total_spin_key,
-                     multiplicity=multiplicity_key)
+    model.info_keys = model.info_keys.overridden(total_charge_key, total_spin_key, multiplicity_key)
+    spin_keys = model.spin_keys  # a spin-blind model neither reads nor checks the spin keys
+    keys = LabelKeys(energy=None, forces=None, total_charge=model.info_keys.total_charge,
+                     total_spin=spin_keys[0], multiplicity=spin_keys[1])
     if sign_reference is not None or not model.long_range.charge_sign_stored:
         source = input_path if sign_reference is None else sign_reference
         frames = list(islice(iter_frames(source, keys), MAX_STRUCTURES))

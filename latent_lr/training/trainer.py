@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..backbone import adapter_class
 from ..errors import UserInputError
-from ..host_files import LATENT_LR_FILE, identify, load_host
+from ..host_files import LATENT_LR_FILE, identify_file, load_host
+from ..info_keys import InfoKeys
 from ..model import LongRangeModel
 from ..neighbors import edge_count
 from ..serialization import load, save
@@ -99,20 +100,22 @@ def build_model(config: TrainConfig, species: Sequence[int]) -> LongRangeModel:
     dtype = getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
     source = config.init_model
-    if source and Path(source).is_file() and identify(source) == LATENT_LR_FILE:
-        model = load_model_file(source)
+    identified = identify_file(source) if source and Path(source).is_file() else None  # the one read of the file
+    if source and identified is not None and identified.kind == LATENT_LR_FILE:
+        model = load_model_file(source, payload=identified.payload)
         if config.long_range and model.long_range is None:
             raise ValueError(f"{source} has no long-range module; train with --long-range off.")
     else:
         if source:
-            named = None if Path(source).is_file() else config.backbone
-            host = load_host(source, backbone=named, trust_pickle=config.trust_pickle)
+            named = None if identified is not None else config.backbone
+            host = load_host(source, backbone=named, trust_pickle=config.trust_pickle, identified=identified)
         else:
             host = adapter_class(config.backbone).default_host(list(species), **config.host_options)
         model = wrap(host, long_range=config.long_range, config=config.long_range_options,
                      backbone=None if source else config.backbone)
     if config.freeze_host:
         model.freeze_host(trainable=config.trainable_host_parameters)
+    model.info_keys = InfoKeys.of_training(config.total_charge_key, config.total_spin_key, config.multiplicity_key)
     return model.to(dtype)
 
 
