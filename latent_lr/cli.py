@@ -28,7 +28,8 @@ def _add_long_range_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`~latent_lr.config.LongRangeConfig` option (``--charge-model``, ``--smearing``, ...)."""
     group = parser.add_argument_group("long-range settings (override --long-range-options)")
     for option in dataclasses.fields(LongRangeConfig):
-        converters: dict[str, Callable[[str], object]] = {"bool": _on_off, "int": int, "float": float, "Optional[int]": int}
+        converters: dict[str, Callable[[str], object]] = {"bool": _on_off, "int": int, "float": float, "Optional[int]": int,
+                                                       "Optional[float]": float}
         kind = converters.get(str(option.type), str)
         group.add_argument(
             "--" + option.name.replace("_", "-"), type=kind, choices=option.metadata["choices"],

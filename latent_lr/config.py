@@ -11,12 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .electrostatics.warm_start import MAX_EXTRAPOLATION
+
 CHARGE_MODELS = ("latent", "qeq", "qeq_dipoles")
 CHARGE_REDISTRIBUTIONS = ("learned", "uniform", "none")
 QEQ_SOLVERS = ("auto", "dense", "cg")
 POLARIZABILITY_MODES = ("none", "one_step", "self_consistent")
 POLARIZABILITY_SOLVERS = ("cg", "dense")
-QEQ_PRECONDITIONERS = ("kspace", "jacobi")
+QEQ_PRECONDITIONERS = ("kspace", "jacobi", "blocks")
 
 
 def _option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None) -> Any:
@@ -76,9 +78,21 @@ class LongRangeConfig:
         "(same atomic numbers) kept in the run's engine state; results change only within the CG tolerance"
     )
     qeq_preconditioner: str = _option(
-        "kspace", "preconditioner of the Qeq CG: kspace (long-wavelength mesh model of the Coulomb operator for "
-        "periodic structures, Jacobi elsewhere; iteration counts stop growing with the box) or jacobi",
+        "blocks", "preconditioner of the Qeq CG: kspace (long-wavelength mesh model of the Coulomb operator for "
+        "periodic structures, Jacobi elsewhere; iteration counts stop growing with the box), blocks (kspace "
+        "around exact near-field blocks of bonded neighbours; block Jacobi for open structures) or jacobi",
         QEQ_PRECONDITIONERS,
+    )
+    # Issue 15 item 5 (Qeq during MD): extrapolated warm starts and the tolerance of eval-mode (MD) solves.
+    solver_extrapolation: int = _option(
+        2, "eval mode (MD): warm-start the Qeq CG from the polynomial of this degree (0-3) through the last "
+        "steps' charges of the same structure, extrapolated one step ahead (0: the last charges); training "
+        "starts from the last charges"
+    )
+    qeq_md_rtol: Optional[float] = _option(
+        None, "eval mode (MD, inference): relative CG tolerance of Qeq (None: accuracy / 10, so that the "
+        "solver's force error stays below the engine's; training always uses the dtype default, 1e-10 in "
+        "float64); forces err to first order and energies to second order in it"
     )
 
     def __post_init__(self) -> None:
@@ -91,6 +105,14 @@ class LongRangeConfig:
                 raise ValueError(f"{name} must be a number, got {value!r}.")
         if not self.smearing > 0:
             raise ValueError(f"smearing must be > 0 Å for latent charges, got {self.smearing}.")
+        if not isinstance(self.solver_extrapolation, int) or not 0 <= self.solver_extrapolation <= MAX_EXTRAPOLATION:
+            raise ValueError(
+                f"solver_extrapolation must be an integer in 0..{MAX_EXTRAPOLATION}, got {self.solver_extrapolation!r}."
+            )
+        if self.qeq_md_rtol is not None and not (
+            isinstance(self.qeq_md_rtol, (int, float)) and 0 < self.qeq_md_rtol < 1
+        ):
+            raise ValueError(f"qeq_md_rtol is a relative tolerance in (0, 1) or None, got {self.qeq_md_rtol!r}.")
         if not 0 < self.accuracy < 1:
             raise ValueError(f"accuracy is a relative error and must lie in (0, 1), got {self.accuracy}.")
         for f in dataclasses.fields(self):

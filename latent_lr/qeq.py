@@ -7,7 +7,7 @@ module holds only the learned part.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -16,10 +16,16 @@ from .charges import MAX_ATOMIC_NUMBER, ChargeModel, feature_mlp
 from .config import LongRangeConfig
 from .data import AtomsBatch
 from .electrostatics import EngineState
+from .electrostatics.deferred_qeq import deferred_equilibration
+from .electrostatics.linear_solve import DEFAULT_RTOL
 from .electrostatics.qeq import PRECONDITIONERS, SOLVERS, equilibrate_charges, qeq_energy
 
 #: Smallest hardness J (eV/e²) the head can predict, on top of the Gaussian self-energy.
 HARDNESS_FLOOR = 0.1
+
+#: Eval mode's default CG tolerance per unit engine accuracy: the solver's relative force error (≈ 5 rtol,
+#: benchmarks/RESULTS.md §15.6) then stays below the engine's own.
+MD_TOLERANCE_PER_ACCURACY = 0.1
 
 #: Initial hardness J (eV/e²) of every element before training.
 INITIAL_HARDNESS = 1.0
@@ -39,7 +45,16 @@ class QeqChargeHead(ChargeModel):
         hardness_floor: smallest J, eV/e² (> 0).
         warm_start: start each CG solve from the engine state's last charges of the
             same structure identity (:mod:`latent_lr.electrostatics.warm_start`).
-        preconditioner: CG preconditioner, ``"kspace"`` or ``"jacobi"`` (see :func:`equilibrate_charges`).
+        preconditioner: CG preconditioner, ``"blocks"``, ``"kspace"`` or ``"jacobi"`` (see :func:`equilibrate_charges`).
+        extrapolation: eval mode: degree of the extrapolated warm start
+            (:mod:`latent_lr.electrostatics.warm_start`); training uses the last solution.
+        md_rtol: eval mode: CG tolerance (None: :data:`MD_TOLERANCE_PER_ACCURACY` × the engine accuracy;
+            training uses the dtype default).
+
+    In training mode the charges carry their implicit derivatives from the forward
+    pass (energy, forces and charge losses share them); in eval mode (MD,
+    inference) derivatives are deferred (:mod:`latent_lr.electrostatics.deferred_qeq`):
+    forces by Hellmann–Feynman, charge and higher derivatives only when asked for.
     """
 
     def __init__(
@@ -50,9 +65,13 @@ class QeqChargeHead(ChargeModel):
         solver: str = "auto",
         hardness_floor: float = HARDNESS_FLOOR,
         warm_start: bool = True,
-        preconditioner: str = "kspace",
+        preconditioner: str = "blocks",
+        extrapolation: int = 0,
+        md_rtol: Optional[float] = None,
     ):
         super().__init__()
+        self.extrapolation = int(extrapolation)
+        self.md_rtol = md_rtol
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(f"qeq_preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}.")
         self.warm_start = bool(warm_start)
@@ -82,7 +101,14 @@ class QeqChargeHead(ChargeModel):
         return cls(
             feature_dim, config.hidden_dim, config.element_baseline, config.qeq_solver,
             warm_start=config.solver_warm_start, preconditioner=config.qeq_preconditioner,
+            extrapolation=config.solver_extrapolation, md_rtol=config.qeq_md_rtol,
         )
+
+    def eval_tolerance(self, accuracy: float, dtype: torch.dtype) -> float:
+        """The CG tolerance of eval-mode solves: ``md_rtol``, or accuracy-tied, never below the dtype default."""
+        if self.md_rtol is not None:
+            return self.md_rtol
+        return max(MD_TOLERANCE_PER_ACCURACY * accuracy, DEFAULT_RTOL.get(dtype, 1e-6))
 
     def parameters_per_atom(self, features: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(χ (N,) eV/e, J (N,) eV/e²) before any field shift."""
@@ -114,13 +140,25 @@ class QeqChargeHead(ChargeModel):
             shifted = chi - (data.positions * field.to(chi.dtype)[data.batch]).sum(1)
         geometry = (data.positions, data.cell, data.pbc, data.batch)
         solve = None if engine_state is None else engine_state.solutions.begin(
-            "qeq", data.numbers, data.batch, data.n_structures, chi, warm=self.warm_start
+            "qeq", data.numbers, data.batch, data.n_structures, chi, warm=self.warm_start,
+            extrapolation=0 if self.training else self.extrapolation, positions=data.positions,
         )
-        charges = equilibrate_charges(
-            shifted, hardness, *geometry, data.total_charge, smearing, accuracy=accuracy, solver=self.solver,
-            state=engine_state, initial=None if solve is None else solve.initial,
+        options: dict[str, Any] = dict(
+            accuracy=accuracy, solver=self.solver, state=engine_state, initial=None if solve is None else solve.initial,
             statistics=None if solve is None else solve.statistics, preconditioner=self.preconditioner,
         )
+        if self.training:
+            # Energy, forces and charge losses differentiated together share one implicit graph.
+            charges = equilibrate_charges(shifted, hardness, *geometry, data.total_charge, smearing, **options)
+            energy = qeq_energy(charges, chi, hardness, *geometry, smearing, accuracy, engine_state)
+        else:
+            # MD and inference: forces by Hellmann–Feynman, charge derivatives only when asked for.
+            charges, energy = deferred_equilibration(
+                shifted, hardness, *geometry, data.total_charge, smearing, **options,
+                rtol=self.eval_tolerance(accuracy, chi.dtype),
+            )
+            if shifted is not chi:  # the reported energy excludes the field term −Σ q r·E_ext
+                energy = energy + charges.new_zeros(data.n_structures).index_add(0, data.batch, (chi - shifted) * charges)
         if solve is not None:
             solve.finish(charges)
-        return charges, qeq_energy(charges, chi, hardness, *geometry, smearing, accuracy, engine_state)
+        return charges, energy

@@ -45,7 +45,9 @@ from typing import Callable, Optional
 import torch
 
 from ..units import COULOMB_CONSTANT
+from .block_preconditioner import near_field_preconditioner
 from .coulomb import coulomb_energy
+from .coulomb_operator import coulomb_operator
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import SolveStatistics, solve_spd
 from .state import EngineState
@@ -55,8 +57,9 @@ from .validation import require_autograd
 SOLVERS = ("auto", "dense", "cg")
 
 #: Accepted CG ``preconditioner`` values: k-space (:mod:`.kspace_preconditioner`, periodic structures;
-#: Jacobi elsewhere) or Jacobi (the diagonal) everywhere.
-PRECONDITIONERS = ("kspace", "jacobi")
+#: Jacobi elsewhere), Jacobi (the diagonal) everywhere, or ``"blocks"``: near-field blocks
+#: (:mod:`.block_preconditioner`) around the k-space model (periodic) or block Jacobi (elsewhere).
+PRECONDITIONERS = ("kspace", "jacobi", "blocks")
 
 #: ``"auto"`` solves structures with at most this many atoms densely, larger
 #: ones by CG.  Measured crossover on 1 CPU thread (README): about 40 (open) and
@@ -106,18 +109,26 @@ class _Geometry:
     def frozen(
         self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v ↦ H v at fixed geometry, without gradients: one engine call, then one backward per product.
+        """v ↦ H v at fixed geometry, without gradients.
 
-        E_coul is quadratic in q, so g = ∂E_coul/∂q at q₀ = 1 is K q₀ and the
-        vector-Jacobian product of g with v is Kᵀv = K v; the graph of g is
-        built once and reused by every CG iteration (about 20× cheaper than a
-        fresh engine call for 1,000 open-boundary atoms).
+        The explicit operator of :mod:`.coulomb_operator` where it covers the
+        batch (PME cells, open structures): a sparse pair product and one mesh
+        FFT pair per product, no autograd.  Elsewhere (Ewald cells, slabs): one
+        engine call, then one backward per product: E_coul is quadratic in q,
+        so g = ∂E_coul/∂q at q₀ = 1 is K q₀ and the vector-Jacobian product of
+        g with v is Kᵀv = K v; the graph of g is built once and reused by every
+        CG iteration.
         """
+        diagonal = hardness + gaussian_self_hardness(smearing)
+        explicit = coulomb_operator(
+            positions, cell, self.pbc, self.batch, float(smearing.detach()), self.accuracy, self.state
+        )
+        if explicit is not None:
+            return lambda v: diagonal * v + explicit(v)
         reference = torch.ones_like(hardness).requires_grad_()
         with torch.enable_grad():
             energy = self.coulomb(positions, reference, cell, smearing).sum()
             gradient = _charge_gradient(energy, reference, create_graph=True)
-        diagonal = hardness + gaussian_self_hardness(smearing)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             if not gradient.requires_grad:  # no pairs at all (single atoms)
@@ -210,13 +221,17 @@ def _cg_charges(
     electronegativity: torch.Tensor, hardness: torch.Tensor, geometry: _Geometry, positions: torch.Tensor,
     cell: torch.Tensor, total_charge: torch.Tensor, smearing: torch.Tensor, rtol: Optional[float], max_iter: int,
     initial: Optional[torch.Tensor] = None, statistics: Optional[SolveStatistics] = None,
-    preconditioner: str = "kspace",
+    preconditioner: str = "blocks",
 ) -> torch.Tensor:
     """Matrix-free constrained CG with implicit derivatives; (N,) e."""
     diagonal = (hardness + gaussian_self_hardness(smearing)).detach()
     inverse = None
-    if preconditioner == "kspace" and bool(geometry.pbc.all(dim=1).any()):
+    if preconditioner in ("kspace", "blocks") and bool(geometry.pbc.all(dim=1).any()):
         inverse = kspace_preconditioner(positions, cell, geometry.pbc, geometry.batch, diagonal, smearing)
+    if preconditioner == "blocks":
+        inverse = near_field_preconditioner(
+            positions, cell, geometry.pbc, geometry.batch, diagonal, float(smearing.detach()), inverse
+        ) or inverse
     return solve_spd(
         geometry, -electronegativity, (positions, cell, smearing, hardness),
         batch=geometry.batch, total=total_charge, diagonal=diagonal, rtol=rtol, max_iter=max_iter,
@@ -255,7 +270,7 @@ def equilibrate_charges(
     state: Optional[EngineState] = None,
     initial: Optional[torch.Tensor] = None,
     statistics: Optional[SolveStatistics] = None,
-    preconditioner: str = "kspace",
+    preconditioner: str = "blocks",
 ) -> torch.Tensor:
     """Qeq charges q* = argmin E(q) subject to Σ_{i∈b} q_i = Q_b, (N,) e.
 
@@ -277,7 +292,8 @@ def equilibrate_charges(
             The dense solver ignores it.
         statistics: records the CG iteration counts (:class:`~.linear_solve.SolveStatistics`).
         preconditioner: CG preconditioner, one of :data:`PRECONDITIONERS` (``"kspace"``:
-            iteration counts that do not grow with the box for periodic structures).
+            iteration counts that do not grow with the box for periodic structures; ``"blocks"``,
+            the default: that plus exact near-field blocks, about 1.5× fewer iterations).
 
     Differentiable (first and second derivatives) in χ, J, positions, cell, σ
     and Q.
