@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ase.io
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,8 @@ import latent_lr
 from latent_lr.charges import FragmentChargeRedistribution, LearnedChargeRedistribution, redistribute_by_fragment
 from latent_lr.config import LongRangeConfig
 from latent_lr.fragments import Fragments, find_fragments
+from latent_lr.synthetic import write_dataset
+from latent_lr.training import TrainConfig, Trainer
 
 WATER = np.array([[0.0, 0.0, 0.0], [0.757, 0.586, 0.0], [-0.757, 0.586, 0.0]])
 
@@ -138,3 +141,29 @@ def test_auto_resolves_to_fragments_for_charged_latent_training_data_only() -> N
     assert LongRangeConfig(charge_redistribution="uniform").resolved_for(charged=True).charge_redistribution == "uniform"
     with pytest.raises(ValueError, match="fragment_bond_factor must be > 0"):
         LongRangeConfig(fragment_bond_factor=0.0)
+
+
+def test_saved_and_loaded_model_keeps_fragments(tmp_path) -> None:
+    model = _fragment_model(seed=5)
+    data = latent_lr.AtomsBatch.from_atoms([_ion_and_water(8.0)]).to(dtype=torch.float64)
+    latent_lr.save(model, tmp_path / "model.pt")
+    loaded = latent_lr.load(tmp_path / "model.pt").double().eval()
+    assert loaded.long_range.config.charge_redistribution == "fragments"
+    assert torch.equal(loaded(data)["charges"], model(data)["charges"])
+
+
+@pytest.mark.parametrize("charge, expected", [(0.0, "learned"), (1.0, "fragments")])
+def test_training_resolves_auto_from_the_training_data(tmp_path, charge: float, expected: str) -> None:
+    """Charged training structures (total-charge key set): fragments, stored in config.json; neutral: learned."""
+    paths = write_dataset(tmp_path / "data", n_train=4, n_test=0)
+    frames = ase.io.read(paths["train"], index=":")
+    frames[1].info["charge"] = charge
+    ase.io.write(paths["train"], frames)
+    config = TrainConfig(train=str(paths["train"]), total_charge_key="charge", epochs=1, out=str(tmp_path / "run"),
+                         host_options={"cutoff": 4.0, "hidden_dim": 8, "n_layers": 1}, progress=False)
+    trainer = Trainer(config)
+    assert trainer.config.long_range_options.charge_redistribution == expected
+    stored = (tmp_path / "run" / "config.json").read_text()
+    assert f'"charge_redistribution": "{expected}"' in stored
+    constraint = trainer.model.long_range.charge_head.constraint
+    assert isinstance(constraint, FragmentChargeRedistribution if charge else LearnedChargeRedistribution)
