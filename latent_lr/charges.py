@@ -291,3 +291,15 @@ class ChargeHead(ChargeModel):
             smearing=smearing, accuracy=accuracy, state=engine_state,
         )
         return charges, energy
+
+    def outputs(self, features: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+                engine_state: Optional[EngineState] = None, charge_sign: Optional[torch.Tensor] = None
+                ) -> dict[str, torch.Tensor]:
+        """``charges`` and ``energy`` of :meth:`forward`; with ``"fragments"`` redistribution also
+        ``raw_charge_excess`` (B,) e = Q − Σ_i q̃_i, which training penalises (``charge_excess_weight``)."""
+        charges, energy = self(features, data, smearing, accuracy, engine_state, charge_sign)
+        out = {"charges": charges, "energy": energy}
+        if isinstance(self.constraint, FragmentChargeRedistribution):
+            raw = self.raw_charges(features, data.numbers, charge_sign)
+            out["raw_charge_excess"] = data.total_charge - raw.new_zeros(data.n_structures).index_add(0, data.batch, raw)
+        return out

@@ -167,3 +167,24 @@ def test_training_resolves_auto_from_the_training_data(tmp_path, charge: float, 
     assert f'"charge_redistribution": "{expected}"' in stored
     constraint = trainer.model.long_range.charge_head.constraint
     assert isinstance(constraint, FragmentChargeRedistribution if charge else LearnedChargeRedistribution)
+
+
+def test_charge_excess_penalty_is_the_mean_squared_excess_of_the_raw_charges() -> None:
+    """Training adds w Σ_s (Q_s − Σ q̃)² / S for fragment-aware models (their ``raw_charge_excess``), nothing otherwise."""
+    from latent_lr.training.loss import charge_excess_penalty
+
+    model = _fragment_model(seed=6)
+    structures = [_ion_and_water(9.0), _ion_and_water(7.0, charge=0.0)]
+    data = latent_lr.AtomsBatch.from_atoms(structures).to(dtype=torch.float64)
+    out = model(data)
+    raw = model.long_range.charge_head.raw_charges(_features(model, data), data.numbers)
+    expected = ((torch.tensor([1.0, 0.0], dtype=torch.float64) - torch.stack([raw[:4].sum(), raw[4:].sum()])) ** 2).mean()
+    penalty = charge_excess_penalty(TrainConfig(charge_excess_weight=2.5), out, 2)
+    assert float(penalty) == pytest.approx(2.5 * float(expected), rel=1e-12) and float(expected) > 1e-4
+    assert float(charge_excess_penalty(TrainConfig(charge_excess_weight=0.0), out, 2)) == 0.0
+    learned = latent_lr.wrap(latent_lr.RadialPotential([1, 8, 11], cutoff=4.0, hidden_dim=8, n_layers=1)).double()
+    assert float(charge_excess_penalty(TrainConfig(), learned(data), 2)) == 0.0
+
+
+def _features(model, data):
+    return model.backbone(data)[1].to(torch.float64)

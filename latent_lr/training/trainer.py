@@ -33,7 +33,7 @@ from .data_files import open_frames
 from .dataset import Frame, LabelKeys, check_frame_elements, collate
 from .defaults import DataSummary, is_charged, resolve_auto_settings
 from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
-from .loss import TERMS, common_labels, label_counts, loss_function, squared_error_sums, weighted_loss
+from .loss import TERMS, charge_excess_penalty, common_labels, label_counts, loss_function, squared_error_sums, weighted_loss
 from .metrics import error_metrics, predict_frames
 from .model_files import CHECKPOINT_EMA, CHECKPOINT_MODEL_CONFIG, load_model_file
 from .recipe import (
@@ -383,6 +383,7 @@ class Trainer:
         n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
         sums = squared_error_sums(loss_config, out, targets, n_atoms)
         loss = weighted_loss(loss_config, sums, label_counts(self.train_frames.n_atoms[step]), out["energy"])
+        loss = loss + charge_excess_penalty(loss_config, out, len(self.train_frames.n_atoms[step]))
         (loss * self.ranks.world_size).backward()
         backward_done = time.perf_counter()
         gradient_norm = clip_gradients(self.trainable_parameters, self.config.gradient_clip)  # equal on all ranks (after DDP)
