@@ -99,8 +99,7 @@ class LearnedChargeRedistribution(nn.Module):
 
 
 def redistribute_by_fragment(
-    raw: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, fragments: Fragments, total: torch.Tensor,
-    gated: bool = False,
+    raw: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, fragments: Fragments, total: torch.Tensor
 ) -> torch.Tensor:
     """(N,) raw + (T - Σ raw) p_f w_i / W_f: the excess shared among fragments, then inside each by weight.
 
@@ -115,11 +114,6 @@ def redistribute_by_fragment(
     exponentials = torch.exp(fragment_scores - top[own])
     share = exponentials / exponentials.new_zeros(n_structures).index_add(0, own, exponentials)[own]
     weight_sums = weights.new_zeros(n_fragments).index_add(0, fragments.index, weights)
-    if gated:
-        fragment_raw = raw.new_zeros(n_fragments).index_add(0, fragments.index, raw)
-        kept = torch.sigmoid(fragment_scores) * fragment_raw
-        rest = total - kept.new_zeros(n_structures).index_add(0, own, kept)
-        return raw + weights * ((kept + rest[own] * share - fragment_raw) / weight_sums)[fragments.index]
     return raw + weights * (excess[own] * share / weight_sums)[fragments.index]
 
 
@@ -132,13 +126,14 @@ class FragmentChargeRedistribution(nn.Module):
     :class:`LearnedChargeRedistribution`: a fragment that looks neutral (low
     score) receives ~none of the excess, so a neutral molecule far from an ion
     keeps the net charge of its own raw charges instead of a share of the ion's.
-    With one fragment it is :class:`LearnedChargeRedistribution` exactly.  The
+    Training pairs it with a penalty on the excess (``charge_excess_weight``,
+    :func:`~latent_lr.training.loss.charge_excess_penalty`), so that those raw
+    sums carry the charges themselves.  With one fragment it is :class:`LearnedChargeRedistribution` exactly.  The
     charges jump where fragments join or split (a bond crossing its threshold).
     """
 
-    def __init__(self, feature_dim: int, hidden_dim: int = 16, bond_factor: float = 1.2, gated: bool = False):
+    def __init__(self, feature_dim: int, hidden_dim: int = 16, bond_factor: float = 1.2):
         super().__init__()
-        self.gated = gated
         self.fukui = LearnedChargeRedistribution(feature_dim, hidden_dim)
         self.score_net = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
         self.bond_factor = bond_factor
@@ -160,7 +155,7 @@ class FragmentChargeRedistribution(nn.Module):
         if fragments is None:
             fragments = Fragments.whole_structures(batch, total_charge.shape[0])
         scores = self.score_net(features).squeeze(-1)
-        return redistribute_by_fragment(raw_charges, self.fukui.weights(features), scores, fragments, total_charge, self.gated)
+        return redistribute_by_fragment(raw_charges, self.fukui.weights(features), scores, fragments, total_charge)
 
 
 class ChargeModel(nn.Module):
@@ -235,8 +230,8 @@ class ChargeHead(ChargeModel):
             self.constraint: nn.Module = TotalChargeConstraint()
         elif redistribution in ("learned", "auto"):
             self.constraint = LearnedChargeRedistribution(feature_dim)
-        elif redistribution in ("fragments", "fragments_gated"):
-            self.constraint = FragmentChargeRedistribution(feature_dim, bond_factor=bond_factor, gated=redistribution == "fragments_gated")
+        elif redistribution == "fragments":
+            self.constraint = FragmentChargeRedistribution(feature_dim, bond_factor=bond_factor)
         elif redistribution == "none":
             self.constraint = NoChargeConstraint()
         else:

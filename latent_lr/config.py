@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 CHARGE_MODELS = ("latent", "qeq", "qeq_dipoles")
-CHARGE_REDISTRIBUTIONS = ("auto", "learned", "fragments", "fragments_gated", "uniform", "none")
+CHARGE_REDISTRIBUTIONS = ("auto", "learned", "fragments", "uniform", "none")
 QEQ_SOLVERS = ("auto", "dense", "cg")
 POLARIZABILITY_MODES = ("none", "one_step", "self_consistent")
 POLARIZABILITY_SOLVERS = ("cg", "dense")

@@ -157,7 +157,7 @@ class DecomposedModel:
             raise UserInputError("several MPI ranks need a model with latent charges (charge_model='latent').")
         if long_range.config.spin_channel:
             raise UserInputError("several MPI ranks do not support the spin channel (spin_channel) yet; run on one rank.")
-        if long_range.config.charge_redistribution.startswith("fragments"):
+        if long_range.config.charge_redistribution == "fragments":
             raise UserInputError(
                 "several MPI ranks do not support charge_redistribution='fragments' (fragments span subdomains); "
                 "train with charge_redistribution='learned' or run on one rank."
