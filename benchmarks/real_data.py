@@ -154,8 +154,8 @@ def _dimer_results(out: Path, target: Path, results: dict) -> dict:
                 partner = [float(q[int(f.info["indexB"]):].sum()) for f, q in zip(frames, predictions["charges"])]
                 first = [float(q[: int(f.info["indexB"])].sum()) for f, q in zip(frames, predictions["charges"])]
                 results[twin][f"{label} net latent charge of B (chargeB {frames[0].info['chargeB']:+d}) e"] = float(np.mean(partner))
-                results[twin][f"{label} net latent charge of A {frames[0][: int(frames[0].info['indexB'])].get_chemical_formula()}, "
-                              f"B {frames[0][int(frames[0].info['indexB']):].get_chemical_formula()}: A, e"] = float(np.mean(first))
+                results[twin][f"{label} net latent charge of A {frames[0].atoms[: int(frames[0].info['indexB'])].get_chemical_formula()}, "
+                              f"B {frames[0].atoms[int(frames[0].info['indexB']):].get_chemical_formula()}: A, e"] = float(np.mean(first))
     (target / "results_by_dimer.json").write_text(json.dumps(results, indent=2))
     return results
 

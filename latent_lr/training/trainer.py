@@ -33,7 +33,15 @@ from .data_files import open_frames
 from .dataset import Frame, LabelKeys, check_frame_elements, collate
 from .defaults import DataSummary, is_charged, resolve_auto_settings
 from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
-from .loss import TERMS, charge_excess_penalty, common_labels, label_counts, loss_function, squared_error_sums, weighted_loss
+from .loss import (
+    TERMS,
+    charge_excess_penalty,
+    common_labels,
+    label_counts,
+    loss_function,
+    squared_error_sums,
+    weighted_loss,
+)
 from .metrics import error_metrics, predict_frames
 from .model_files import CHECKPOINT_EMA, CHECKPOINT_MODEL_CONFIG, load_model_file
 from .recipe import (
