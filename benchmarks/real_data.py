@@ -150,9 +150,12 @@ def _dimer_results(out: Path, target: Path, results: dict) -> dict:
             metrics = error_metrics(frames, predictions)
             results[twin][f"{label} E RMSE meV/atom"] = metrics["energy_rmse_meV_per_atom"]
             results[twin][f"{label} F RMSE meV/Å"] = metrics["forces_rmse_meV_per_A"]
-            if "charges" in predictions:  # latent charge on molecule B (atoms from indexB on), e; reference: chargeB
+            if "charges" in predictions:  # latent charge on molecules A and B (atoms from indexB on), e
                 partner = [float(q[int(f.info["indexB"]):].sum()) for f, q in zip(frames, predictions["charges"])]
+                first = [float(q[: int(f.info["indexB"])].sum()) for f, q in zip(frames, predictions["charges"])]
                 results[twin][f"{label} net latent charge of B (chargeB {frames[0].info['chargeB']:+d}) e"] = float(np.mean(partner))
+                results[twin][f"{label} net latent charge of A {frames[0].atoms[: int(frames[0].info['indexB'])].get_chemical_formula()}, "
+                              f"B {frames[0].atoms[int(frames[0].info['indexB']):].get_chemical_formula()}: A, e"] = float(np.mean(first))
     (target / "results_by_dimer.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -177,7 +180,7 @@ def dimer_table(per_dimer: dict[str, list[dict]], seeds: list[int]) -> str:
     lines.append("\n| long-range twin: net latent charge on molecule B, e (mean over test dimers; mean ± std over seeds) | "
                  + " | ".join(backbones) + " |")
     lines.append("|---" * (1 + len(backbones)) + "|")
-    for key in [k for k in per_dimer[backbones[0]][0]["long_range"] if "net latent charge of B" in k]:
+    for key in [k for k in per_dimer[backbones[0]][0]["long_range"] if "net latent charge of" in k]:
         cells = []
         for backbone in backbones:
             values = np.array([r["long_range"].get(key, np.nan) for r in per_dimer[backbone]])

@@ -16,6 +16,7 @@ from .config import CHARGE_REDISTRIBUTIONS as REDISTRIBUTIONS
 from .config import LongRangeConfig
 from .data import AtomsBatch
 from .electrostatics import EngineState, coulomb_energy
+from .fragments import Fragments, find_fragments
 
 MAX_ATOMIC_NUMBER = 118
 
@@ -97,6 +98,66 @@ class LearnedChargeRedistribution(nn.Module):
         return torch.nn.functional.softplus(self.weight_net(features).squeeze(-1)) + 1e-6
 
 
+def redistribute_by_fragment(
+    raw: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, fragments: Fragments, total: torch.Tensor
+) -> torch.Tensor:
+    """(N,) raw + (T - Σ raw) p_f w_i / W_f: the excess shared among fragments, then inside each by weight.
+
+    p_f = softmax over the structure's fragments of s_f = Σ_{i∈f} scores_i; W_f = Σ_{i∈f} w_i.
+    raw, weights (> 0), scores: (N,); total (B,).  One fragment per structure: exactly :func:`redistribute`.
+    """
+    n_structures, n_fragments = total.shape[0], fragments.structure.shape[0]
+    own = fragments.structure
+    excess = total - raw.new_zeros(n_structures).index_add(0, own[fragments.index], raw)
+    fragment_scores = scores.new_zeros(n_fragments).index_add(0, fragments.index, scores)
+    top = fragment_scores.new_zeros(n_structures).scatter_reduce(0, own, fragment_scores, "amax", include_self=False)
+    exponentials = torch.exp(fragment_scores - top[own])
+    share = exponentials / exponentials.new_zeros(n_structures).index_add(0, own, exponentials)[own]
+    weight_sums = weights.new_zeros(n_fragments).index_add(0, fragments.index, weights)
+    return raw + weights * (excess[own] * share / weight_sums)[fragments.index]
+
+
+class FragmentChargeRedistribution(nn.Module):
+    """Match each structure's total charge fragment by fragment (fragments: :mod:`latent_lr.fragments`).
+
+    q_i = q̃_i + (Q - Σ_j q̃_j) p_f w_i / Σ_{j∈f} w_j,  p_f = softmax_f(Σ_{j∈f} a_j),
+
+    a_j = MLP(h_j) a learned per-atom score and w_i the Fukui-like weights of
+    :class:`LearnedChargeRedistribution`: a fragment that looks neutral (low
+    score) receives ~none of the excess, so a neutral molecule far from an ion
+    keeps the net charge of its own raw charges instead of a share of the ion's.
+    Training pairs it with a penalty on the excess (``charge_excess_weight``,
+    :func:`~latent_lr.training.loss.charge_excess_penalty`), so that those raw
+    sums carry the charges themselves.  With one fragment it is :class:`LearnedChargeRedistribution` exactly.  The
+    charges jump where fragments join or split (a bond crossing its threshold).
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int = 16, bond_factor: float = 1.2):
+        super().__init__()
+        self.fukui = LearnedChargeRedistribution(feature_dim, hidden_dim)
+        self.score_net = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
+        self.bond_factor = bond_factor
+
+    def fragments(self, data: AtomsBatch) -> Fragments:
+        """The fragments of ``data`` at this module's bond factor."""
+        return find_fragments(data, self.bond_factor)
+
+    def forward(
+        self,
+        raw_charges: torch.Tensor,
+        features: torch.Tensor,
+        batch: torch.Tensor,
+        total_charge: torch.Tensor,
+        fragments: Optional[Fragments] = None,
+    ) -> torch.Tensor:
+        """Args: raw_charges (N,), features (N, F), batch (N,), total_charge (B,), fragments (None: one per
+        structure). Returns (N,) e."""
+        if fragments is None:
+            fragments = Fragments.whole_structures(batch, total_charge.shape[0])
+        scores = self.score_net(features).squeeze(-1)
+        return redistribute_by_fragment(raw_charges, self.fukui.weights(features), scores, fragments, total_charge)
+
+
 class ChargeModel(nn.Module):
     """What the long-range module asks of a charge model.
 
@@ -152,11 +213,14 @@ class ChargeHead(ChargeModel):
         hidden_dim: width of the hidden layer (0 for a linear head).
         element_baseline: add a learned per-element offset b(Z).
         redistribution: ``"uniform"`` (equal shift per atom), ``"learned"``
-            (:class:`LearnedChargeRedistribution`) to impose the total charge, or
-            ``"none"`` (raw charges, total charge ignored; LES baseline).
+            (:class:`LearnedChargeRedistribution`; also ``"auto"``, which training resolves
+            from the data), ``"fragments"`` (:class:`FragmentChargeRedistribution`) to impose
+            the total charge, or ``"none"`` (raw charges, total charge ignored; LES baseline).
+        bond_factor: bond-length factor of the fragments of ``"fragments"``.
     """
 
-    def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, redistribution: str = "learned"):
+    def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, redistribution: str = "learned",
+                 bond_factor: float = 1.2):
         super().__init__()
         self.mlp = feature_mlp(feature_dim, hidden_dim)
         self.element_baseline = nn.Embedding(MAX_ATOMIC_NUMBER + 1, 1) if element_baseline else None
@@ -164,8 +228,10 @@ class ChargeHead(ChargeModel):
             nn.init.zeros_(self.element_baseline.weight)
         if redistribution == "uniform":
             self.constraint: nn.Module = TotalChargeConstraint()
-        elif redistribution == "learned":
+        elif redistribution in ("learned", "auto"):
             self.constraint = LearnedChargeRedistribution(feature_dim)
+        elif redistribution == "fragments":
+            self.constraint = FragmentChargeRedistribution(feature_dim, bond_factor=bond_factor)
         elif redistribution == "none":
             self.constraint = NoChargeConstraint()
         else:
@@ -175,7 +241,8 @@ class ChargeHead(ChargeModel):
 
     @classmethod
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "ChargeHead":
-        return cls(feature_dim, config.hidden_dim, config.element_baseline, config.charge_redistribution)
+        return cls(feature_dim, config.hidden_dim, config.element_baseline, config.charge_redistribution,
+                   config.fragment_bond_factor)
 
     def charges(
         self,
@@ -184,10 +251,14 @@ class ChargeHead(ChargeModel):
         batch: torch.Tensor,
         total_charge: torch.Tensor,
         charge_sign: Optional[torch.Tensor] = None,
+        fragments: Optional[Fragments] = None,
     ) -> torch.Tensor:
-        """Args: features (N, F), numbers (N,), batch (N,), total_charge (B,), charge_sign (±1, scalar).
-        Returns (N,) e."""
-        return self.constraint(self.raw_charges(features, numbers, charge_sign), features, batch, total_charge)
+        """Args: features (N, F), numbers (N,), batch (N,), total_charge (B,), charge_sign (±1, scalar),
+        fragments (read by ``"fragments"`` redistribution only; None: one per structure). Returns (N,) e."""
+        raw = self.raw_charges(features, numbers, charge_sign)
+        if isinstance(self.constraint, FragmentChargeRedistribution):
+            return self.constraint(raw, features, batch, total_charge, fragments)
+        return self.constraint(raw, features, batch, total_charge)
 
     def raw_charges(self, features: torch.Tensor, numbers: torch.Tensor, charge_sign: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N,) charges before the total-charge constraint, e: s · (MLP(h_i) + baseline(Z_i)), s = charge_sign (None: +1)."""
@@ -208,9 +279,22 @@ class ChargeHead(ChargeModel):
         charge_sign: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Charges (N,) e and their smeared Coulomb energy (B,) eV (Gaussian width ``smearing``, Å)."""
-        charges = self.charges(features, data.numbers, data.batch, data.total_charge, charge_sign)
+        fragments = self.constraint.fragments(data) if isinstance(self.constraint, FragmentChargeRedistribution) else None
+        charges = self.charges(features, data.numbers, data.batch, data.total_charge, charge_sign, fragments)
         energy = coulomb_energy(
             data.positions, charges, cell=data.cell, pbc=data.pbc, batch=data.batch,
             smearing=smearing, accuracy=accuracy, state=engine_state,
         )
         return charges, energy
+
+    def outputs(self, features: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float,
+                engine_state: Optional[EngineState] = None, charge_sign: Optional[torch.Tensor] = None
+                ) -> dict[str, torch.Tensor]:
+        """``charges`` and ``energy`` of :meth:`forward`; with ``"fragments"`` redistribution also
+        ``raw_charge_excess`` (B,) e = Q − Σ_i q̃_i, which training penalises (``charge_excess_weight``)."""
+        charges, energy = self(features, data, smearing, accuracy, engine_state, charge_sign)
+        out = {"charges": charges, "energy": energy}
+        if isinstance(self.constraint, FragmentChargeRedistribution):
+            raw = self.raw_charges(features, data.numbers, charge_sign)
+            out["raw_charge_excess"] = data.total_charge - raw.new_zeros(data.n_structures).index_add(0, data.batch, raw)
+        return out

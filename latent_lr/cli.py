@@ -81,6 +81,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_long_range: bo
     parser.add_argument("--forces-weight", type=_number_or_auto(float), metavar="W|auto", help=f"{AUTO_HELP}, force MSE")
     parser.add_argument("--dipole-weight", type=float)
     parser.add_argument("--charges-weight", type=float)
+    parser.add_argument("--charge-excess-weight", type=float, metavar="W",
+                        help="fragment-aware charges: weight of the mean squared total-charge excess of the raw latent charges (default 1)")
     if with_long_range:
         parser.add_argument("--long-range", type=_on_off, help="on|off (default on)")
     parser.add_argument("--init-model", help="start from this model: a latent-lr file, a backbone's own file (MACE .model, "

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 from .electrostatics.warm_start import MAX_EXTRAPOLATION
 
 CHARGE_MODELS = ("latent", "qeq", "qeq_dipoles")
-CHARGE_REDISTRIBUTIONS = ("learned", "uniform", "none")
+CHARGE_REDISTRIBUTIONS = ("auto", "learned", "fragments", "uniform", "none")
 QEQ_SOLVERS = ("auto", "dense", "cg")
 POLARIZABILITY_MODES = ("none", "one_step", "self_consistent")
 POLARIZABILITY_SOLVERS = ("cg", "dense")
@@ -50,9 +50,11 @@ class LongRangeConfig:
         CHARGE_MODELS,
     )
     charge_redistribution: str = _option(
-        "learned",
-        "latent charges: how the total charge is imposed (learned Fukui-like weights, uniform shift, "
-        "or none: not imposed, the LES baseline)",
+        "auto",
+        "latent charges: how the total charge is imposed (learned: Fukui-like weights over all atoms; fragments: "
+        "shared among the separate molecules by a learned score, then by Fukui-like weights; uniform shift; "
+        "none: not imposed, the LES baseline; auto: training picks fragments for charged training data, "
+        "else learned, and stores the choice; outside training auto is learned)",
         CHARGE_REDISTRIBUTIONS,
     )
     qeq_solver: str = _option("auto", "Qeq linear solver (auto: dense up to 32 atoms, else CG)", QEQ_SOLVERS)
@@ -94,13 +96,18 @@ class LongRangeConfig:
         "solver's force error stays below the engine's; training always uses the dtype default, 1e-10 in "
         "float64); forces err to first order and energies to second order in it"
     )
+    # Issue 13 item 2: fragment-aware total charge (charge_redistribution="fragments").
+    fragment_bond_factor: float = _option(
+        1.2, "fragments: atoms i, j are bonded (same molecule) when |r_ij| < factor x (covalent radius i + j)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "polarizability_hidden_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
-        for name, value in (("smearing", self.smearing), ("accuracy", self.accuracy)):
+        for name, value in (("smearing", self.smearing), ("accuracy", self.accuracy),
+                            ("fragment_bond_factor", self.fragment_bond_factor)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}.")
         if not self.smearing > 0:
@@ -113,13 +120,15 @@ class LongRangeConfig:
             isinstance(self.qeq_md_rtol, (int, float)) and 0 < self.qeq_md_rtol < 1
         ):
             raise ValueError(f"qeq_md_rtol is a relative tolerance in (0, 1) or None, got {self.qeq_md_rtol!r}.")
+        if not self.fragment_bond_factor > 0:
+            raise ValueError(f"fragment_bond_factor must be > 0 (about 1.2), got {self.fragment_bond_factor}.")
         if not 0 < self.accuracy < 1:
             raise ValueError(f"accuracy is a relative error and must lie in (0, 1), got {self.accuracy}.")
         for f in dataclasses.fields(self):
             choices = f.metadata["choices"]
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}.")
-        if self.charge_model != "latent" and self.charge_redistribution != "learned":
+        if self.charge_model != "latent" and self.charge_redistribution not in ("learned", "auto"):
             raise ValueError(
                 f"charge_redistribution={self.charge_redistribution!r} applies to charge_model='latent' only; "
                 "Qeq imposes the total charge through its constraint. Leave charge_redistribution at its default."
@@ -130,12 +139,20 @@ class LongRangeConfig:
                 "would add a second set. Leave polarizability='none' (its width: polarizability_hidden_dim)."
             )
 
-        if self.spin_channel and (self.charge_model != "latent" or self.charge_redistribution != "learned"):
+        if self.spin_channel and (self.charge_model != "latent" or self.charge_redistribution not in ("learned", "auto")):
             raise ValueError(
                 f"spin_channel=True needs charge_model='latent' and charge_redistribution='learned' (got "
                 f"{self.charge_model!r}, {self.charge_redistribution!r}): both spin channels impose their totals "
                 "with learned weights. Use those settings or turn spin_channel off."
             )
+
+    def resolved_for(self, charged: bool) -> "LongRangeConfig":
+        """``charge_redistribution="auto"`` made concrete for training data that is ``charged`` (some
+        non-zero total charge): fragments for latent charges of charged data, else learned."""
+        if self.charge_redistribution != "auto":
+            return self
+        fragments = charged and self.charge_model == "latent" and not self.spin_channel
+        return self.replace(charge_redistribution="fragments" if fragments else "learned")
 
     @property
     def polarizability_width(self) -> int:

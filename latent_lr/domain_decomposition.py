@@ -164,6 +164,11 @@ class DecomposedModel:
             raise UserInputError("several MPI ranks need a model with latent charges (charge_model='latent').")
         if long_range.config.spin_channel:
             raise UserInputError("several MPI ranks do not support the spin channel (spin_channel) yet; run on one rank.")
+        if long_range.config.charge_redistribution == "fragments":
+            raise UserInputError(
+                "several MPI ranks do not support charge_redistribution='fragments' (fragments span subdomains); "
+                "train with charge_redistribution='learned' or run on one rank."
+            )
         if long_range.polarizability_head is not None:
             raise UserInputError(
                 "several MPI ranks do not support latent polarisabilities (polarizability != 'none'); run on one rank."
@@ -338,7 +343,8 @@ class DecomposedModel:
         if isinstance(constraint, NoChargeConstraint):
             return raw, lambda potential: raw.new_zeros(()), ranks
         if not (learned or isinstance(constraint, TotalChargeConstraint)):
-            raise UserInputError(f"several MPI ranks do not support the charge constraint {type(constraint).__name__}.")
+            raise UserInputError(f"several MPI ranks do not support the charge constraint {type(constraint).__name__}; "
+                                 "use charge_redistribution='learned' (or 'uniform', 'none') or run on one rank.")
         # Uniform shift: weights 1 (their sum, the atom count, does not depend on positions).
         share = (total - raw_sum) / weight_sum
 

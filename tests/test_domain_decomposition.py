@@ -129,6 +129,8 @@ def test_unsupported_models_are_refused():
         DecomposedModel(make_model(polarizability="one_step"), allreduce=lambda values: values)
     with pytest.raises(UserInputError, match="latent charges"):
         DecomposedModel(make_model(charge_model="qeq"), allreduce=lambda values: values)
+    with pytest.raises(UserInputError, match="charge_redistribution='fragments'"):
+        DecomposedModel(make_model(charge_redistribution="fragments"), allreduce=lambda values: values)
     with pytest.raises(UserInputError, match="external field is not supported on several MPI ranks"):
         DecomposedModel(make_model(), allreduce=lambda values: values, external_field=np.array([0.0, 0.0, 0.1]))
     DecomposedModel(make_model(), allreduce=lambda values: values, external_field=np.zeros(3))  # no field: fine

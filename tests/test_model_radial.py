@@ -208,7 +208,7 @@ def test_nan_positions_are_a_clear_error(model):
         model(AtomsBatch.from_atoms(atoms))
 
 
-@pytest.mark.parametrize("redistribution", ["uniform", "learned"])
+@pytest.mark.parametrize("redistribution", ["uniform", "learned", "fragments"])
 def test_total_charge_is_reproduced_for_any_structure_and_charge(redistribution):
     model = make_model(seed=4, charge_redistribution=redistribution).eval()
     structures = [molecule("CH3CH2OH"), rattled_salt(), molecule("H2O")]

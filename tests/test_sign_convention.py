@@ -58,7 +58,8 @@ def _crystal():
     return atoms
 
 
-@pytest.mark.parametrize("options", [{}, {"charge_redistribution": "uniform"}, {"charge_model": "qeq", "qeq_solver": "dense"},
+@pytest.mark.parametrize("options", [{}, {"charge_redistribution": "uniform"}, {"charge_redistribution": "fragments"},
+                                     {"charge_model": "qeq", "qeq_solver": "dense"},
                                      {"polarizability": "one_step"}])
 def test_flip_leaves_energies_forces_stress_bit_identical_and_negates_moments(options):
     """Bit-identical for charges alone; with polarisabilities to round-off (the engine's field is computed

@@ -54,14 +54,14 @@ def test_default_ablation_wins_beyond_the_training_range(tmp_path, capsys) -> No
     """No tuning flags: Na⁺/Cl⁻/water with analytic Coulomb labels, ions 2.4–6 Å apart in training and
     8–12 Å in the test set (beyond the 4 Å cut-off).  The long-range twin's energy RMSE there must be
     below half the short-range twin's; the chosen settings are printed and stored in config.json."""
-    paths = write_dataset(tmp_path / "data", n_train=20, n_test=8, seed=1)  # 18 train, 2 validation: 3 steps per epoch
+    paths = write_dataset(tmp_path / "data", n_train=12, n_test=8, seed=1)  # 11 train, 1 validation: 2 steps per epoch
     config = TrainConfig(
         train=str(paths["train"]), test=str(paths["test"]), host_options=TINY_HOST,
         long_range_options={"hidden_dim": 8}, out=str(tmp_path / "run"), progress=False,
     )
     results = run_ablation(config, plots=False)
     printed = capsys.readouterr().out
-    assert "auto settings: energy weight 1000, forces weight 1, 300 epochs, patience 50 (because: 18 structures, neutral, 3 steps per epoch)" in printed
+    assert "auto settings: energy weight 1000, forces weight 1, 300 epochs, patience 50 (because: 11 structures, neutral, 2 steps per epoch)" in printed
     stored = json.loads((tmp_path / "run" / "long_range" / "config.json").read_text())
     assert (stored["energy_weight"], stored["forces_weight"], stored["epochs"], stored["patience"]) == (1000.0, 1.0, 300, 50)
     ratio = results["short_range"]["energy_rmse_meV_per_atom"] / results["long_range"]["energy_rmse_meV_per_atom"]

@@ -126,6 +126,8 @@ class TrainConfig:
     time_budget: Optional[Union[float, str]] = None
     #: After training, fix the global sign of latent charges (latent_lr.sign_convention); off: keep the raw sign.
     sign_convention: bool = True
+    #: Issue 13 item 2: weight of Σ_s (Q_s − Σ_i q̃_i)² / S for fragment-aware latent charges (0: off).
+    charge_excess_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("dtype", "eval_dtype"):

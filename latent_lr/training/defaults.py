@@ -12,7 +12,10 @@ Rule (measured on the shared charged dimers and the SPICE dipeptides, benchmarks
   (non-zero total charge), else 1 : 10 (the plain default of force-rich sets);
 * epochs: enough for about :data:`TARGET_STEPS` optimiser steps, clamped to
   [:data:`MIN_EPOCHS`, :data:`MAX_EPOCHS`];
-* patience: max(epochs // 6, :data:`MIN_PATIENCE`) epochs.
+* patience: max(epochs // 6, :data:`MIN_PATIENCE`) epochs;
+* the long-range option ``charge_redistribution="auto"``: ``"fragments"`` when some structure is charged,
+  else ``"learned"`` (:meth:`~latent_lr.config.LongRangeConfig.resolved_for`; "Issue 13 item 2: fragment-aware
+  charges" in RESULTS.md).
 """
 
 from __future__ import annotations
@@ -61,10 +64,9 @@ def check_auto_setting(name: str, value: Union[float, int, str]) -> None:
         raise ValueError(f"{name} must be >= 0 or 'auto', got {value!r}.")
 
 
-def summarise(frames: "FrameSet", steps_per_epoch: int, total_charge_key: object) -> DataSummary:
-    """The :class:`DataSummary` of ``frames``; total charges are read only when a total-charge key is set."""
-    charged = bool(total_charge_key) and any(frame.total_charge != 0.0 for frame in frames)
-    return DataSummary(len(frames), steps_per_epoch, charged)
+def is_charged(frames: "FrameSet", total_charge_key: object) -> bool:
+    """Whether some structure of ``frames`` has a non-zero total charge; read only when a total-charge key is set."""
+    return bool(total_charge_key) and any(frame.total_charge != 0.0 for frame in frames)
 
 
 def auto_values(data: DataSummary) -> dict[str, Union[float, int]]:

@@ -2,7 +2,8 @@
 
 Loss = energy_weight·Σ_s ((E_s − E_s^ref)/N_s)² / S + forces_weight·Σ_iα (F_iα − F_iα^ref)² / (3 N)
 + dipole_weight·Σ_sα (μ_sα − μ_sα^ref)² / (3 S) + charges_weight·Σ_i (q_i − q_i^ref)² / N,
-with S structures and N atoms.  In one process S and N are the batch's; under
+with S structures and N atoms; a model that reports ``raw_charge_excess`` (fragment-aware latent
+charges) adds charge_excess_weight·Σ_s (Q_s − Σ_i q̃_i)² / S (:func:`charge_excess_penalty`).  In one process S and N are the batch's; under
 data-parallel training they are the *global* batch's (all ranks' shards of a step),
 so that N ranks with batch b give exactly the gradient of one process with batch N·b.
 Units: eV, eV/Å, e·Å, e.
@@ -70,7 +71,17 @@ def weighted_loss(config: TrainConfig, sums: Mapping[str, torch.Tensor], counts:
     return loss
 
 
+def charge_excess_penalty(config: TrainConfig, out: Mapping[str, torch.Tensor], n_structures: int) -> torch.Tensor:
+    """charge_excess_weight · Σ_s (Q_s − Σ_i q̃_i)² / S: the raw latent charges should carry each structure's total
+    charge themselves, so that a molecule's net charge is its own (the same in every structure it appears in)
+    rather than a share of the excess; 0 for models without ``raw_charge_excess``.  ``n_structures``: S."""
+    if "raw_charge_excess" not in out or not config.charge_excess_weight:
+        return out["energy"].new_zeros(())
+    return config.charge_excess_weight * (out["raw_charge_excess"] ** 2).sum() / n_structures
+
+
 def loss_function(config: TrainConfig, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], frames: Sequence[Frame]) -> torch.Tensor:
     """The loss of one batch of ``frames`` in one process (counts are the batch's own)."""
     sizes = np.array([len(frame.atoms) for frame in frames])
-    return weighted_loss(config, squared_error_sums(config, out, targets, out["energy"].new_tensor(sizes)), label_counts(sizes), out["energy"])
+    loss = weighted_loss(config, squared_error_sums(config, out, targets, out["energy"].new_tensor(sizes)), label_counts(sizes), out["energy"])
+    return loss + charge_excess_penalty(config, out, len(frames))

@@ -32,9 +32,17 @@ from . import distributed
 from .config import TrainConfig
 from .data_files import open_frames
 from .dataset import Frame, LabelKeys, check_frame_elements, collate
-from .defaults import resolve_auto_settings, summarise
+from .defaults import DataSummary, is_charged, resolve_auto_settings
 from .frame_sets import BatchReader, FrameList, FrameSet, FrameSubset
-from .loss import TERMS, common_labels, label_counts, loss_function, squared_error_sums, weighted_loss
+from .loss import (
+    TERMS,
+    charge_excess_penalty,
+    common_labels,
+    label_counts,
+    loss_function,
+    squared_error_sums,
+    weighted_loss,
+)
 from .metrics import error_metrics, predict_frames
 from .model_files import CHECKPOINT_EMA, CHECKPOINT_MODEL_CONFIG, load_model_file
 from .recipe import (
@@ -180,7 +188,9 @@ class Trainer:
         self.test_frames: FrameSet = open_frames(config.test, label_keys(config)) if config.test else FrameList([])
         frame_sets = (self.train_frames, self.valid_frames, self.test_frames)
         self.species = sorted(set().union(*(part.species() for part in frame_sets)))
-        self.model = build_model(config, self.species)
+        self.charged = is_charged(self.train_frames, config.total_charge_key)
+        self._resolve_charge_redistribution()
+        self.model = build_model(self.config, self.species)
         if config.init_model:
             for part in frame_sets:
                 check_frame_elements(self.model.backbone.check_elements, part)
@@ -221,10 +231,20 @@ class Trainer:
     def _resolve_auto_settings(self) -> None:
         """Replace the ``"auto"`` settings of ``self.config`` by values chosen from the training set (see
         :mod:`~latent_lr.training.defaults`) and print them; ``config.json`` then stores the resolved values."""
-        data = summarise(self.train_frames, len(self.epoch_plan(0)[0]), self.config.total_charge_key)
+        data = DataSummary(len(self.train_frames), len(self.epoch_plan(0)[0]), self.charged)
         self.config, message = resolve_auto_settings(self.config, data)
         if message:
             self._say(message)
+
+    def _resolve_charge_redistribution(self) -> None:
+        """``charge_redistribution="auto"``: fragments for charged training data, else learned (printed, and
+        stored in ``config.json`` and the model file)."""
+        options = self.config.long_range_options
+        resolved = options.resolved_for(self.charged)
+        if self.config.long_range and resolved != options:
+            self.config = self.config.updated({"long_range_options": resolved.to_dict()})
+            self._say(f"auto settings: charge redistribution {resolved.charge_redistribution} "
+                      f"(because: {'charged' if self.charged else 'neutral'} training data)")
 
     def _has_unused_parameters(self) -> bool:
         """Whether some trainable parameter gets no gradient from the loss (e.g. CHGNet's magnetic-moment head).
@@ -374,6 +394,7 @@ class Trainer:
         n_atoms = torch.tensor([len(f.atoms) for f in chunk], dtype=out["energy"].dtype, device=self.ranks.device)
         sums = squared_error_sums(loss_config, out, targets, n_atoms)
         loss = weighted_loss(loss_config, sums, label_counts(self.train_frames.n_atoms[step]), out["energy"])
+        loss = loss + charge_excess_penalty(loss_config, out, len(self.train_frames.n_atoms[step]))
         (loss * self.ranks.world_size).backward()
         backward_done = time.perf_counter()
         gradient_norm = clip_gradients(self.trainable_parameters, self.config.gradient_clip)  # equal on all ranks (after DDP)
