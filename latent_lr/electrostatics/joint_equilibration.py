@@ -64,9 +64,29 @@ import torch
 
 from .dipole_ewald import DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
-from .linear_solve import solve_spd
+from .kspace_preconditioner import kspace_preconditioner
+from .linear_solve import Preconditioner, SolveStatistics, solve_spd
 from .qeq import _Geometry, gaussian_self_hardness
 from .state import EngineState
+
+
+#: Accepted ``preconditioner`` values of :func:`equilibrate_charges_and_dipoles`.
+JOINT_PRECONDITIONERS = ("kspace", "jacobi")
+
+
+def _joint_preconditioner(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor, diagonal: torch.Tensor,
+    smearing: torch.Tensor,
+) -> Preconditioner:
+    """Block-diagonal P⁻¹ of the (N, 4) unknowns: the Qeq k-space preconditioner on the charge column,
+    Jacobi on the scaled dipoles (diagonal (N, 4) of H).  SPD, as both blocks are."""
+    charge_inverse = kspace_preconditioner(positions, cell, pbc, batch, diagonal[:, 0], smearing)
+    dipole_diagonal = diagonal[:, 1:]
+
+    def apply(residual: torch.Tensor) -> torch.Tensor:
+        return torch.cat([charge_inverse(residual[:, 0])[:, None], residual[:, 1:] / dipole_diagonal], 1)
+
+    return apply
 
 
 class _ChargeDipoleCoupling:
@@ -161,6 +181,27 @@ class _JointOperator:
         self.charges = _Geometry(pbc, batch, n_structures, accuracy, state)
         self.periodic = pbc.all(dim=1)
         self.slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
+        # Issue 15 (reuse): the operator of one call, built once (see :meth:`prepare`).
+        self._built: Optional[tuple[tuple[torch.Tensor, ...], DipoleOperator, _ChargeDipoleCoupling]] = None
+        self._frozen: Optional[tuple[tuple, tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]]] = None
+
+    def prepare(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> None:
+        """Build T and G once (with the current autograd mode) for every later product at these tensors.
+
+        The residual and the energy (graph'd products at the same tensor objects) reuse the operator
+        itself, the forward and adjoint CG solves (detached views of the same storage) its detached copy.
+        Products at other tensors, e.g. the fresh aliases of a second-derivative backward, rebuild.
+        """
+        operator = self.dipoles(positions, cell, smearing)
+        self._built = ((positions, cell, smearing), operator, _ChargeDipoleCoupling(operator, positions, cell))
+
+    def _operator(
+        self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor
+    ) -> tuple[DipoleOperator, Optional[_ChargeDipoleCoupling]]:
+        """The prepared operator when called at the prepared tensors themselves, else a fresh one."""
+        if self._built is not None and all(a is b for a, b in zip(self._built[0], (positions, cell, smearing))):
+            return self._built[1], self._built[2]
+        return self.dipoles(positions, cell, smearing), None
 
     def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> DipoleOperator:
         """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`), slabs included."""
@@ -172,8 +213,9 @@ class _JointOperator:
         hardness: torch.Tensor, scale: torch.Tensor,
     ) -> torch.Tensor:
         """H v, (N, 4): charge rows eV/e, dipole rows in the scaled units; differentiable in all tensors."""
-        operator = self.dipoles(positions, cell, smearing)
-        return self._product(v, self.charges(v[:, 0], positions, cell, smearing, hardness), operator, positions, cell, scale)
+        operator, coupling = self._operator(positions, cell, smearing)
+        charge_product = self.charges(v[:, 0], positions, cell, smearing, hardness)
+        return self._product(v, charge_product, operator, positions, cell, scale, coupling)
 
     @staticmethod
     def _product(
@@ -192,15 +234,33 @@ class _JointOperator:
         self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,
         scale: torch.Tensor,
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v ↦ H v at fixed geometry: the Coulomb graph, pair tensors and k-vectors are built once."""
+        """v ↦ H v at fixed geometry: the Coulomb graph, pair tensors and k-vectors are built once.
+
+        Detached views of the prepared tensors (same storage and version) reuse the prepared operator,
+        and the forward and adjoint solves of one call share one frozen product.
+        """
+        tensors = (positions, cell, smearing, hardness, scale)
+        key = tuple(_storage_key(t) for t in tensors)
+        if self._frozen is not None and self._frozen[0] == key:
+            return self._frozen[2]
         charge_apply = self.charges.frozen(positions, cell, smearing, hardness)
-        operator = self.dipoles(positions, cell, smearing)
+        built = self._built
+        if built is not None and all(_storage_key(a) == _storage_key(b) for a, b in zip(built[0], (positions, cell, smearing))):
+            operator = built[1].detach()
+        else:
+            operator = self.dipoles(positions, cell, smearing)
         coupling = _ChargeDipoleCoupling(operator, positions, cell)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
 
+        self._frozen = (key, tensors, apply)  # the tensors keep their storage (the key) alive
         return apply
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Identity of a tensor's values: storage, layout and in-place version (shared by its detached views)."""
+    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version, tensor.dtype, tensor.device)
 
 
 def equilibrate_charges_and_dipoles(
@@ -216,6 +276,9 @@ def equilibrate_charges_and_dipoles(
     rtol: Optional[float] = None,
     max_iter: int = 1000,
     state: Optional[EngineState] = None,
+    initial: Optional[torch.Tensor] = None,
+    preconditioner: str = "kspace",
+    statistics: Optional[SolveStatistics] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q*, p*) = argmin E(q, p) subject to Σ_{i∈b} q_i = Q_b, and the energy (module docstring).
 
@@ -232,6 +295,12 @@ def equilibrate_charges_and_dipoles(
         accuracy: Ewald accuracy of the engine and of the periodic dipole tensor.
         rtol, max_iter: CG tolerance and iteration cap (:func:`solve_spd`).
         state: the run's :class:`~.state.EngineState` for the engine calls.
+        initial: (N, 4) starting guess (q, p) of the forward CG solve, e and e·Å (a warm start, e.g. the
+            last MD step's solution); None: cold start.  Changes iterations only, not the result.
+        preconditioner: ``"kspace"`` (default: the Qeq k-space preconditioner of
+            :mod:`.kspace_preconditioner` on the charge block of periodic structures, Jacobi elsewhere)
+            or ``"jacobi"`` (diagonal only).
+        statistics: records the CG iteration counts (forward, then adjoint solves).
 
     Returns:
         charges (N,) e, induced dipoles (N, 3) e·Å and energies (B,) eV,
@@ -263,7 +332,10 @@ def equilibrate_charges_and_dipoles(
         )
     n_structures = cell.shape[0]
     scale = polarizability.clamp_min(1e-30).sqrt()  # finite gradients at α = 0
+    if preconditioner not in JOINT_PRECONDITIONERS:
+        raise ValueError(f"joint equilibration preconditioner must be one of {JOINT_PRECONDITIONERS}, got {preconditioner!r}.")
     operator = _JointOperator(pbc, batch, n_structures, accuracy, state)
+    operator.prepare(positions, cell, smearing)
     field = positions.new_zeros(n_structures, 3) if external_field is None else external_field.to(positions.dtype)
     atom_field = field[batch]
     rhs = torch.cat([(-electronegativity + (positions * atom_field).sum(1))[:, None], scale[:, None] * atom_field], 1)
@@ -271,9 +343,19 @@ def equilibrate_charges_and_dipoles(
     total = torch.cat([total_charge.to(positions.dtype)[:, None], positions.new_zeros(n_structures, 3)], 1)
     constrained = torch.tensor([True, False, False, False], device=positions.device)
     operators = (positions, cell, smearing, hardness, scale)
+    inverse = None
+    if preconditioner == "kspace" and bool((pbc.all(dim=1)).any()):
+        inverse = _joint_preconditioner(positions, cell, pbc, batch, diagonal.detach(), smearing)
+    start = None
+    if initial is not None:
+        if initial.shape != rhs.shape:
+            raise ValueError(f"initial must be (N, 4) charges and dipoles, got shape {tuple(initial.shape)}.")
+        start = initial.detach().to(rhs.dtype)
+        unscaled = torch.where(scale > 1e-12, 1.0 / scale, torch.zeros_like(scale)).detach()
+        start = torch.cat([start[:, :1], unscaled[:, None] * start[:, 1:]], 1)  # p -> x = p/√α
     solution = solve_spd(
         operator, rhs, operators, batch=batch, total=total, diagonal=diagonal.detach(), rtol=rtol,
-        max_iter=max_iter, constrained=constrained,
+        max_iter=max_iter, constrained=constrained, initial=start, preconditioner=inverse, statistics=statistics,
     )
     # Variational form ½ yᵀHy − bᵀy: solver errors enter the energy at second order only.
     atom_energy = (solution * (0.5 * operator(solution, *operators) - rhs)).sum(1)
