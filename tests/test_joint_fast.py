@@ -98,3 +98,44 @@ def test_an_unknown_preconditioner_and_a_misshaped_warm_start_are_clear_errors()
         energy_and_forces(*problem, preconditioner="multigrid")
     with pytest.raises(ValueError, match=r"initial must be \(N, 4\)"):
         energy_and_forces(*problem, initial=torch.zeros(3, 4, dtype=torch.float64))
+
+
+def coupling(positions, cell, accuracy, method):
+    n = positions.shape[0]
+    operator = joint.dipole_operator(
+        positions, cell, torch.tensor([True]), torch.zeros(n, dtype=torch.long), SIGMA, accuracy, method=method
+    )
+    return joint._ChargeDipoleCoupling(operator, positions, cell)
+
+
+@pytest.mark.parametrize("accuracy", [1e-4, 1e-6])
+def test_pme_charge_dipole_coupling_equals_the_ewald_one_and_is_its_own_transpose(accuracy):
+    positions, cell, *_ = salt_box(2)
+    rng = np.random.default_rng(4)
+    charges, dipoles = torch.tensor(rng.normal(size=len(positions))), torch.tensor(rng.normal(size=(len(positions), 3)))
+    reference, mesh = coupling(positions, cell, 1e-12, "ewald"), coupling(positions, cell, accuracy, "pme")
+    assert len(mesh.operator.meshes) == 1 and not mesh.operator.groups
+    for got, want in ((mesh.field(charges), reference.field(charges)), (mesh.potential(dipoles), reference.potential(dipoles))):
+        error = float((got - want).norm() / want.norm())
+        assert 0 < error < 10 * accuracy, error
+    # pᵀ(G q) = (Gᵀp)ᵀq exactly: the mesh potential is the transpose of the mesh field
+    torch.testing.assert_close((dipoles * mesh.field(charges)).sum(), (mesh.potential(dipoles) * charges).sum(),
+                               rtol=1e-12, atol=0)
+
+
+def test_pme_joint_operator_is_symmetric_positive_definite_and_the_solution_matches_ewald():
+    positions, cell, pbc, batch, chi, hardness, alpha = salt_box(1)
+    n = len(positions)
+    scale = alpha.sqrt()
+    operator = joint._JointOperator(pbc, batch, 1, 1e-6, method="pme")
+    apply = operator.frozen(positions, cell, SIGMA, hardness, scale)
+    assert len(operator.dipoles(positions, cell, SIGMA).meshes) == 1
+    units = torch.eye(4 * n, dtype=torch.float64).reshape(4 * n, n, 4)
+    matrix = torch.stack([apply(u).reshape(-1) for u in units])
+    torch.testing.assert_close(matrix, matrix.T, rtol=0, atol=1e-10)
+    assert float(torch.linalg.eigvalsh(matrix).min()) > 0
+    ewald = energy_and_forces(positions, cell, pbc, batch, chi, hardness, alpha, method="ewald")
+    pme = energy_and_forces(positions, cell, pbc, batch, chi, hardness, alpha, method="pme")
+    for got, want in zip(pme, ewald):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+        assert not torch.equal(got, want)

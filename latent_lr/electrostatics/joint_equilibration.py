@@ -18,8 +18,11 @@ where F(q) = G q is the field of the charges and T the Gaussian-damped dipole
 tensor (:mod:`.dipole_tensor`, :mod:`.dipole_ewald`).  G is built from T's pair
 tensors and k-vectors (:class:`_ChargeDipoleCoupling`), so it is the gradient of
 the same sums of which −T is the Hessian: for open boundaries and Ewald it equals
-:func:`.field.electric_field` to round-off; where the engine switches to PME
-(``method="auto"``, large cells) E_coul and G differ at the engine accuracy.
+:func:`.field.electric_field` to round-off.  From :data:`~.coulomb.PME_MIN_ATOMS`
+atoms per periodic structure (``method="auto"``, as the engine) T and G are summed
+on T's particle mesh (:meth:`.dipole_mesh.DipoleMesh.charge_field`, O(N log N) per
+product instead of Ewald's O(N K)); E_coul, G and T then agree with their Ewald
+forms at the engine accuracy.
 Periodic structures use tin-foil sums for all three terms.  Slabs
 (pbc = (True, True, False)) use the engine's slab approach for all three
 (:mod:`.slab`): tin-foil sums in the vacuum-extended cell plus the
@@ -62,7 +65,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .dipole_ewald import DipoleOperator, dipole_operator
+from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, solve_spd
@@ -150,6 +153,8 @@ class _ChargeDipoleCoupling:
             sin_sum = torch.bmm(padded, g.sin).transpose(1, 2) * g.weight[..., None]
             group_field = torch.bmm(g.sin, cos_sum * g.k_vectors) - torch.bmm(g.cos, sin_sum * g.k_vectors)
             field = field.index_add(0, g.atoms[g.mask], group_field[g.mask])
+        for mesh in self.operator.meshes:  # PME structures: the same mesh as T (dipole_mesh)
+            field = field.index_add(0, mesh.atoms, mesh.charge_field(charges[mesh.atoms]))
         return field
 
     def potential(self, dipoles: torch.Tensor) -> torch.Tensor:
@@ -165,6 +170,8 @@ class _ChargeDipoleCoupling:
             weight = g.weight[..., None]
             group_potential = (torch.bmm(g.cos, weight * sin_sum) - torch.bmm(g.sin, weight * cos_sum))[..., 0]
             potential = potential.index_add(0, g.atoms[g.mask], group_potential[g.mask])
+        for mesh in self.operator.meshes:
+            potential = potential.index_add(0, mesh.atoms, mesh.dipole_potential(dipoles[mesh.atoms]))
         return potential
 
 
@@ -176,9 +183,10 @@ class _JointOperator:
 
     def __init__(
         self, pbc: torch.Tensor, batch: torch.Tensor, n_structures: int, accuracy: float,
-        state: Optional[EngineState] = None,
+        state: Optional[EngineState] = None, method: str = "auto",
     ):
         self.charges = _Geometry(pbc, batch, n_structures, accuracy, state)
+        self.method = method  # reciprocal sums of T and G (:data:`.dipole_ewald.DIPOLE_METHODS`)
         self.periodic = pbc.all(dim=1)
         self.slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
         # Issue 15 (reuse): the operator of one call, built once (see :meth:`prepare`).
@@ -206,7 +214,9 @@ class _JointOperator:
     def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> DipoleOperator:
         """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`), slabs included."""
         geometry = self.charges
-        return dipole_operator(positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab)
+        return dipole_operator(
+            positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab, method=self.method
+        )
 
     def __call__(
         self, v: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
@@ -279,6 +289,7 @@ def equilibrate_charges_and_dipoles(
     initial: Optional[torch.Tensor] = None,
     preconditioner: str = "kspace",
     statistics: Optional[SolveStatistics] = None,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q*, p*) = argmin E(q, p) subject to Σ_{i∈b} q_i = Q_b, and the energy (module docstring).
 
@@ -301,6 +312,8 @@ def equilibrate_charges_and_dipoles(
             :mod:`.kspace_preconditioner` on the charge block of periodic structures, Jacobi elsewhere)
             or ``"jacobi"`` (diagonal only).
         statistics: records the CG iteration counts (forward, then adjoint solves).
+        method: reciprocal sums of T and G for periodic structures and slabs: ``"ewald"``, ``"pme"`` or
+            ``"auto"`` (PME from :data:`~.coulomb.PME_MIN_ATOMS` atoms per structure, as the engine).
 
     Returns:
         charges (N,) e, induced dipoles (N, 3) e·Å and energies (B,) eV,
@@ -334,7 +347,9 @@ def equilibrate_charges_and_dipoles(
     scale = polarizability.clamp_min(1e-30).sqrt()  # finite gradients at α = 0
     if preconditioner not in JOINT_PRECONDITIONERS:
         raise ValueError(f"joint equilibration preconditioner must be one of {JOINT_PRECONDITIONERS}, got {preconditioner!r}.")
-    operator = _JointOperator(pbc, batch, n_structures, accuracy, state)
+    if method not in DIPOLE_METHODS:
+        raise ValueError(f"joint equilibration method must be one of {DIPOLE_METHODS}, got {method!r}.")
+    operator = _JointOperator(pbc, batch, n_structures, accuracy, state, method)
     operator.prepare(positions, cell, smearing)
     field = positions.new_zeros(n_structures, 3) if external_field is None else external_field.to(positions.dtype)
     atom_field = field[batch]
