@@ -71,6 +71,19 @@ class DipoleMesh:
         potential = self._support_potential(self.values * charges[:, None])
         return -COULOMB_CONSTANT * (potential[..., None] * self.gradients).sum(1)
 
+    def joint_products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`charge_field` (charges) + :meth:`field` (dipoles), :meth:`dipole_potential` (dipoles)) in one pass:
+        each density spread once, one batched FFT pair, one gradient interpolation.  (n, 3) V/Å and (n,) V."""
+        size = self.shape[0] * self.shape[1] * self.shape[2]
+        assert self.values is not None, "build the mesh with dipole_mesh (charge weights)"
+        # bmm contractions: several times faster than broadcast-and-sum over the (n, p³, 3) gradients
+        density = torch.stack([self.values * charges[:, None], torch.bmm(self.gradients, dipoles[:, :, None])[..., 0]])
+        grids = density.new_zeros(2, size).index_add(1, self.points.reshape(-1), density.reshape(2, -1))
+        spectrum = self.theta * torch.fft.rfftn(grids.reshape(2, *self.shape), dim=(1, 2, 3))
+        potential = 2.0 * size * torch.fft.irfftn(spectrum, s=self.shape, dim=(1, 2, 3)).reshape(2, -1)[:, self.points]
+        field = -COULOMB_CONSTANT * torch.bmm((potential[0] + potential[1])[:, None, :], self.gradients)[:, 0]
+        return field, -COULOMB_CONSTANT * (potential[1] * self.values).sum(1)
+
     def dipole_potential(self, dipoles: torch.Tensor) -> torch.Tensor:
         """(n,) transpose of :meth:`charge_field` applied to dipoles (n, 3) e·Å: −k_e Σ_m G(m) W_j(m), V."""
         assert self.values is not None, "build the mesh with dipole_mesh (charge weights)"

@@ -61,6 +61,7 @@ is symmetric positive semi-definite.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -201,7 +202,7 @@ class _JointOperator:
         Products at other tensors, e.g. the fresh aliases of a second-derivative backward, rebuild.
         """
         operator = self.dipoles(positions, cell, smearing)
-        self._built = ((positions, cell, smearing), operator, _ChargeDipoleCoupling(operator, positions, cell))
+        self._built = ((positions, cell, smearing), operator, _coupling(operator, positions, cell))
 
     def _operator(
         self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor
@@ -232,12 +233,22 @@ class _JointOperator:
         v: torch.Tensor, charge_product: torch.Tensor, operator: DipoleOperator, positions: torch.Tensor,
         cell: torch.Tensor, scale: torch.Tensor, coupling: Optional[_ChargeDipoleCoupling] = None,
     ) -> torch.Tensor:
-        """H v from the Coulomb product (J + K) q and the dipole tensor."""
-        coupling = _ChargeDipoleCoupling(operator, positions, cell) if coupling is None else coupling
+        """H v from the Coulomb product (J + K) q and the dipole tensor.
+
+        Mesh (PME) structures get their reciprocal G q, T p and Gᵀp from one joint mesh pass
+        (:meth:`.dipole_mesh.DipoleMesh.joint_products`); the rest from the pair and Ewald sums.
+        """
+        coupling = _coupling(operator, positions, cell) if coupling is None else coupling
+        rest = coupling.operator
         q, x = v[:, 0], v[:, 1:]
         p = scale[:, None] * x
-        charge_rows = charge_product - coupling.potential(p)
-        dipole_rows = x - scale[:, None] * (coupling.field(q) + operator.apply(p))
+        potential, field = coupling.potential(p), coupling.field(q) + rest.apply(p)
+        for mesh in operator.meshes:
+            mesh_field, mesh_potential = mesh.joint_products(q[mesh.atoms], p[mesh.atoms])
+            field = field.index_add(0, mesh.atoms, mesh_field)
+            potential = potential.index_add(0, mesh.atoms, mesh_potential)
+        charge_rows = charge_product - potential
+        dipole_rows = x - scale[:, None] * field
         return torch.cat([charge_rows[:, None], dipole_rows], dim=1)
 
     def frozen(
@@ -259,13 +270,18 @@ class _JointOperator:
             operator = built[1].detach()
         else:
             operator = self.dipoles(positions, cell, smearing)
-        coupling = _ChargeDipoleCoupling(operator, positions, cell)
+        coupling = _coupling(operator, positions, cell)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
 
         self._frozen = (key, tensors, apply)  # the tensors keep their storage (the key) alive
         return apply
+
+
+def _coupling(operator: DipoleOperator, positions: torch.Tensor, cell: torch.Tensor) -> _ChargeDipoleCoupling:
+    """G of the pair and Ewald sums; the mesh structures' part is left to the joint mesh pass of ``_product``."""
+    return _ChargeDipoleCoupling(replace(operator, meshes=()) if operator.meshes else operator, positions, cell)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
