@@ -73,7 +73,6 @@ from .linear_solve import Preconditioner, SolveStatistics, solve_spd
 from .qeq import _Geometry, gaussian_self_hardness
 from .state import EngineState
 
-
 #: Accepted ``preconditioner`` values of :func:`equilibrate_charges_and_dipoles`.
 JOINT_PRECONDITIONERS = ("kspace", "jacobi")
 
