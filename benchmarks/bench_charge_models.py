@@ -68,6 +68,7 @@ VARIANTS = {
     "pol-1step": dict(polarizability="one_step"),
     "pol-scf-cold": dict(polarizability="self_consistent", polarizability_solver="cg", solver_warm_start=False),
     "pol-scf-warm": dict(polarizability="self_consistent", polarizability_solver="cg"),
+    "qeq-dipoles-cold": dict(charge_model="qeq_dipoles", solver_warm_start=False),
     "qeq-dipoles": dict(charge_model="qeq_dipoles"),
 }
 

@@ -76,13 +76,15 @@ class LongRangeConfig:
     )
     # Issue 15 item 5: fast solvers
     solver_warm_start: bool = _option(
-        True, "start the Qeq and self-consistent-dipole CG solves from the last solution of the same structure "
+        True, "start the Qeq, joint charge-dipole and self-consistent-dipole CG solves from the last solution of the "
+        "same structure "
         "(same atomic numbers) kept in the run's engine state; results change only within the CG tolerance"
     )
     qeq_preconditioner: str = _option(
-        "blocks", "preconditioner of the Qeq CG: kspace (long-wavelength mesh model of the Coulomb operator for "
-        "periodic structures, Jacobi elsewhere; iteration counts stop growing with the box), blocks (kspace "
-        "around exact near-field blocks of bonded neighbours; block Jacobi for open structures) or jacobi",
+        "blocks", "preconditioner of the Qeq CG and of the charge block of qeq_dipoles: kspace (long-wavelength mesh "
+        "model of the Coulomb operator for periodic structures, Jacobi elsewhere; iteration counts stop growing "
+        "with the box), blocks (kspace around exact near-field blocks of bonded neighbours; block Jacobi for open "
+        "structures; qeq_dipoles uses kspace for it) or jacobi",
         QEQ_PRECONDITIONERS,
     )
     # Issue 15 item 5 (Qeq during MD): extrapolated warm starts and the tolerance of eval-mode (MD) solves.

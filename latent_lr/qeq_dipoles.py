@@ -33,14 +33,19 @@ class QeqDipoleHead(ChargeModel):
         polarizability_width: hidden width of the α MLP.
     """
 
-    def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, polarizability_width: int = 16):
+    def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, polarizability_width: int = 16,
+                 warm_start: bool = True, preconditioner: str = "kspace"):
         super().__init__()
         self.qeq = QeqChargeHead(feature_dim, hidden_dim, element_baseline)
         self.polarizability = PolarizabilityHead(feature_dim, polarizability_width, element_baseline)
+        self.warm_start = bool(warm_start)
+        # Qeq preconditioners the joint solve lacks (anything but "jacobi") use its k-space one.
+        self.preconditioner = "jacobi" if preconditioner == "jacobi" else "kspace"
 
     @classmethod
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "QeqDipoleHead":
-        return cls(feature_dim, config.hidden_dim, config.element_baseline, config.polarizability_width)
+        return cls(feature_dim, config.hidden_dim, config.element_baseline, config.polarizability_width,
+                   warm_start=config.solver_warm_start, preconditioner=config.qeq_preconditioner)
 
     def outputs(self, features: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float = 1e-6,
                 engine_state: Optional[EngineState] = None, charge_sign: Optional[torch.Tensor] = None
@@ -54,10 +59,17 @@ class QeqDipoleHead(ChargeModel):
         if charge_sign is not None:
             chi = chi * charge_sign.to(chi.dtype)
         alpha = self.polarizability(features, data.numbers, self_consistent_cap(smearing))
+        solve = None if engine_state is None else engine_state.solutions.begin(
+            "qeq_dipoles", data.numbers, data.batch, data.n_structures, data.positions.new_zeros(len(chi), 4),
+            warm=self.warm_start,
+        )
         charges, dipoles, energy = equilibrate_charges_and_dipoles(
             chi, hardness, alpha, data.positions, data.cell, data.pbc, data.batch, data.total_charge, smearing,
-            data.external_field, accuracy=accuracy, state=engine_state,
+            data.external_field, accuracy=accuracy, state=engine_state, preconditioner=self.preconditioner,
+            initial=None if solve is None else solve.initial, statistics=None if solve is None else solve.statistics,
         )
+        if solve is not None:
+            solve.finish(torch.cat([charges[:, None], dipoles], 1).detach())
         return {
             "charges": charges,
             "energy": energy,

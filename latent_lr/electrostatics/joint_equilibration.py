@@ -18,8 +18,11 @@ where F(q) = G q is the field of the charges and T the Gaussian-damped dipole
 tensor (:mod:`.dipole_tensor`, :mod:`.dipole_ewald`).  G is built from T's pair
 tensors and k-vectors (:class:`_ChargeDipoleCoupling`), so it is the gradient of
 the same sums of which −T is the Hessian: for open boundaries and Ewald it equals
-:func:`.field.electric_field` to round-off; where the engine switches to PME
-(``method="auto"``, large cells) E_coul and G differ at the engine accuracy.
+:func:`.field.electric_field` to round-off.  From :data:`~.coulomb.PME_MIN_ATOMS`
+atoms per periodic structure (``method="auto"``, as the engine) T and G are summed
+on T's particle mesh (:meth:`.dipole_mesh.DipoleMesh.charge_field`, O(N log N) per
+product instead of Ewald's O(N K)); E_coul, G and T then agree with their Ewald
+forms at the engine accuracy.
 Periodic structures use tin-foil sums for all three terms.  Slabs
 (pbc = (True, True, False)) use the engine's slab approach for all three
 (:mod:`.slab`): tin-foil sums in the vacuum-extended cell plus the
@@ -58,15 +61,35 @@ is symmetric positive semi-definite.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 
-from .dipole_ewald import DipoleOperator, dipole_operator
+from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
-from .linear_solve import solve_spd
+from .kspace_preconditioner import kspace_preconditioner
+from .linear_solve import Preconditioner, SolveStatistics, solve_spd
 from .qeq import _Geometry, gaussian_self_hardness
 from .state import EngineState
+
+#: Accepted ``preconditioner`` values of :func:`equilibrate_charges_and_dipoles`.
+JOINT_PRECONDITIONERS = ("kspace", "jacobi")
+
+
+def _joint_preconditioner(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor, diagonal: torch.Tensor,
+    smearing: torch.Tensor,
+) -> Preconditioner:
+    """Block-diagonal P⁻¹ of the (N, 4) unknowns: the Qeq k-space preconditioner on the charge column,
+    Jacobi on the scaled dipoles (diagonal (N, 4) of H).  SPD, as both blocks are."""
+    charge_inverse = kspace_preconditioner(positions, cell, pbc, batch, diagonal[:, 0], smearing)
+    dipole_diagonal = diagonal[:, 1:]
+
+    def apply(residual: torch.Tensor) -> torch.Tensor:
+        return torch.cat([charge_inverse(residual[:, 0])[:, None], residual[:, 1:] / dipole_diagonal], 1)
+
+    return apply
 
 
 class _ChargeDipoleCoupling:
@@ -130,6 +153,8 @@ class _ChargeDipoleCoupling:
             sin_sum = torch.bmm(padded, g.sin).transpose(1, 2) * g.weight[..., None]
             group_field = torch.bmm(g.sin, cos_sum * g.k_vectors) - torch.bmm(g.cos, sin_sum * g.k_vectors)
             field = field.index_add(0, g.atoms[g.mask], group_field[g.mask])
+        for mesh in self.operator.meshes:  # PME structures: the same mesh as T (dipole_mesh)
+            field = field.index_add(0, mesh.atoms, mesh.charge_field(charges[mesh.atoms]))
         return field
 
     def potential(self, dipoles: torch.Tensor) -> torch.Tensor:
@@ -145,6 +170,8 @@ class _ChargeDipoleCoupling:
             weight = g.weight[..., None]
             group_potential = (torch.bmm(g.cos, weight * sin_sum) - torch.bmm(g.sin, weight * cos_sum))[..., 0]
             potential = potential.index_add(0, g.atoms[g.mask], group_potential[g.mask])
+        for mesh in self.operator.meshes:
+            potential = potential.index_add(0, mesh.atoms, mesh.dipole_potential(dipoles[mesh.atoms]))
         return potential
 
 
@@ -156,51 +183,109 @@ class _JointOperator:
 
     def __init__(
         self, pbc: torch.Tensor, batch: torch.Tensor, n_structures: int, accuracy: float,
-        state: Optional[EngineState] = None,
+        state: Optional[EngineState] = None, method: str = "auto",
     ):
         self.charges = _Geometry(pbc, batch, n_structures, accuracy, state)
+        self.method = method  # reciprocal sums of T and G (:data:`.dipole_ewald.DIPOLE_METHODS`)
         self.periodic = pbc.all(dim=1)
         self.slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
+        # Issue 15 (reuse): the operator of one call, built once (see :meth:`prepare`).
+        self._built: Optional[tuple[tuple[torch.Tensor, ...], DipoleOperator, _ChargeDipoleCoupling]] = None
+        self._frozen: Optional[tuple[tuple, tuple[torch.Tensor, ...], Callable[[torch.Tensor], torch.Tensor]]] = None
+
+    def prepare(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> None:
+        """Build T and G once (with the current autograd mode) for every later product at these tensors.
+
+        The residual and the energy (graph'd products at the same tensor objects) reuse the operator
+        itself, the forward and adjoint CG solves (detached views of the same storage) its detached copy.
+        Products at other tensors, e.g. the fresh aliases of a second-derivative backward, rebuild.
+        """
+        operator = self.dipoles(positions, cell, smearing)
+        self._built = ((positions, cell, smearing), operator, _coupling(operator, positions, cell))
+
+    def _operator(
+        self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor
+    ) -> tuple[DipoleOperator, Optional[_ChargeDipoleCoupling]]:
+        """The prepared operator when called at the prepared tensors themselves, else a fresh one."""
+        if self._built is not None and all(a is b for a, b in zip(self._built[0], (positions, cell, smearing))):
+            return self._built[1], self._built[2]
+        return self.dipoles(positions, cell, smearing), None
 
     def dipoles(self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> DipoleOperator:
         """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`), slabs included."""
         geometry = self.charges
-        return dipole_operator(positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab)
+        return dipole_operator(
+            positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab, method=self.method
+        )
 
     def __call__(
         self, v: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
         hardness: torch.Tensor, scale: torch.Tensor,
     ) -> torch.Tensor:
         """H v, (N, 4): charge rows eV/e, dipole rows in the scaled units; differentiable in all tensors."""
-        operator = self.dipoles(positions, cell, smearing)
-        return self._product(v, self.charges(v[:, 0], positions, cell, smearing, hardness), operator, positions, cell, scale)
+        operator, coupling = self._operator(positions, cell, smearing)
+        charge_product = self.charges(v[:, 0], positions, cell, smearing, hardness)
+        return self._product(v, charge_product, operator, positions, cell, scale, coupling)
 
     @staticmethod
     def _product(
         v: torch.Tensor, charge_product: torch.Tensor, operator: DipoleOperator, positions: torch.Tensor,
         cell: torch.Tensor, scale: torch.Tensor, coupling: Optional[_ChargeDipoleCoupling] = None,
     ) -> torch.Tensor:
-        """H v from the Coulomb product (J + K) q and the dipole tensor."""
-        coupling = _ChargeDipoleCoupling(operator, positions, cell) if coupling is None else coupling
+        """H v from the Coulomb product (J + K) q and the dipole tensor.
+
+        Mesh (PME) structures get their reciprocal G q, T p and Gᵀp from one joint mesh pass
+        (:meth:`.dipole_mesh.DipoleMesh.joint_products`); the rest from the pair and Ewald sums.
+        """
+        coupling = _coupling(operator, positions, cell) if coupling is None else coupling
+        rest = coupling.operator
         q, x = v[:, 0], v[:, 1:]
         p = scale[:, None] * x
-        charge_rows = charge_product - coupling.potential(p)
-        dipole_rows = x - scale[:, None] * (coupling.field(q) + operator.apply(p))
+        potential, field = coupling.potential(p), coupling.field(q) + rest.apply(p)
+        for mesh in operator.meshes:
+            mesh_field, mesh_potential = mesh.joint_products(q[mesh.atoms], p[mesh.atoms])
+            field = field.index_add(0, mesh.atoms, mesh_field)
+            potential = potential.index_add(0, mesh.atoms, mesh_potential)
+        charge_rows = charge_product - potential
+        dipole_rows = x - scale[:, None] * field
         return torch.cat([charge_rows[:, None], dipole_rows], dim=1)
 
     def frozen(
         self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,
         scale: torch.Tensor,
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v ↦ H v at fixed geometry: the Coulomb graph, pair tensors and k-vectors are built once."""
+        """v ↦ H v at fixed geometry: the Coulomb graph, pair tensors and k-vectors are built once.
+
+        Detached views of the prepared tensors (same storage and version) reuse the prepared operator,
+        and the forward and adjoint solves of one call share one frozen product.
+        """
+        tensors = (positions, cell, smearing, hardness, scale)
+        key = tuple(_storage_key(t) for t in tensors)
+        if self._frozen is not None and self._frozen[0] == key:
+            return self._frozen[2]
         charge_apply = self.charges.frozen(positions, cell, smearing, hardness)
-        operator = self.dipoles(positions, cell, smearing)
-        coupling = _ChargeDipoleCoupling(operator, positions, cell)
+        built = self._built
+        if built is not None and all(_storage_key(a) == _storage_key(b) for a, b in zip(built[0], (positions, cell, smearing))):
+            operator = built[1].detach()
+        else:
+            operator = self.dipoles(positions, cell, smearing)
+        coupling = _coupling(operator, positions, cell)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
 
+        self._frozen = (key, tensors, apply)  # the tensors keep their storage (the key) alive
         return apply
+
+
+def _coupling(operator: DipoleOperator, positions: torch.Tensor, cell: torch.Tensor) -> _ChargeDipoleCoupling:
+    """G of the pair and Ewald sums; the mesh structures' part is left to the joint mesh pass of ``_product``."""
+    return _ChargeDipoleCoupling(replace(operator, meshes=()) if operator.meshes else operator, positions, cell)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Identity of a tensor's values: storage, layout and in-place version (shared by its detached views)."""
+    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version, tensor.dtype, tensor.device)
 
 
 def equilibrate_charges_and_dipoles(
@@ -216,6 +301,10 @@ def equilibrate_charges_and_dipoles(
     rtol: Optional[float] = None,
     max_iter: int = 1000,
     state: Optional[EngineState] = None,
+    initial: Optional[torch.Tensor] = None,
+    preconditioner: str = "kspace",
+    statistics: Optional[SolveStatistics] = None,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q*, p*) = argmin E(q, p) subject to Σ_{i∈b} q_i = Q_b, and the energy (module docstring).
 
@@ -232,6 +321,14 @@ def equilibrate_charges_and_dipoles(
         accuracy: Ewald accuracy of the engine and of the periodic dipole tensor.
         rtol, max_iter: CG tolerance and iteration cap (:func:`solve_spd`).
         state: the run's :class:`~.state.EngineState` for the engine calls.
+        initial: (N, 4) starting guess (q, p) of the forward CG solve, e and e·Å (a warm start, e.g. the
+            last MD step's solution); None: cold start.  Changes iterations only, not the result.
+        preconditioner: ``"kspace"`` (default: the Qeq k-space preconditioner of
+            :mod:`.kspace_preconditioner` on the charge block of periodic structures, Jacobi elsewhere)
+            or ``"jacobi"`` (diagonal only).
+        statistics: records the CG iteration counts (forward, then adjoint solves).
+        method: reciprocal sums of T and G for periodic structures and slabs: ``"ewald"``, ``"pme"`` or
+            ``"auto"`` (PME from :data:`~.coulomb.PME_MIN_ATOMS` atoms per structure, as the engine).
 
     Returns:
         charges (N,) e, induced dipoles (N, 3) e·Å and energies (B,) eV,
@@ -263,7 +360,12 @@ def equilibrate_charges_and_dipoles(
         )
     n_structures = cell.shape[0]
     scale = polarizability.clamp_min(1e-30).sqrt()  # finite gradients at α = 0
-    operator = _JointOperator(pbc, batch, n_structures, accuracy, state)
+    if preconditioner not in JOINT_PRECONDITIONERS:
+        raise ValueError(f"joint equilibration preconditioner must be one of {JOINT_PRECONDITIONERS}, got {preconditioner!r}.")
+    if method not in DIPOLE_METHODS:
+        raise ValueError(f"joint equilibration method must be one of {DIPOLE_METHODS}, got {method!r}.")
+    operator = _JointOperator(pbc, batch, n_structures, accuracy, state, method)
+    operator.prepare(positions, cell, smearing)
     field = positions.new_zeros(n_structures, 3) if external_field is None else external_field.to(positions.dtype)
     atom_field = field[batch]
     rhs = torch.cat([(-electronegativity + (positions * atom_field).sum(1))[:, None], scale[:, None] * atom_field], 1)
@@ -271,9 +373,19 @@ def equilibrate_charges_and_dipoles(
     total = torch.cat([total_charge.to(positions.dtype)[:, None], positions.new_zeros(n_structures, 3)], 1)
     constrained = torch.tensor([True, False, False, False], device=positions.device)
     operators = (positions, cell, smearing, hardness, scale)
+    inverse = None
+    if preconditioner == "kspace" and bool((pbc.all(dim=1)).any()):
+        inverse = _joint_preconditioner(positions, cell, pbc, batch, diagonal.detach(), smearing)
+    start = None
+    if initial is not None:
+        if initial.shape != rhs.shape:
+            raise ValueError(f"initial must be (N, 4) charges and dipoles, got shape {tuple(initial.shape)}.")
+        start = initial.detach().to(rhs.dtype)
+        unscaled = torch.where(scale > 1e-12, 1.0 / scale, torch.zeros_like(scale)).detach()
+        start = torch.cat([start[:, :1], unscaled[:, None] * start[:, 1:]], 1)  # p -> x = p/√α
     solution = solve_spd(
         operator, rhs, operators, batch=batch, total=total, diagonal=diagonal.detach(), rtol=rtol,
-        max_iter=max_iter, constrained=constrained,
+        max_iter=max_iter, constrained=constrained, initial=start, preconditioner=inverse, statistics=statistics,
     )
     # Variational form ½ yᵀHy − bᵀy: solver errors enter the energy at second order only.
     atom_energy = (solution * (0.5 * operator(solution, *operators) - rhs)).sum(1)
