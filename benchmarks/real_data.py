@@ -17,15 +17,19 @@
 latent-lr's "auto" settings), once per ``--seeds`` seed, and prints a Markdown table
 of the test errors; for dimers also per dimer type, mean ± std over the seeds.
 
-``charge-models`` trains three long-range models with the same seed and budget,
+``charge-models`` trains long-range models with the same seed and budget,
 differing only in how the total charge enters (carbon_chain, alaumgo):
 
 * ``none``: latent charges with no total-charge input (LES);
 * ``fukui``: learned positive per-atom weights redistribute to the total charge;
-* ``qeq``: charge equilibration with learned electronegativities and hardnesses.
+* ``qeq``: charge equilibration with learned electronegativities and hardnesses;
+* ``qeq_dipoles``: charges and induced dipoles equilibrated together (issue 15's joint model);
+* ``fukui_polar``: Fukui charges plus self-consistent latent polarisabilities.
 
-It reports energy and force RMSE (overall and per total charge) and the Pearson
-r of the latent charges against Hirshfeld charges, which are never trained on.
+It reports energy and force RMSE (overall and per total charge), the Pearson
+r of the latent charges against Hirshfeld charges, which are never trained on,
+and for the models with induced dipoles their mean magnitude |p| (e·Å) on the
+test split, so one sees that the dipoles are used.
 
 ``dipeptide-seeds`` trains the short-range and long-range twins (``latent-lr
 ablate``) on a seeded subset of the dipeptide training file for several training
@@ -194,6 +198,8 @@ CHARGE_MODELS = {
     "none": {"charge_redistribution": "none"},
     "fukui": {"charge_redistribution": "learned"},
     "qeq": {"charge_model": "qeq"},
+    "qeq_dipoles": {"charge_model": "qeq_dipoles"},
+    "fukui_polar": {"charge_redistribution": "learned", "polarizability": "self_consistent"},
 }
 
 
@@ -264,6 +270,12 @@ def charge_models(
                         "F RMSE": metrics["forces_rmse_meV_per_A"],
                         "Hirshfeld r": metrics.get("charges_pearson_r", float("nan")),
                     }
+                    if "induced_dipoles" in predictions:
+                        dipoles = np.concatenate(predictions["induced_dipoles"])
+                        row["mean |p| (e·Å)"] = float(np.linalg.norm(dipoles, axis=1).mean())
+                    log = json.loads((target / "log.json").read_text())
+                    row["epochs run"] = float(len(log))
+                    row["s per epoch"] = float(np.median([epoch["seconds"] for epoch in log]))
                     for label, indices in sorted(groups.items()):
                         subset = {key: [values[i] for i in indices] for key, values in predictions.items()}
                         sub = error_metrics([frames[i] for i in indices], subset)
@@ -283,7 +295,7 @@ def charge_models(
         names = list(rows)
         print(f"\n#### {run_name} (E meV/atom, F meV/Å)\n\n| metric | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")
-        for key in rows[names[0]]:
+        for key in dict.fromkeys(key for name in names for key in rows[name]):
             cells = [f"{rows[n][key][0]:.3g} ± {rows[n][key][1]:.2g}" if key in rows[n] else "" for n in names]
             print(f"| {key} | " + " | ".join(cells) + " |")
         print(f"(mean ± std over seeds {seeds})")
@@ -402,7 +414,7 @@ def main() -> None:
     charge.add_argument("--models", nargs="+", default=list(CHARGE_MODELS), choices=list(CHARGE_MODELS))
     charge.add_argument("--epochs", type=int, default=100)
     charge.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    charge.add_argument("--options", type=json.loads, default={}, help="further long-range options (JSON) for all three")
+    charge.add_argument("--options", type=json.loads, default={}, help="further long-range options (JSON) for all models")
     seeded = commands.add_parser("dipeptide-seeds")
     seeded.add_argument("--out", type=Path, default=Path("runs/real"))
     seeded.add_argument("--backbone", default="mace")

@@ -15,7 +15,8 @@ def predict_frames(
 ) -> dict[str, list[np.ndarray]]:
     """Run the model on frames; per-frame numpy predictions."""
     model.eval()
-    keys = ["energy", "host_energy", "long_range_energy", "forces", "charges", "dipole", "polarization", "bec", "spins"]
+    per_atom = ("forces", "charges", "bec", "spins", "induced_dipoles")
+    keys = ["energy", "host_energy", "long_range_energy", "dipole", "polarization", *per_atom]
     results: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
@@ -26,7 +27,7 @@ def predict_frames(
             if key not in out:
                 continue
             value = out[key].detach().cpu().numpy()
-            if value.shape[0] == len(chunk) and key not in ("forces", "charges", "bec", "spins"):
+            if value.shape[0] == len(chunk) and key not in per_atom:
                 results[key].extend(list(value))
             else:
                 results[key].extend(np.split(value, np.cumsum(counts)[:-1]))
