@@ -16,6 +16,9 @@
 ``run`` calls ``latent-lr ablate`` with the same budget for both twins (by default
 latent-lr's "auto" settings), once per ``--seeds`` seed, and prints a Markdown table
 of the test errors; for dimers also per dimer type, mean ± std over the seeds.
+``run --twins long_range`` (or ``short_range``) trains one twin only, so the
+twins and seeds can run as separate processes; ``table`` re-reads the finished
+runs (both twins done) and prints the same tables, training nothing.
 
 ``charge-models`` trains long-range models with the same seed and budget,
 differing only in how the total charge enters (carbon_chain, alaumgo):
@@ -50,11 +53,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import ase.io
 import numpy as np
 from bench_recipe import recipes
 from dipeptide_data import dipeptide_folder
+
+if TYPE_CHECKING:
+    from latent_lr.training.dataset import LabelKeys
 
 #: Dimer types by ``dimer_id``, read from the structures' chargeA/chargeB (the shared README swaps ids 3 and 4:
 #: id 3 is two neutral molecules, a polar and an apolar one; id 4 is an anion with a neutral polar molecule).
@@ -108,35 +115,105 @@ def prepare(data: Path, out: Path) -> None:
     print(f"prepared splits under {out}: {len(train)} dimer training / {len(test)} test structures")
 
 
-def run(out: Path, backbones: list[str], sets: list[str], epochs: str, seeds: list[int], extra: list[str]) -> None:
-    """Ablate every set with every backbone and seed (a finished run is reused: delete its 'finished' file to redo it)."""
-    summary = {}
-    per_dimer: dict[str, list[dict]] = {}
+def run(
+    out: Path, backbones: list[str], sets: list[str], epochs: str, seeds: list[int], extra: list[str], twins: list[str],
+) -> None:
+    """Ablate every set with every backbone and seed (a finished run is reused: delete its 'finished' file to redo it).
+
+    With both ``twins`` one ``latent-lr ablate`` call trains them; with one (``--twins long_range``) that twin alone
+    is trained (``latent-lr train``, the same flags) into ``<run>/<twin>``, so the twins of a seed can train in
+    separate processes; ``table`` assembles the runs whose twins have both finished.
+    """
     for backbone in backbones:
         for name in sets:
             spec = SETS[name]
             for seed in seeds:
-                target = out / f"{name}-{backbone}" if seeds == [0] else out / f"{name}-{backbone}-seed{seed}"
-                command = [
-                    sys.executable, "-m", "latent_lr.cli", "ablate", "--backbone", backbone,
-                    "--train", str(out / spec["train"]), "--test", str(out / spec["test"]),
-                    "--epochs", epochs, "--seed", str(seed), "--out", str(target), "--no-progress", *spec["keys"], *extra,
+                target = run_folder(out, name, backbone, seed)
+                common = [
+                    "--backbone", backbone, "--train", str(out / spec["train"]), "--test", str(out / spec["test"]),
+                    "--epochs", epochs, "--seed", str(seed), "--no-progress", *spec["keys"], *extra,
                 ]
-                if (target / "finished").exists():
-                    print(f"reusing {target} (delete its 'finished' file to retrain)", flush=True)
-                else:
+                if sorted(twins) == sorted(TWIN_FLAGS):
+                    run_once([sys.executable, "-m", "latent_lr.cli", "ablate", *common, "--out", str(target)], target)
+                    continue
+                for twin in twins:
+                    command = [sys.executable, "-m", "latent_lr.cli", "train", *common, "--out", str(target / twin),
+                               "--long-range", TWIN_FLAGS[twin]]
+                    if (target / f"{twin}.finished").exists():
+                        print(f"reusing {target / twin} (delete {twin}.finished to retrain)", flush=True)
+                        continue
                     print("$", " ".join(command[1:]), flush=True)
                     subprocess.run(command, check=True)
-                    (target / "finished").write_text(" ".join(command[1:]))
-                results = json.loads((target / "results.json").read_text())
+                    (target / f"{twin}.finished").write_text(" ".join(command[1:]))
+    table(out, backbones, sets, seeds)
+
+
+#: ``--long-range`` value of each twin of ``latent-lr ablate``.
+TWIN_FLAGS = {"short_range": "off", "long_range": "on"}
+
+
+def run_folder(out: Path, name: str, backbone: str, seed: int) -> Path:
+    """Folder of one ablation (``<set>-<backbone>`` for seed 0 where an older run left it there)."""
+    legacy = out / f"{name}-{backbone}"
+    return legacy if seed == 0 and (legacy / "finished").exists() else out / f"{name}-{backbone}-seed{seed}"
+
+
+def twin_results(out: Path, name: str, target: Path) -> Optional[dict]:
+    """``results.json`` of ``target``, assembled (as ``latent-lr ablate`` writes it) from twins trained separately.
+
+    None while a twin has not finished.
+    """
+    if (target / "results.json").exists() and (target / "finished").exists():
+        return json.loads((target / "results.json").read_text())
+    if not all((target / f"{twin}.finished").exists() for twin in TWIN_FLAGS):
+        return None
+    from latent_lr import load
+    from latent_lr.training.dataset import read_frames
+    from latent_lr.training.metrics import error_metrics, predict_frames
+
+    frames = read_frames(out / SETS[name]["test"], test_keys(name))
+    results = {}
+    for twin in TWIN_FLAGS:
+        model = load(target / twin / "best_model.pt").double()
+        metrics = error_metrics(frames, predict_frames(model, frames))
+        log = json.loads((target / twin / "log.json").read_text())
+        results[twin] = {**metrics, "n_test_structures": len(frames), "epochs_run": len(log),
+                         "n_parameters": sum(p.numel() for p in model.parameters())}
+    (target / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def test_keys(name: str) -> "LabelKeys":
+    """Label keys of set ``name``'s test file, from its ``latent-lr`` key flags."""
+    from latent_lr.training.dataset import LabelKeys
+
+    flags = SETS[name]["keys"]
+    given = {flag[2:-4].replace("-", "_"): value for flag, value in zip(flags[::2], flags[1::2]) if flag.endswith("-key")}
+    return LabelKeys(**given)
+
+
+def table(out: Path, backbones: list[str], sets: list[str], seeds: list[int]) -> None:
+    """Print the tables of the finished runs (training nothing); a seed still training is left out and named."""
+    summary = {}
+    per_dimer: dict[str, list[dict]] = {}
+    done: dict[str, list[int]] = {}
+    for backbone in backbones:
+        for name in sets:
+            for seed in seeds:
+                target = run_folder(out, name, backbone, seed)
+                results = twin_results(out, name, target)
+                if results is None:
+                    print(f"{target}: not finished, left out", flush=True)
+                    continue
                 if name == "dimers":
                     results = _dimer_results(out, target, results)
                     per_dimer.setdefault(backbone, []).append(results)
+                    done.setdefault(backbone, []).append(seed)
                 summary[f"{name}/{backbone}/seed{seed}"] = results
     (out / f"summary-{'-'.join(sets)}-{'-'.join(backbones)}.json").write_text(json.dumps(summary, indent=2))
     print(markdown(summary))
     if per_dimer:
-        print(dimer_table(per_dimer, seeds))
+        print(dimer_table(per_dimer, done))
 
 
 def _dimer_results(out: Path, target: Path, results: dict) -> dict:
@@ -145,6 +222,8 @@ def _dimer_results(out: Path, target: Path, results: dict) -> dict:
     from latent_lr.training.dataset import LabelKeys, read_frames
     from latent_lr.training.metrics import error_metrics, predict_frames
 
+    if (target / "results_by_dimer.json").exists():
+        return json.loads((target / "results_by_dimer.json").read_text())
     keys = LabelKeys(total_charge="total_charge")
     for dimer_id, label in DIMER_LABELS.items():
         frames = read_frames(out / f"dimers/test-id{dimer_id}.xyz", keys)
@@ -164,10 +243,10 @@ def _dimer_results(out: Path, target: Path, results: dict) -> dict:
     return results
 
 
-def dimer_table(per_dimer: dict[str, list[dict]], seeds: list[int]) -> str:
-    """Markdown: test energy RMSE per dimer type, mean ± std over seeds, SR/LR ratio of the means (and per-seed range)."""
+def dimer_table(per_dimer: dict[str, list[dict]], seeds: dict[str, list[int]]) -> str:
+    """Markdown: test energy RMSE per dimer type, mean ± std over seeds, SR/LR ratio of the means (and per-seed ratios)."""
     backbones = list(per_dimer)
-    lines = [f"\n#### Dimers, test energy RMSE (meV/atom), mean ± std over seeds {seeds}; ratio = SR/LR of the means [per-seed min–max]\n"]
+    lines = [f"\n#### Dimers, test energy RMSE (meV/atom), mean ± std over seeds {seeds}; ratio = SR/LR of the means [per seed]\n"]
     lines.append("| dimer type | " + " | ".join(f"{b} SR | {b} LR | {b} SR/LR" for b in backbones) + " |")
     lines.append("|---" * (1 + 3 * len(backbones)) + "|")
     keys = [f"{label} E RMSE meV/atom" for label in DIMER_LABELS.values()] + ["energy_rmse_meV_per_atom", "forces_rmse_meV_per_A"]
@@ -179,7 +258,7 @@ def dimer_table(per_dimer: dict[str, list[dict]], seeds: list[int]) -> str:
             long = np.array([r["long_range"][key] for r in per_dimer[backbone]])
             ratios = short / long
             cells += [f"{short.mean():.3g} ± {short.std():.2g}", f"{long.mean():.3g} ± {long.std():.2g}",
-                      f"**{short.mean() / long.mean():.2g}×** [{ratios.min():.2g}–{ratios.max():.2g}]"]
+                      f"**{short.mean() / long.mean():.2g}×** [{' / '.join(f'{r:.2g}' for r in ratios)}]"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("\n| long-range twin: net latent charge on molecule B, e (mean over test dimers; mean ± std over seeds) | "
                  + " | ".join(backbones) + " |")
@@ -190,6 +269,9 @@ def dimer_table(per_dimer: dict[str, list[dict]], seeds: list[int]) -> str:
             values = np.array([r["long_range"].get(key, np.nan) for r in per_dimer[backbone]])
             cells.append(f"{values.mean():+.3f} ± {values.std():.2g}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    epochs = {b: [f"{r['short_range'].get('epochs_run', 0):.0f}/{r['long_range'].get('epochs_run', 0):.0f}" for r in per_dimer[b]]
+              for b in backbones}
+    lines.append("\nepochs run (SR/LR) per seed: " + "; ".join(f"{b} {', '.join(e)}" for b, e in epochs.items()))
     return "\n".join(lines)
 
 
@@ -407,6 +489,13 @@ def main() -> None:
     go.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     go.add_argument("--epochs", default="auto", help="epochs of each twin, or auto (latent-lr's default: chosen from the data)")
     go.add_argument("--seeds", type=int, nargs="+", default=[0], help="one ablation per seed (dimers: a table of mean ± std over seeds)")
+    go.add_argument("--twins", nargs="+", default=list(TWIN_FLAGS), choices=list(TWIN_FLAGS),
+                    help="train only these twins (one per process; `table` combines them)")
+    tab = commands.add_parser("table", help="print the tables of finished `run` folders, training nothing")
+    tab.add_argument("--out", type=Path, default=Path("runs/real"))
+    tab.add_argument("--backbones", nargs="+", default=["mace", "nequip"])
+    tab.add_argument("--sets", nargs="+", default=["dimers"], choices=list(SETS))
+    tab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     charge = commands.add_parser("charge-models")
     charge.add_argument("--out", type=Path, default=Path("runs/real"))
     charge.add_argument("--backbones", nargs="+", default=["mace"])
@@ -436,8 +525,10 @@ def main() -> None:
         dipeptide_seeds(args.out, args.backbone, args.n_train, args.n_valid, args.seeds, args.epochs, [], args.extra)
     elif args.command == "charge-models":
         charge_models(args.out, args.backbones, args.sets, args.epochs, args.models, args.seeds, args.options, args.extra)
+    elif args.command == "table":
+        table(args.out, args.backbones, args.sets, args.seeds)
     else:
-        run(args.out, args.backbones, args.sets, args.epochs, args.seeds, args.extra)
+        run(args.out, args.backbones, args.sets, args.epochs, args.seeds, args.extra, args.twins)
 
 
 if __name__ == "__main__":
