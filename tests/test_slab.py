@@ -20,14 +20,17 @@ SLAB = torch.tensor([True, True, False])
 A_VEC, B_VEC = np.array([7.0, 0.0, 0.0]), np.array([1.5, 6.5, 0.0])
 
 
-def ewald_2d(positions, charges, alpha, sigma=0.0):
-    """2D-periodic energy (eV) in the plane of A_VEC, B_VEC (the xy plane), open along z."""
+def ewald_2d_matrix(positions, alpha, sigma=0.0):
+    """(N, N) eV/e² matrix A of the 2D-periodic energy ½ qᵀAq in the plane of A_VEC, B_VEC (xy), open along z.
+
+    Gaussian self-energies excluded (point-charge limit sigma = 0); A does not depend on the charges.
+    """
     area = abs(np.cross(A_VEC, B_VEC)[2])
-    q, qq = charges, np.outer(charges, charges)
+    n = len(positions)
     d = positions[None] - positions[:, None]
     rho, z = d[..., :2], d[..., 2]
     r_cut, n_img = 8.0 / alpha, 12
-    real = 0.0
+    real = np.zeros((n, n))
     for i in range(-n_img, n_img + 1):
         for j in range(-n_img, n_img + 1):
             r = np.linalg.norm(d + i * A_VEC + j * B_VEC, axis=-1)
@@ -36,9 +39,9 @@ def ewald_2d(positions, charges, alpha, sigma=0.0):
             kernel = erfc(alpha * r) / r
             if sigma > 0:
                 kernel -= erfc(r / (np.sqrt(2) * sigma)) / r
-            real += 0.5 * np.sum(qq * np.where(r < max(r_cut, 10 * sigma), kernel, 0.0))
+            real += np.where(r < max(r_cut, 10 * sigma), kernel, 0.0)
     reciprocal_cell = 2 * np.pi * np.linalg.inv(np.array([A_VEC[:2], B_VEC[:2]])).T
-    za, reciprocal = np.abs(z), 0.0
+    za, reciprocal = np.abs(z), np.zeros((n, n))
     for i in range(-25, 26):
         for j in range(-25, 26):
             g = i * reciprocal_cell[0] + j * reciprocal_cell[1]
@@ -48,10 +51,14 @@ def ewald_2d(positions, charges, alpha, sigma=0.0):
             x = h / (2 * alpha)
             # e^{h|z|} erfc(x + α|z|) in overflow-free form, plus e^{-h|z|} erfc(x - α|z|).
             terms = np.exp(-x * x - (alpha * za) ** 2) * erfcx(x + alpha * za) + np.exp(-h * za) * erfc(x - alpha * za)
-            reciprocal += np.pi / (2 * area) * np.sum(qq * np.cos(rho @ g) / h * terms)
-    plane = -np.pi / area * np.sum(qq * (z * erf(alpha * z) + np.exp(-((alpha * z) ** 2)) / (alpha * np.sqrt(np.pi))))
-    self_energy = -alpha / np.sqrt(np.pi) * np.sum(q * q)
-    return KE * (real + reciprocal + plane + self_energy)
+            reciprocal += np.pi / area * np.cos(rho @ g) / h * terms
+    plane = -2 * np.pi / area * (z * erf(alpha * z) + np.exp(-((alpha * z) ** 2)) / (alpha * np.sqrt(np.pi)))
+    return KE * (real + reciprocal + plane - 2 * alpha / np.sqrt(np.pi) * np.eye(n))
+
+
+def ewald_2d(positions, charges, alpha, sigma=0.0):
+    """2D-periodic energy (eV) of charges (N,) e at positions (N, 3) Å (:func:`ewald_2d_matrix`)."""
+    return 0.5 * charges @ ewald_2d_matrix(positions, alpha, sigma) @ charges
 
 
 def random_slab(net_charge=0.0, n_atoms=8, seed=1):

@@ -161,6 +161,8 @@ class DipoleOperator:
     batch: Optional[torch.Tensor] = None
     #: Periodic structures whose reciprocal part is summed on a mesh (method "pme").
     meshes: tuple[DipoleMesh, ...] = ()
+    #: (B, 3, 3) Å, the cells the pair shifts refer to where they differ from the caller's (slabs: vacuum-extended).
+    pair_cell: Optional[torch.Tensor] = None
 
     def detach(self) -> "DipoleOperator":
         return DipoleOperator(
@@ -168,6 +170,7 @@ class DipoleOperator:
             None if self.slab_normals is None else self.slab_normals.detach(),
             None if self.slab_weight is None else self.slab_weight.detach(),
             self.batch, tuple(m.detach() for m in self.meshes),
+            None if self.pair_cell is None else self.pair_cell.detach(),
         )
 
     def apply(self, dipoles: torch.Tensor) -> torch.Tensor:
@@ -331,7 +334,7 @@ def _slab_operator(
     volume = torch.linalg.det(extended.cell).abs()
     weight = torch.where(slab, 4.0 * math.pi * COULOMB_CONSTANT / torch.where(slab, volume, torch.ones_like(volume)),
                          torch.zeros_like(volume))
-    return replace(operator, slab_normals=normals[batch], slab_weight=weight[batch], batch=batch)
+    return replace(operator, slab_normals=normals[batch], slab_weight=weight[batch], batch=batch, pair_cell=extended.cell)
 
 
 def _reciprocal_groups(positions, cell, batch, counts, rows, setups, alpha_structure) -> list[_ReciprocalGroup]:

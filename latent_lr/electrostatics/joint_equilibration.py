@@ -105,7 +105,8 @@ class _ChargeDipoleCoupling:
 
     def __init__(self, operator: DipoleOperator, positions: torch.Tensor, cell: torch.Tensor):
         self.operator = operator
-        vectors = operator.pairs.vectors(positions, cell)  # r_second − r_first (+ image shift)
+        pair_cell = cell if operator.pair_cell is None else operator.pair_cell  # slabs: the vacuum-extended cell
+        vectors = operator.pairs.vectors(positions, pair_cell)  # r_second − r_first (+ image shift)
         along = torch.einsum("pa,pab,pb->p", vectors, operator.tensors, vectors) / (vectors * vectors).sum(1)
         transverse = 0.5 * (torch.einsum("paa->p", operator.tensors) - along)
         self.pair_field = transverse[:, None] * vectors  # field at `first` of a unit charge at `second`
