@@ -7,7 +7,10 @@
 
 * dimers: all six dimer types, separations ≤ 9 Å for training, 9–12 Å per dimer
   type for testing.  The 30 Å boxes are treated as open boundaries (isolated
-  dimers); total charge = chargeA + chargeB.
+  dimers); total charge = chargeA + chargeB.  In id 4 (charged–polar) the files'
+  chargeA/chargeB are swapped relative to ``indexB``: the atoms from indexB on are
+  the acetate anion although chargeB = 0 (RESULTS §13.5); the total is unaffected,
+  and the per-molecule rows print the files' label.
 * dipeptides: the given train/val files (val carries dipoles and BECs; neither is
   ever used in training).
 * carbon_chain, alaumgo: 80/20 seeded random splits; total charge from
