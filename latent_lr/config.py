@@ -94,7 +94,7 @@ class LongRangeConfig:
         "starts from the last charges"
     )
     qeq_md_rtol: Optional[float] = _option(
-        None, "eval mode (MD, inference): relative CG tolerance of Qeq (None: accuracy / 10, so that the "
+        None, "eval mode (MD, inference): relative CG tolerance of Qeq and qeq_dipoles (None: accuracy / 10, so that the "
         "solver's force error stays below the engine's; training always uses the dtype default, 1e-10 in "
         "float64); forces err to first order and energies to second order in it"
     )

@@ -31,12 +31,15 @@ class QeqDipoleHead(ChargeModel):
         hidden_dim: hidden width of the χ and J MLPs (0: linear).
         element_baseline: learned per-element offsets of χ, J and α.
         polarizability_width: hidden width of the α MLP.
+        warm_start, preconditioner: as ``solver_warm_start`` and ``qeq_preconditioner``.
+        md_rtol: eval-mode CG tolerance (None: tied to the engine accuracy, as for
+            :class:`~latent_lr.qeq.QeqChargeHead`); training always solves to the dtype default.
     """
 
     def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, polarizability_width: int = 16,
-                 warm_start: bool = True, preconditioner: str = "kspace"):
+                 warm_start: bool = True, preconditioner: str = "kspace", md_rtol: Optional[float] = None):
         super().__init__()
-        self.qeq = QeqChargeHead(feature_dim, hidden_dim, element_baseline)
+        self.qeq = QeqChargeHead(feature_dim, hidden_dim, element_baseline, md_rtol=md_rtol)
         self.polarizability = PolarizabilityHead(feature_dim, polarizability_width, element_baseline)
         self.warm_start = bool(warm_start)
         # Qeq preconditioners the joint solve lacks (anything but "jacobi") use its k-space one.
@@ -45,7 +48,8 @@ class QeqDipoleHead(ChargeModel):
     @classmethod
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "QeqDipoleHead":
         return cls(feature_dim, config.hidden_dim, config.element_baseline, config.polarizability_width,
-                   warm_start=config.solver_warm_start, preconditioner=config.qeq_preconditioner)
+                   warm_start=config.solver_warm_start, preconditioner=config.qeq_preconditioner,
+                   md_rtol=config.qeq_md_rtol)
 
     def outputs(self, features: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float = 1e-6,
                 engine_state: Optional[EngineState] = None, charge_sign: Optional[torch.Tensor] = None
@@ -67,6 +71,8 @@ class QeqDipoleHead(ChargeModel):
             chi, hardness, alpha, data.positions, data.cell, data.pbc, data.batch, data.total_charge, smearing,
             data.external_field, accuracy=accuracy, state=engine_state, preconditioner=self.preconditioner,
             initial=None if solve is None else solve.initial, statistics=None if solve is None else solve.statistics,
+            # eval mode (MD, inference): the Qeq head's tolerance; the energy is variational, so errs to second order
+            rtol=None if self.training else self.qeq.eval_tolerance(accuracy, chi.dtype),
         )
         if solve is not None:
             solve.finish(torch.cat([charges[:, None], dipoles], 1).detach())

@@ -171,7 +171,7 @@ def test_infinite_hardness_is_self_consistent_polarisation_of_the_frozen_charges
 
 @pytest.fixture(scope="module")
 def joint_model():
-    return make_model(seed=11, charge_model="qeq_dipoles").eval()
+    return make_model(seed=11, charge_model="qeq_dipoles", qeq_md_rtol=1e-12).eval()  # tight: exact-physics checks
 
 
 def in_field(atoms, field):
@@ -251,7 +251,7 @@ def test_joint_model_keeps_total_charge_flips_with_the_sign_gauge_and_round_trip
     data = AtomsBatch.from_atoms(ethanol)
     out = joint_model(data, compute_forces=False)
     assert abs(out["charges"].sum().item()) < 1e-10
-    flipped = make_model(seed=11, charge_model="qeq_dipoles").eval()
+    flipped = make_model(seed=11, charge_model="qeq_dipoles", qeq_md_rtol=1e-12).eval()
     flipped.long_range.charge_sign.fill_(-1.0)
     mirrored = flipped(data, compute_forces=False)
     torch.testing.assert_close(mirrored["charges"], -out["charges"], atol=1e-10, rtol=0)

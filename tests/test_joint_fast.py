@@ -139,3 +139,32 @@ def test_pme_joint_operator_is_symmetric_positive_definite_and_the_solution_matc
     for got, want in zip(pme, ewald):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-4
         assert not torch.equal(got, want)
+
+
+@pytest.mark.parametrize("md_rtol", [None, 1e-6])
+def test_eval_mode_solves_at_the_md_tolerance_and_agrees_with_training_mode(md_rtol, monkeypatch):
+    """MD/inference use the Qeq head's eval tolerance (accuracy/10 or qeq_md_rtol); training keeps the tight default."""
+    from test_model_radial import make_model, rattled_salt
+
+    import latent_lr.qeq_dipoles as head_module
+    from latent_lr import AtomsBatch
+
+    used = []
+    solve = head_module.equilibrate_charges_and_dipoles
+
+    def recording(*args, **kwargs):
+        used.append(kwargs.get("rtol"))
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(head_module, "equilibrate_charges_and_dipoles", recording)
+    model = make_model(seed=3, charge_model="qeq_dipoles", qeq_md_rtol=md_rtol)
+    crystal = rattled_salt()
+    crystal.info["charge"] = 1.0
+    batch = AtomsBatch.from_atoms(crystal)
+    tight = model.train()(batch)
+    loose = model.eval()(batch)
+    expected = md_rtol if md_rtol is not None else 0.1 * model.long_range.config.accuracy
+    assert used == [None, expected]
+    scale = float(tight["forces"].detach().abs().max())
+    assert float((loose["forces"] - tight["forces"]).abs().max()) < 50 * expected * scale
+    assert abs(float(loose["energy"] - tight["energy"])) < 1e-6 * abs(float(tight["energy"]))
