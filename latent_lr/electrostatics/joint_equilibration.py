@@ -68,6 +68,7 @@ import torch
 
 from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
 from .dipole_tensor import catastrophe_free_polarizability
+from .induction import per_structure
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, solve_spd
 from .qeq import _Geometry, gaussian_self_hardness
@@ -112,12 +113,13 @@ class _ChargeDipoleCoupling:
         self.pair_field = transverse[:, None] * vectors  # field at `first` of a unit charge at `second`
         # Slabs: heights z_i = r_i·n̂ (0 outside slabs), for the correction's charge–dipole part.
         self.heights = None if operator.slab_normals is None else (positions * operator.slab_normals).sum(1)
+        self.n_structures = 0 if operator.batch is None else int(operator.batch.max()) + 1  # once, not per product
 
     def _slab_sums(self, values: torch.Tensor) -> torch.Tensor:
         """(N,) Σ_{j in i's structure} values_j, for values (N,)."""
         batch = self.operator.batch
         assert batch is not None
-        return values.new_zeros(int(batch.max()) + 1).index_add(0, batch, values)[batch]
+        return per_structure(values, batch, self.n_structures)[batch]
 
     def slab_field(self, charges: torch.Tensor) -> torch.Tensor:
         """(N, 3) slab-correction field −(4π k_e/V) n̂ (Σ_j q_j z_j − Q z_i) of charges (N,) e; zeros outside slabs.
