@@ -330,3 +330,41 @@ def test_md_options_are_checked_and_reach_the_cli():
     flags = _long_range_flags(parser.parse_args(["--qeq-md-rtol", "1e-5", "--solver-extrapolation", "1"]))
     config = LongRangeConfig.from_dict(flags)
     assert config.qeq_md_rtol == 1e-5 and config.solver_extrapolation == 1
+
+
+def test_single_precision_products_of_loose_solves_keep_the_float64_solution():
+    """MD-tolerance solves apply the PME mesh part in float32; the operator stays within ~1e-6 of the float64
+    engine's charge Hessian, and a Qeq solve at rtol 1e-5 matches a numpy KKT solve to that tolerance."""
+    from latent_lr.electrostatics.kspace_preconditioner import kspace_preconditioner
+    from latent_lr.electrostatics.linear_solve import SolveStatistics
+    from latent_lr.electrostatics.qeq import SINGLE_PRECISION_RTOL, coulomb_matrices, equilibrate_charges
+
+    data, chi, hardness = block_problem(100, True)  # 300 atoms: PME
+    state = EngineState()
+    v = torch.randn(len(chi), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _, gradient = engine_gradient(data, v, state)
+    single = coulomb_operator(data.positions, data.cell, data.pbc, data.batch, 1.0, 1e-4, state, torch.float32)
+    assert single is not None
+    kv = single(v)
+    assert kv.dtype == torch.float64
+    error = float((kv - gradient).norm() / gradient.norm())
+    assert 1e-9 < error < 1e-5, error  # float32 round-off is there, and small
+    sigma = torch.tensor(1.0, dtype=torch.float64)
+    inverse = kspace_preconditioner(data.positions, data.cell, data.pbc, data.batch, hardness + 11.5, sigma)
+    inverse32 = kspace_preconditioner(
+        data.positions, data.cell, data.pbc, data.batch, hardness + 11.5, sigma, precision=torch.float32
+    )
+    torch.testing.assert_close(inverse32(v), inverse(v), rtol=1e-5, atol=1e-7)
+
+    matrix = coulomb_matrices(data.positions, data.cell, data.pbc, data.batch, sigma, accuracy=1e-4)[0].numpy()
+    n = len(chi)
+    kkt = np.block([[matrix + np.diag(hardness.numpy()), np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    reference = np.linalg.solve(kkt, np.concatenate([-chi.numpy(), [0.0]]))[:n]
+    record = SolveStatistics()
+    rtol = 10 * SINGLE_PRECISION_RTOL
+    charges = equilibrate_charges(
+        chi, hardness, data.positions, data.cell, data.pbc, data.batch, data.total_charge, sigma, accuracy=1e-4,
+        solver="cg", rtol=rtol, statistics=record,
+    )
+    assert record.iterations[0] > 1
+    assert np.linalg.norm(charges.numpy() - reference) < 50 * rtol * np.linalg.norm(reference)

@@ -144,7 +144,18 @@ class _StationaryEnergy(torch.autograd.Function):
     def forward(ctx: Any, settings: _Settings, solution: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.settings = settings
         ctx.save_for_backward(solution, *inputs)
-        return settings.energy(solution, inputs)
+        needs = tuple(ctx.needs_input_grad[2:])
+        ctx.recorded = None
+        if not any(needs):
+            return settings.energy(solution, inputs)
+        # The Hellmann–Feynman graph at fixed q̄ is recorded now, so that a first-order backward (MD forces)
+        # does not evaluate the energy a second time.
+        aliases = _aliases(inputs, needs)
+        fixed = solution.detach().requires_grad_(needs[_INPUTS.index("total_charge")])
+        with torch.enable_grad():
+            energy = settings.energy(fixed, aliases)
+        ctx.recorded = (energy, aliases, fixed)
+        return energy.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
@@ -159,12 +170,18 @@ class _StationaryEnergy(torch.autograd.Function):
                 exact = torch.autograd.grad(energy, _wanted(inputs, needs), grad, create_graph=True, allow_unused=True)
             return (None, None, *_scatter(exact, needs))
         total_index = _INPUTS.index("total_charge")
-        aliases = _aliases(inputs, needs)
-        fixed = solution.detach().requires_grad_(needs[total_index])
+        if ctx.recorded is None:
+            aliases = _aliases(inputs, needs)
+            fixed = solution.detach().requires_grad_(needs[total_index])
+            with torch.enable_grad():
+                energy = settings.energy(fixed, aliases)
+        else:
+            energy, aliases, fixed = ctx.recorded
         with torch.enable_grad():
-            energy = settings.energy(fixed, aliases)
             wanted = _wanted(aliases, needs) + ([fixed] if needs[total_index] else [])
-            grads: list[Optional[torch.Tensor]] = list(torch.autograd.grad(energy, wanted, grad, allow_unused=True))
+            grads: list[Optional[torch.Tensor]] = list(
+                torch.autograd.grad(energy, wanted, grad, allow_unused=True, retain_graph=True)
+            )
         if needs[total_index]:
             # dE_b/dQ_b = −μ_b = the mean of ∂E_b/∂q_i over the structure's atoms.
             charge_gradient = grads.pop()

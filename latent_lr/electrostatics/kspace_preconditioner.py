@@ -34,7 +34,9 @@ atom, p = :data:`ORDER`) and two real FFTs on a mesh of spacing about
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -51,23 +53,36 @@ ORDER = 4
 
 @dataclass
 class _StructureMesh:
-    """The mesh of one periodic structure."""
+    """The mesh of one periodic structure: smooth_part(v) = M F Mᵀ v with M = A a^{-½}."""
 
     atoms: torch.Tensor  # (n,) rows of this structure
-    points: torch.Tensor  # (n, p³) flat mesh indices
-    weights: torch.Tensor  # (n, p³) spline weights φ_im
+    points: torch.Tensor  # (n p³,) int32 flat mesh indices, atom-major
+    weights: torch.Tensor  # (n, p³) spline weights φ_im times a_m^{-½} (0 where a = 0)
     shape: tuple[int, int, int]
-    inverse_sqrt_weight: torch.Tensor  # (K1 K2 K3,) a^{-½}, 0 where a = 0
     filter: torch.Tensor  # (K1, K2, K3 // 2 + 1) f(k)
+
+    def __post_init__(self) -> None:
+        n, terms = self.weights.shape
+        starts = torch.arange(n + 1, device=self.weights.device, dtype=torch.int32) * terms
+        size = self.shape[0] * self.shape[1] * self.shape[2]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.interpolation = torch.sparse_csr_tensor(
+                starts, self.points, self.weights.reshape(-1), (n, size), check_invariants=False
+            )
+
+    def to(self, dtype: torch.dtype) -> "_StructureMesh":
+        """This mesh with its weights and filter in ``dtype``."""
+        if dtype == self.weights.dtype:
+            return self
+        return _StructureMesh(self.atoms, self.points, self.weights.to(dtype), self.shape, self.filter.to(dtype))
 
     def smooth_part(self, values: torch.Tensor) -> torch.Tensor:
         """A a^{-½} F⁻¹ f F a^{-½} Aᵀ applied to this structure's (n,) values."""
-        size = self.inverse_sqrt_weight.shape[0]
-        grid = values.new_zeros(size).index_add_(0, self.points.reshape(-1), (self.weights * values[:, None]).reshape(-1))
-        grid = (grid * self.inverse_sqrt_weight).reshape(self.shape)
-        grid = torch.fft.irfftn(torch.fft.rfftn(grid) * self.filter, s=self.shape).reshape(-1)
-        grid = grid * self.inverse_sqrt_weight
-        return (grid[self.points] * self.weights).sum(1)
+        size = self.interpolation.shape[1]
+        grid = values.new_zeros(size).index_add_(0, self.points, (self.weights * values[:, None]).reshape(-1))
+        grid = torch.fft.irfftn(torch.fft.rfftn(grid.reshape(self.shape)) * self.filter, s=self.shape).reshape(-1)
+        return torch.mv(self.interpolation, grid)
 
 
 def kspace_preconditioner(
@@ -79,6 +94,7 @@ def kspace_preconditioner(
     smearing: torch.Tensor,
     spacing: float = MESH_SPACING,
     order: int = ORDER,
+    precision: Optional[torch.dtype] = None,
 ) -> Preconditioner:
     """``r ↦ P⁻¹ r`` (module docstring) for the Qeq operator H of a batch; built without gradients.
 
@@ -88,6 +104,7 @@ def kspace_preconditioner(
         smearing: σ, Å.
         spacing: mesh spacing, Å (> 0).
         order: B-spline order (≥ 2).
+        precision: dtype of the mesh work (None: the positions' dtype); results keep the residual's dtype.
     """
     if not spacing > 0 or order < 2:
         raise ValueError(f"the k-space preconditioner needs spacing > 0 Å and order ≥ 2, got {spacing}, {order}.")
@@ -96,7 +113,9 @@ def kspace_preconditioner(
         sigma = float(torch.as_tensor(smearing).detach())
         inverse_diagonal = 1.0 / diagonal
         meshes = [
-            _structure_mesh(positions, cell[b], torch.nonzero(batch == b).flatten(), inverse_diagonal, sigma, spacing, order)
+            _structure_mesh(
+                positions, cell[b], torch.nonzero(batch == b).flatten(), inverse_diagonal, sigma, spacing, order
+            ).to(precision or positions.dtype)
             for b in torch.nonzero(pbc.all(dim=1)).flatten().tolist()
         ]
 
@@ -106,7 +125,8 @@ def kspace_preconditioner(
         scaled = inverse_diagonal.to(residual.dtype) * residual
         result = scaled
         for mesh in meshes:
-            correction = inverse_diagonal[mesh.atoms] * mesh.smooth_part(scaled[mesh.atoms])
+            smooth = mesh.smooth_part(scaled[mesh.atoms].to(mesh.weights.dtype)).to(residual.dtype)
+            correction = inverse_diagonal[mesh.atoms] * smooth
             result = result.index_add(0, mesh.atoms, -correction)
         return result
 
@@ -142,4 +162,5 @@ def _structure_mesh(
     kernel = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * sigma**2 * safe) / safe
     gain = float(inverse.sum()) / volume * kernel
     response = torch.where(k_squared > 0, gain / (1.0 + gain), torch.zeros_like(gain))
-    return _StructureMesh(atoms, flat, product, shape, inverse_sqrt_weight, response)
+    scaled = product * inverse_sqrt_weight[flat]
+    return _StructureMesh(atoms, flat.reshape(-1).to(torch.int32), scaled, shape, response)
