@@ -32,24 +32,26 @@ class QeqDipoleHead(ChargeModel):
         element_baseline: learned per-element offsets of χ, J and α.
         polarizability_width: hidden width of the α MLP.
         warm_start, preconditioner: as ``solver_warm_start`` and ``qeq_preconditioner``.
+        extrapolation: as ``solver_extrapolation``: degree of the extrapolated MD warm start (eval mode).
         md_rtol: eval-mode CG tolerance (None: tied to the engine accuracy, as for
             :class:`~latent_lr.qeq.QeqChargeHead`); training always solves to the dtype default.
     """
 
     def __init__(self, feature_dim: int, hidden_dim: int = 32, element_baseline: bool = True, polarizability_width: int = 16,
-                 warm_start: bool = True, preconditioner: str = "kspace", md_rtol: Optional[float] = None):
+                 warm_start: bool = True, preconditioner: str = "kspace", md_rtol: Optional[float] = None,
+                 extrapolation: int = 0):
         super().__init__()
         self.qeq = QeqChargeHead(feature_dim, hidden_dim, element_baseline, md_rtol=md_rtol)
+        self.extrapolation = int(extrapolation)
         self.polarizability = PolarizabilityHead(feature_dim, polarizability_width, element_baseline)
         self.warm_start = bool(warm_start)
-        # Qeq preconditioners the joint solve lacks (anything but "jacobi") use its k-space one.
-        self.preconditioner = "jacobi" if preconditioner == "jacobi" else "kspace"
+        self.preconditioner = preconditioner  # one of JOINT_PRECONDITIONERS (the Qeq head's options)
 
     @classmethod
     def from_config(cls, feature_dim: int, config: LongRangeConfig) -> "QeqDipoleHead":
         return cls(feature_dim, config.hidden_dim, config.element_baseline, config.polarizability_width,
                    warm_start=config.solver_warm_start, preconditioner=config.qeq_preconditioner,
-                   md_rtol=config.qeq_md_rtol)
+                   md_rtol=config.qeq_md_rtol, extrapolation=config.solver_extrapolation)
 
     def outputs(self, features: torch.Tensor, data: AtomsBatch, smearing: torch.Tensor, accuracy: float = 1e-6,
                 engine_state: Optional[EngineState] = None, charge_sign: Optional[torch.Tensor] = None
@@ -65,7 +67,7 @@ class QeqDipoleHead(ChargeModel):
         alpha = self.polarizability(features, data.numbers, self_consistent_cap(smearing))
         solve = None if engine_state is None else engine_state.solutions.begin(
             "qeq_dipoles", data.numbers, data.batch, data.n_structures, data.positions.new_zeros(len(chi), 4),
-            warm=self.warm_start,
+            warm=self.warm_start, extrapolation=0 if self.training else self.extrapolation, positions=data.positions,
         )
         charges, dipoles, energy = equilibrate_charges_and_dipoles(
             chi, hardness, alpha, data.positions, data.cell, data.pbc, data.batch, data.total_charge, smearing,
@@ -73,6 +75,7 @@ class QeqDipoleHead(ChargeModel):
             initial=None if solve is None else solve.initial, statistics=None if solve is None else solve.statistics,
             # eval mode (MD, inference): the Qeq head's tolerance; the energy is variational, so errs to second order
             rtol=None if self.training else self.qeq.eval_tolerance(accuracy, chi.dtype),
+            deferred=not self.training,  # MD, inference: Hellmann–Feynman forces, no adjoint solve
         )
         if solve is not None:
             solve.finish(torch.cat([charges[:, None], dipoles], 1).detach())

@@ -80,9 +80,9 @@ def test_energy_and_forces_build_the_dipole_operator_and_the_coulomb_graph_once(
         builds["dipoles"] += 1
         return dipoles(self, *args)
 
-    def counted_frozen(self, *args):
+    def counted_frozen(self, *args, **options):
         builds["coulomb"] += 1
-        return frozen(self, *args)
+        return frozen(self, *args, **options)
 
     monkeypatch.setattr(joint._JointOperator, "dipoles", counted_dipoles)
     monkeypatch.setattr(joint._Geometry, "frozen", counted_frozen)
@@ -168,3 +168,122 @@ def test_eval_mode_solves_at_the_md_tolerance_and_agrees_with_training_mode(md_r
     scale = float(tight["forces"].detach().abs().max())
     assert float((loose["forces"] - tight["forces"]).abs().max()) < 50 * expected * scale
     assert abs(float(loose["energy"] - tight["energy"])) < 1e-6 * abs(float(tight["energy"]))
+
+
+def deferred_outputs(problem, deferred, total_charge, field, rtol=1e-12):
+    """Energy, forces, a charge–dipole vector–Jacobian product, dE/dQ, dE/dE_ext and a Hessian–vector
+    product along a fixed displacement, from one path (default or deferred)."""
+    positions, cell, pbc, batch, chi, hardness, alpha = problem
+    positions = positions.clone().requires_grad_()
+    total = total_charge.clone().requires_grad_()
+    field = field.clone().requires_grad_()
+    record = SolveStatistics()
+    options = dict(accuracy=1e-6, rtol=rtol, deferred=deferred, statistics=record)
+    charges, dipoles, energy = joint.equilibrate_charges_and_dipoles(
+        chi, hardness, alpha, positions, cell, pbc, batch, total, SIGMA, field, **options
+    )
+    first_order = torch.autograd.grad(energy.sum(), (positions, total, field), retain_graph=True)
+    if deferred and not bool(field.any()):  # Hellmann–Feynman: the forward solve only, no adjoint
+        assert len(record.iterations) == 1, record.iterations
+    gradient, total_gradient, field_gradient = torch.autograd.grad(energy.sum(), (positions, total, field), create_graph=True)
+    for exact, first in zip((gradient, total_gradient, field_gradient), first_order):
+        torch.testing.assert_close(first, exact.detach(), atol=1e-8, rtol=1e-8)
+    direction = torch.linspace(-1.0, 1.0, positions.numel(), dtype=torch.float64).reshape(positions.shape)
+    (hessian_direction,) = torch.autograd.grad((gradient * direction).sum(), positions, retain_graph=True)
+    weights = torch.linspace(0.5, 1.5, 4 * len(chi), dtype=torch.float64).reshape(-1, 4)
+    packed = torch.cat([charges[:, None], dipoles], 1)
+    (vjp,) = torch.autograd.grad((weights * packed).sum(), positions)
+    return energy.detach(), -gradient.detach(), vjp, total_gradient.detach(), field_gradient.detach(), hessian_direction
+
+
+@pytest.mark.parametrize("geometry,applied", [("periodic", 0.0), ("periodic", 1.0), ("open", 1.0)])
+def test_deferred_joint_derivatives_equal_the_exact_implicit_path_and_finite_differences(geometry, applied):
+    """MD mode (``deferred=True``): Hellmann–Feynman forces, dE/dQ from the multiplier, exact Born-charge-like
+    products and Hessians through the re-run solve, all equal to the eager implicit path; forces also
+    equal a central finite difference of the deferred energy."""
+    positions, cell, pbc, batch, chi, hardness, alpha = salt_box(1)
+    if geometry == "open":
+        pbc = torch.zeros(1, 3, dtype=torch.bool)
+    problem = (positions, cell, pbc, batch, chi, hardness, alpha)
+    total = torch.tensor([0.7], dtype=torch.float64)
+    field = applied * torch.tensor([[0.02, -0.01, 0.03]], dtype=torch.float64)
+    reference = deferred_outputs(problem, False, total, field)
+    fast = deferred_outputs(problem, True, total, field)
+    for got, want in zip(fast, reference):
+        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    step, atom = 1e-4, 3
+    energies = []
+    for sign in (1.0, -1.0):
+        moved = positions.clone()
+        moved[atom, 1] += sign * step
+        _, _, energy = joint.equilibrate_charges_and_dipoles(
+            chi, hardness, alpha, moved, cell, pbc, batch, total, SIGMA, field, accuracy=1e-6, rtol=1e-12,
+            deferred=True,
+        )
+        energies.append(float(energy.sum()))
+    finite_difference = -(energies[0] - energies[1]) / (2 * step)
+    assert abs(finite_difference - float(fast[1][atom, 1])) < 1e-6 * max(1.0, abs(finite_difference))
+
+
+def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(monkeypatch):
+    """The frozen joint product on PME cells sums charges and dipoles on one mesh (one FFT pair, the
+    Coulomb operator's mesh part left out); it must equal the product with separate meshes, and its float32
+    form (MD tolerances) must stay within single-precision round-off."""
+    from latent_lr.demo import water_like_box
+    from latent_lr.electrostatics import EngineState
+    from latent_lr.electrostatics.coulomb import PME_MIN_ATOMS
+
+    positions, _, cell = water_like_box(110, 0)
+    n = positions.shape[0]
+    assert n >= PME_MIN_ATOMS
+    positions, cell = positions.double(), cell.double()[None]
+    pbc, batch = torch.ones(1, 3, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+    rng = np.random.default_rng(0)
+    hardness = torch.as_tensor(rng.uniform(1.0, 3.0, n))
+    scale = torch.as_tensor(rng.uniform(0.1, 0.8, n) * float(catastrophe_free_polarizability(SIGMA))).sqrt()
+    v = torch.as_tensor(rng.normal(size=(n, 4)))
+
+    def product(precision=None, folded=True):
+        operator = joint._JointOperator(pbc, batch, 1, 1e-5, EngineState())
+        operator.charges.product_precision = precision
+        if not folded:
+            monkeypatch.setattr(joint._JointOperator, "_folded_meshes", lambda *args: None)
+        else:
+            assert operator._folded_meshes(operator.dipoles(positions, cell, SIGMA), cell, SIGMA) is not None
+        result = operator.frozen(positions, cell, SIGMA, hardness, scale)(v)
+        monkeypatch.undo()
+        return result
+
+    separate, one_mesh, single = product(folded=False), product(), product(torch.float32)
+    torch.testing.assert_close(one_mesh, separate, rtol=1e-10, atol=1e-10)
+    error = float((single - separate).norm() / separate.norm())
+    assert 1e-10 < error < 1e-5, error
+
+
+def test_mesh_dipole_energy_equals_the_products_and_their_position_derivative():
+    """DipoleMesh.dipole_energy (separable spreading, one energy) against the field/potential products it
+    replaces in the energy, −pᵀG_rec q − ½pᵀT_rec p = −½(pᵀF + qᵀΦ), in value and in its position gradient."""
+    from latent_lr.demo import water_like_box
+    from latent_lr.electrostatics.dipole_ewald import dipole_operator
+
+    positions, _, cell = water_like_box(110, 1)
+    n = positions.shape[0]
+    cell = cell.double()[None]
+    rng = np.random.default_rng(3)
+    q, p = torch.as_tensor(rng.normal(size=n)), torch.as_tensor(0.1 * rng.normal(size=(n, 3)))
+    results = []
+    for energy_of in ("products", "dipole_energy"):
+        x = positions.double().clone().requires_grad_()
+        operator = dipole_operator(
+            x, cell, torch.ones(1, dtype=torch.bool), torch.zeros(n, dtype=torch.long), SIGMA, 1e-5, method="pme"
+        )
+        (mesh,) = operator.meshes
+        if energy_of == "products":
+            field, potential = mesh.joint_products(q, p)
+            energy = -0.5 * ((p * field).sum() + (q * potential).sum())
+        else:
+            energy = mesh.dipole_energy(q, p)
+        (gradient,) = torch.autograd.grad(energy, x)
+        results.append((energy.detach(), gradient))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-9, atol=1e-10)

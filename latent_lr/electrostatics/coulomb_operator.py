@@ -44,7 +44,7 @@ from ..units import COULOMB_CONSTANT
 from .coulomb import PME_MIN_ATOMS
 from .kernels import screened_pair_kernel, switched_real_space_kernel
 from .mesh import _cached_influence, bspline_weights, influence_function, mesh_layout, mesh_potential, spline_points
-from .mesh_parameters import mesh_parameters
+from .mesh_parameters import MeshParameters, mesh_parameters
 from .pairs import all_pairs_within, periodic_pairs_within_cutoff
 from .state import EngineState
 from .validation import validate_structures
@@ -67,6 +67,7 @@ def coulomb_operator(
     accuracy: float,
     state: Optional[EngineState] = None,
     precision: Optional[torch.dtype] = None,
+    include_mesh: bool = True,
 ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """``v ↦ K v`` (N,) e -> (N,) eV/e for the batch, built without gradients; None where not covered.
 
@@ -76,6 +77,9 @@ def coulomb_operator(
         accuracy: the engine accuracy of the energy this operator differentiates.
         state: the engine state of that energy's calls (its kept PME meshes).
         precision: dtype of the PME mesh work (None: the positions' dtype); the product keeps v's dtype.
+        include_mesh: False leaves out the PME mesh part (pairs, self and background terms only), for a
+            caller that sums the mesh part with another density on the same mesh (the joint charge–dipole
+            product, :mod:`.joint_equilibration`); :func:`mesh_parameters_of` gives that mesh.
     """
     with torch.no_grad():
         positions, cell = positions.detach(), cell.detach()
@@ -96,7 +100,8 @@ def coulomb_operator(
         mesh_term: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if bool(periodic.any()):
             mesh_term = _periodic_terms(
-                structures, alpha_smear, smearing, accuracy, state, first, second, values, precision or positions.dtype
+                structures, alpha_smear, smearing, accuracy, state, first, second, values, precision or positions.dtype,
+                include_mesh,
             )
         matrix = None
         if first:
@@ -114,9 +119,29 @@ def coulomb_operator(
     return apply
 
 
+def mesh_parameters_of(
+    cell: torch.Tensor, periodic: torch.Tensor, counts: torch.Tensor, smearing: float, accuracy: float,
+    state: Optional[EngineState] = None,
+) -> dict[int, MeshParameters]:
+    """The PME parameters of every periodic structure (index -> parameters), as the engine's call with ``state``.
+
+    Args: cell (B, 3, 3) Å; periodic (B,) bool; counts (B,) atoms; smearing σ, Å; accuracy; state.
+    """
+    rows_list = torch.nonzero(periodic).flatten().tolist()
+    volumes = torch.linalg.det(cell[rows_list]).abs().tolist()
+    lengths = cell[rows_list].norm(dim=2).tolist()
+    counts_list = counts.tolist()
+    choose = mesh_parameters if state is None else state.mesh_parameters
+    return {
+        index: choose(counts_list[index], tuple(lengths[row]), volumes[row], accuracy, smearing)
+        for row, index in enumerate(rows_list)
+    }
+
+
 def _periodic_terms(
     structures, alpha_smear: torch.Tensor, smearing: float, accuracy: float, state: Optional[EngineState],
     first: list[torch.Tensor], second: list[torch.Tensor], values: list[torch.Tensor], precision: torch.dtype,
+    include_mesh: bool = True,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Append the real-space pairs of the PME structures; return v ↦ (mesh + self + background) part of K v.
 
@@ -126,14 +151,7 @@ def _periodic_terms(
     rows = torch.nonzero(structures.periodic).flatten()
     rows_list = rows.tolist()
     volumes = torch.linalg.det(cell[rows]).abs()
-    volumes_float = volumes.tolist()
-    lengths = cell[rows].norm(dim=2).tolist()
-    counts = structures.counts.tolist()
-    choose = mesh_parameters if state is None else state.mesh_parameters
-    parameters = {
-        index: choose(counts[index], tuple(lengths[row]), volumes_float[row], accuracy, smearing)
-        for row, index in enumerate(rows_list)
-    }
+    parameters = mesh_parameters_of(cell, structures.periodic, structures.counts, smearing, accuracy, state)
     alpha_rows, r_switch, r_cut = positions.new_tensor(
         [[parameters[i].alpha, parameters[i].r_switch, parameters[i].r_cut] for i in rows_list]
     ).reshape(-1, 3).unbind(1)
@@ -188,6 +206,10 @@ def _periodic_terms(
 
     def mesh_and_constant(v: torch.Tensor) -> torch.Tensor:
         charges = v[atoms]
+        total = charges.new_zeros(len(rows_list)).index_add(0, atom_row, charges)
+        local = self_coefficient * charges + background_coefficient[atom_row] * total[atom_row]
+        if not include_mesh:
+            return torch.zeros_like(v).index_add(0, atoms, COULOMB_CONSTANT * local)
         low = charges.to(precision)
         grid = low.new_zeros(cursor).index_add_(0, points.reshape(-1), (stencil * low[:, None]).reshape(-1))
         potentials, start = [], 0
@@ -198,8 +220,6 @@ def _periodic_terms(
             spectrum = torch.fft.rfftn(block, dim=(1, 2, 3))
             potentials.append(mesh_potential(spectrum, theta, list(shape)).reshape(-1))
         mesh = torch.mv(interpolation, potentials[0] if len(potentials) == 1 else torch.cat(potentials)).to(v.dtype)
-        total = charges.new_zeros(len(rows_list)).index_add(0, atom_row, charges)
-        local = self_coefficient * charges + background_coefficient[atom_row] * total[atom_row]
         return torch.zeros_like(v).index_add(0, atoms, COULOMB_CONSTANT * (mesh + local))
 
     return mesh_and_constant

@@ -233,6 +233,7 @@ def dipole_operator(
     accuracy: float,
     slab: Optional[torch.Tensor] = None,
     method: str = "ewald",
+    eager_mesh: bool = True,
 ) -> DipoleOperator:
     """Build T for a batch of open (direct sum), fully periodic (Ewald, tin-foil) and slab structures.
 
@@ -248,6 +249,7 @@ def dipole_operator(
         method: reciprocal sum of periodic structures: ``"ewald"``, ``"pme"``
             (:mod:`.dipole_mesh`) or ``"auto"`` (PME from
             :data:`~.coulomb.PME_MIN_ATOMS` atoms, as the engine for charges).
+        eager_mesh: build the meshes' product arrays now (:func:`.dipole_mesh.dipole_mesh` ``eager``).
     """
     if method not in DIPOLE_METHODS:
         raise ValueError(f"dipole operator method must be one of {DIPOLE_METHODS}, got {method!r}.")
@@ -303,7 +305,7 @@ def dipole_operator(
         meshes = tuple(
             dipole_mesh(
                 positions, cell[i], torch.arange(starts[i], starts[i] + int(counts[i]), device=device),
-                alpha_structure[i], params[i].mesh, params[i].order,
+                alpha_structure[i], params[i].mesh, params[i].order, eager_mesh,
             )
             for i in on_mesh
         )

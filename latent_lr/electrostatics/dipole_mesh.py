@@ -20,13 +20,21 @@ for Ewald with the PME parameters (:func:`.mesh_parameters.mesh_parameters`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from ..units import COULOMB_CONSTANT
-from .mesh import bspline_weights, influence_function, structure_spline_points
+from .mesh import (
+    _half_weights,
+    _mesh_energy,
+    bspline_weights,
+    influence_function,
+    spread_charges,
+    structure_spline_points,
+)
 
 
 @dataclass
@@ -44,14 +52,59 @@ class DipoleMesh:
 
     atoms: torch.Tensor
     points: torch.Tensor
-    gradients: torch.Tensor
+    gradients: Optional[torch.Tensor]
     shape: tuple[int, int, int]
     theta: torch.Tensor
     values: Optional[torch.Tensor] = None
+    #: The separable factors of W and ∇W: weights M_p (n, 3, p), derivatives M_p' (n, 3, p) along each mesh
+    #: axis and the map (3, 3) of Cartesian dipoles to mesh-axis ones, p̃ = p · to_mesh (ũ_a = K_a s_a).
+    splines: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def detach(self) -> "DipoleMesh":
         values = None if self.values is None else self.values.detach()
-        return replace(self, gradients=self.gradients.detach(), theta=self.theta.detach(), values=values)
+        gradients = None if self.gradients is None else self.gradients.detach()
+        splines = None if self.splines is None else tuple(t.detach() for t in self.splines)
+        return replace(
+            self, gradients=gradients, theta=self.theta.detach(), values=values,
+            splines=splines,  # type: ignore[arg-type]
+        )
+
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (n, p³), ∇W (n, p³, 3)): built from :attr:`splines` on first use when the mesh was made lazily."""
+        if self.values is None or self.gradients is None:
+            assert self.splines is not None, "a DipoleMesh needs its arrays or its separable factors"
+            self.values, self.gradients = _spline_arrays(*self.splines)
+        return self.values, self.gradients
+
+    def dipole_energy(self, charges: torch.Tensor, dipoles: torch.Tensor) -> torch.Tensor:
+        """−pᵀG_rec q − ½ pᵀT_rec p of this structure (scalar, eV): the reciprocal energy of the charge and
+        dipole density minus that of the charges alone, k_e Σ_m θ (|F(Q_q + Q_p)|² − |F(Q_q)|²).
+
+        Differentiable (any order) in positions, cell, charges (n,) e and dipoles (n, 3) e·Å, and cheaper
+        to differentiate than the products: the density is spread by the separable factors (bmm outer
+        products, as :func:`.mesh.spread_charges`), never through the (n, p³, 3) gradient array.
+        """
+        assert self.splines is not None, "build the mesh with dipole_mesh (separable factors)"
+        weights, derivatives, to_mesh = self.splines
+        n = weights.shape[0]
+        along = dipoles @ to_mesh  # (n, 3): p̃_a, the dipoles along the mesh axes
+        w0, w1, w2 = weights.unbind(1)
+        d0, d1, d2 = derivatives.unbind(1)
+        # Q_i(a, b, c) = (q w0 + p̃0 d0)_a w1_b w2_c + p̃1 w0_a d1_b w2_c + p̃2 w0_a w1_b d2_c
+        first = torch.bmm(
+            torch.stack([charges[:, None] * w0 + along[:, :1] * d0, along[:, 1:2] * w0], -1), torch.stack([w1, d1], 1)
+        )
+        second = torch.bmm((along[:, 2:] * w0)[:, :, None], w1[:, None, :])
+        density = torch.bmm(
+            torch.stack([first.reshape(n, -1), second.reshape(n, -1)], -1), torch.stack([w2, d2], 1)
+        ).reshape(-1)
+        size = self.shape[0] * self.shape[1] * self.shape[2]
+        points = self.points.reshape(-1)
+        total = density.new_zeros(size).index_add_(0, points, density).reshape(1, *self.shape)
+        charge_only = spread_charges(charges, points, weights, size).reshape(1, *self.shape)
+        half = _half_weights(self.shape[2], density.dtype, density.device)
+        theta = self.theta[None]
+        return COULOMB_CONSTANT * (_mesh_energy(total, theta, half) - _mesh_energy(charge_only, theta, half))[0]
 
     def _support_potential(self, density: torch.Tensor) -> torch.Tensor:
         """(n, p³) G = ∂(E/k_e)/∂Q at each atom's support points, of a spread mesh density (n, p³)."""
@@ -62,38 +115,55 @@ class DipoleMesh:
 
     def field(self, dipoles: torch.Tensor) -> torch.Tensor:
         """(n, 3) reciprocal field (T_rec p)_i, V/Å, of this structure's dipoles (n, 3), e·Å."""
-        potential = self._support_potential((self.gradients * dipoles[:, None, :]).sum(-1))
-        return -COULOMB_CONSTANT * (potential[..., None] * self.gradients).sum(1)
+        _, gradients = self.arrays()
+        potential = self._support_potential((gradients * dipoles[:, None, :]).sum(-1))
+        return -COULOMB_CONSTANT * (potential[..., None] * gradients).sum(1)
 
     def charge_field(self, charges: torch.Tensor) -> torch.Tensor:
         """(n, 3) reciprocal field −k_e Σ_m G(m) ∇W_i(m), V/Å, of this structure's charges (n,), e (tin-foil)."""
-        assert self.values is not None, "build the mesh with dipole_mesh (charge weights)"
-        potential = self._support_potential(self.values * charges[:, None])
-        return -COULOMB_CONSTANT * (potential[..., None] * self.gradients).sum(1)
+        values, gradients = self.arrays()
+        potential = self._support_potential(values * charges[:, None])
+        return -COULOMB_CONSTANT * (potential[..., None] * gradients).sum(1)
 
     def joint_products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(:meth:`charge_field` (charges) + :meth:`field` (dipoles), :meth:`dipole_potential` (dipoles)) in one pass:
         each density spread once, one batched FFT pair, one gradient interpolation.  (n, 3) V/Å and (n,) V."""
         size = self.shape[0] * self.shape[1] * self.shape[2]
-        assert self.values is not None, "build the mesh with dipole_mesh (charge weights)"
+        values, gradients = self.arrays()
         # bmm contractions: several times faster than broadcast-and-sum over the (n, p³, 3) gradients
-        density = torch.stack([self.values * charges[:, None], torch.bmm(self.gradients, dipoles[:, :, None])[..., 0]])
+        density = torch.stack([values * charges[:, None], torch.bmm(gradients, dipoles[:, :, None])[..., 0]])
         grids = density.new_zeros(2, size).index_add(1, self.points.reshape(-1), density.reshape(2, -1))
         spectrum = self.theta * torch.fft.rfftn(grids.reshape(2, *self.shape), dim=(1, 2, 3))
         potential = 2.0 * size * torch.fft.irfftn(spectrum, s=self.shape, dim=(1, 2, 3)).reshape(2, -1)[:, self.points]
-        field = -COULOMB_CONSTANT * torch.bmm((potential[0] + potential[1])[:, None, :], self.gradients)[:, 0]
-        return field, -COULOMB_CONSTANT * (potential[1] * self.values).sum(1)
+        field = -COULOMB_CONSTANT * torch.bmm((potential[0] + potential[1])[:, None, :], gradients)[:, 0]
+        return field, -COULOMB_CONSTANT * (potential[1] * values).sum(1)
 
     def dipole_potential(self, dipoles: torch.Tensor) -> torch.Tensor:
         """(n,) transpose of :meth:`charge_field` applied to dipoles (n, 3) e·Å: −k_e Σ_m G(m) W_j(m), V."""
-        assert self.values is not None, "build the mesh with dipole_mesh (charge weights)"
-        potential = self._support_potential((self.gradients * dipoles[:, None, :]).sum(-1))
-        return -COULOMB_CONSTANT * (potential * self.values).sum(1)
+        values, gradients = self.arrays()
+        potential = self._support_potential((gradients * dipoles[:, None, :]).sum(-1))
+        return -COULOMB_CONSTANT * (potential * values).sum(1)
+
+
+def _spline_arrays(
+    weights: torch.Tensor, derivatives: torch.Tensor, to_mesh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (n, p³), ∇W (n, p³, 3) 1/Å) from the separable factors of :attr:`DipoleMesh.splines`."""
+    n = weights.shape[0]
+    w0, w1, w2 = weights.unbind(1)
+    d0, d1, d2 = derivatives.unbind(1)
+    by_mesh_axis = torch.stack([
+        d0[:, :, None, None] * w1[:, None, :, None] * w2[:, None, None, :],
+        w0[:, :, None, None] * d1[:, None, :, None] * w2[:, None, None, :],
+        w0[:, :, None, None] * w1[:, None, :, None] * d2[:, None, None, :],
+    ], dim=-1).reshape(n, -1, 3)  # ∂W/∂u_a
+    values = (w0[:, :, None, None] * w1[:, None, :, None] * w2[:, None, None, :]).reshape(n, -1)
+    return values, by_mesh_axis @ to_mesh.T  # ∂u_a/∂r = K_a (A⁻¹)[:, a]
 
 
 def dipole_mesh(
     positions: torch.Tensor, cell: torch.Tensor, atoms: torch.Tensor, alpha: torch.Tensor,
-    shape: tuple[int, int, int], order: int,
+    shape: tuple[int, int, int], order: int, eager: bool = True,
 ) -> DipoleMesh:
     """The :class:`DipoleMesh` of one structure (differentiable in positions, cell and alpha).
 
@@ -101,9 +171,14 @@ def dipole_mesh(
         positions: (N, 3) Å; cell: (3, 3) Å; atoms: (n,) this structure's rows.
         alpha: scalar tensor, the Ewald splitting parameter, 1/Å.
         shape: mesh points along the three lattice vectors; order: B-spline order p ≥ 3.
+        eager: build the (n, p³, 3) product arrays now (with their graph); False leaves them to
+            :meth:`DipoleMesh.arrays` (e.g. a frozen MD product that builds its own, and an energy that
+            uses :meth:`DipoleMesh.dipole_energy` only).
     """
-    device, dtype = positions.device, positions.dtype
-    mesh = torch.tensor(shape, device=device)
+    if order < 3:
+        raise ValueError(f"dipole fields on a mesh need B-splines of order ≥ 3 (a derivative), got {order}.")
+    dtype = positions.dtype
+    mesh = torch.tensor(shape, device=positions.device)
     inverse = torch.linalg.inv(cell)
     flat, offset = structure_spline_points(positions[atoms], cell, shape, order)
     flat = flat.reshape(len(atoms), -1)
@@ -111,17 +186,51 @@ def dipole_mesh(
     lower = bspline_weights(offset, order - 1)  # (n, 3, p - 1): M_{p-1}(t + j)
     zero = torch.zeros_like(lower[..., :1])
     derivative = torch.cat([lower, zero], -1) - torch.cat([zero, lower], -1)  # M_p'(x) = M_{p-1}(x) - M_{p-1}(x-1)
-    w0, w1, w2 = weights[:, 0], weights[:, 1], weights[:, 2]
-    d0, d1, d2 = derivative[:, 0], derivative[:, 1], derivative[:, 2]
-    by_u = torch.stack([
-        d0[:, :, None, None] * w1[:, None, :, None] * w2[:, None, None, :],
-        w0[:, :, None, None] * d1[:, None, :, None] * w2[:, None, None, :],
-        w0[:, :, None, None] * w1[:, None, :, None] * d2[:, None, None, :],
-    ], dim=-1).reshape(len(atoms), -1, 3)  # ∂W/∂u_a
-    gradients = (by_u * mesh.to(dtype)) @ inverse.T  # ∂u_a/∂r = K_a (A⁻¹)[:, a]
-    if order < 3:
-        raise ValueError(f"dipole fields on a mesh need B-splines of order ≥ 3 (a derivative), got {order}.")
+    splines = (weights, derivative, inverse * mesh.to(dtype))
     theta = influence_function(cell[None], alpha.reshape(1), shape, order)[0]
-    values = (w0[:, :, None, None] * w1[:, None, :, None] * w2[:, None, None, :]).reshape(len(atoms), -1)
-    return DipoleMesh(atoms, flat, gradients, shape, theta, values)
+    values, gradients = _spline_arrays(*splines) if eager else (None, None)
+    return DipoleMesh(atoms, flat, gradients, shape, theta, values, splines)
 
+
+class FrozenJointMesh:
+    """The mesh part of the joint charge–dipole product at fixed geometry, one density for both kinds.
+
+    Charges and dipoles are spread into one mesh density Q = Aᵀq + Dᵀp (A the charge spline weights
+    W_i(m), D their gradients ∇W_i(m)), solved by one FFT pair, φ = 2K₁K₂K₃ irfftn(θ rfftn(Q)), and
+    interpolated twice: the potential k_e A φ (the charge–charge reciprocal term K_rec q of the Coulomb
+    operator plus the dipoles' potential −Gᵀp) and the field −k_e D φ (the charges' field G q plus the
+    dipoles' T_rec p).  Valid when the Coulomb operator's PME mesh of the structure is this mesh (same
+    α, shape and order), whose charge part the caller then leaves out
+    (:func:`.coulomb_operator.coulomb_operator` ``include_mesh=False``).  A and D are CSR matrices
+    (one sparse product each, instead of a gather and a (n, p³, 3) contraction); ``precision``
+    float32 halves the memory traffic, for loose (MD) solves.
+    """
+
+    def __init__(self, mesh: DipoleMesh, precision: torch.dtype):
+        assert mesh.splines is not None, "build the mesh with dipole_mesh (separable factors)"
+        n, terms = mesh.points.shape[0], mesh.points[0].numel()
+        device = mesh.points.device
+        self.atoms, self.shape = mesh.atoms, mesh.shape
+        self.size = mesh.shape[0] * mesh.shape[1] * mesh.shape[2]
+        self.points = mesh.points.reshape(-1).to(torch.int32)
+        with torch.no_grad():  # (n, 4, p³): W_i(m) and the three components of ∇W_i(m); one bmm spreads (q, p)
+            values, gradients = _spline_arrays(*(t.detach().to(precision) for t in mesh.splines))
+            self.weights = torch.cat([values[:, None], gradients.transpose(1, 2)], 1).contiguous()
+        self.theta = mesh.theta.detach().to(precision)
+        columns = self.points.reshape(n, 1, terms).expand(n, 4, terms).reshape(-1)
+        starts = torch.arange(4 * n + 1, device=device, dtype=torch.int32) * terms
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.interpolation = torch.sparse_csr_tensor(  # rows (i, c): c = 0 the potential, 1-3 the gradient
+                starts, columns, self.weights.reshape(-1), (4 * n, self.size), check_invariants=False
+            )
+
+    def products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(field (n, 3) V/Å, potential (n,) V) of this structure's charges (n,) e and dipoles (n, 3) e·Å."""
+        sources = torch.cat([charges[:, None], dipoles], 1).to(self.weights.dtype)
+        density = torch.bmm(sources[:, None, :], self.weights)  # (n, 1, p³)
+        grid = density.new_zeros(self.size).index_add_(0, self.points, density.reshape(-1))
+        spectrum = torch.fft.rfftn(grid.reshape(self.shape))
+        potential = torch.fft.irfftn(self.theta * spectrum, s=self.shape).reshape(-1) * (2.0 * self.size)
+        at_atoms = (COULOMB_CONSTANT * torch.mv(self.interpolation, potential)).reshape(-1, 4).to(charges.dtype)
+        return -at_atoms[:, 1:], at_atoms[:, 0]

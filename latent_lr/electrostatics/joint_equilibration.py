@@ -61,30 +61,40 @@ is symmetric positive semi-definite.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Callable, Optional
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
+from .block_preconditioner import near_field_preconditioner
+from .coulomb_operator import mesh_parameters_of
 from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
+from .dipole_mesh import FrozenJointMesh
 from .dipole_tensor import catastrophe_free_polarizability
 from .induction import per_structure
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, solve_spd
-from .qeq import _Geometry, gaussian_self_hardness
+from .mesh_parameters import MeshParameters
+from .qeq import SINGLE_PRECISION_RTOL, _Geometry, gaussian_self_hardness
 from .state import EngineState
 
 #: Accepted ``preconditioner`` values of :func:`equilibrate_charges_and_dipoles`.
-JOINT_PRECONDITIONERS = ("kspace", "jacobi")
+JOINT_PRECONDITIONERS = ("kspace", "jacobi", "blocks")
 
 
 def _joint_preconditioner(
     positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor, diagonal: torch.Tensor,
-    smearing: torch.Tensor,
+    smearing: torch.Tensor, precision: Optional[torch.dtype] = None, blocks: bool = False,
 ) -> Preconditioner:
-    """Block-diagonal P⁻¹ of the (N, 4) unknowns: the Qeq k-space preconditioner on the charge column,
-    Jacobi on the scaled dipoles (diagonal (N, 4) of H).  SPD, as both blocks are."""
-    charge_inverse = kspace_preconditioner(positions, cell, pbc, batch, diagonal[:, 0], smearing)
+    """Block-diagonal P⁻¹ of the (N, 4) unknowns: the Qeq k-space preconditioner on the charge column (with
+    ``blocks``, wrapped in the near-field blocks of :mod:`.block_preconditioner`), Jacobi on the scaled
+    dipoles (diagonal (N, 4) of H).  SPD, as both blocks are."""
+    charge_inverse = kspace_preconditioner(positions, cell, pbc, batch, diagonal[:, 0], smearing, precision=precision)
+    if blocks:
+        charge_inverse = near_field_preconditioner(
+            positions, cell, pbc, batch, diagonal[:, 0], float(smearing.detach()), charge_inverse
+        ) or charge_inverse
     dipole_diagonal = diagonal[:, 1:]
 
     def apply(residual: torch.Tensor) -> torch.Tensor:
@@ -190,6 +200,9 @@ class _JointOperator:
     ):
         self.charges = _Geometry(pbc, batch, n_structures, accuracy, state)
         self.method = method  # reciprocal sums of T and G (:data:`.dipole_ewald.DIPOLE_METHODS`)
+        # False: the meshes' (n, p³, 3) arrays are built on first use only (deferred MD solves never need
+        # them with a graph: the frozen product builds its own, the energy uses the separable factors).
+        self.eager_mesh = True
         self.periodic = pbc.all(dim=1)
         self.slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
         # Issue 15 (reuse): the operator of one call, built once (see :meth:`prepare`).
@@ -218,8 +231,27 @@ class _JointOperator:
         """The dipole field tensor T of the batch (:class:`.dipole_ewald.DipoleOperator`), slabs included."""
         geometry = self.charges
         return dipole_operator(
-            positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab, method=self.method
+            positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab, method=self.method,
+            eager_mesh=self.eager_mesh,
         )
+
+    def _folded_meshes(
+        self, operator: DipoleOperator, cell: torch.Tensor, smearing: torch.Tensor
+    ) -> Optional[list[FrozenJointMesh]]:
+        """One-density meshes (:class:`.dipole_mesh.FrozenJointMesh`) when every periodic structure's Coulomb
+        mesh is its dipole mesh (the usual case: both follow the engine's parameter choice); else None."""
+        geometry = self.charges
+        if not operator.meshes or len(operator.meshes) != int(self.periodic.sum()):
+            return None
+        sigma = float(smearing.detach())
+        counts = torch.bincount(geometry.batch, minlength=geometry.n_structures)
+        kept = mesh_parameters_of(cell.detach(), self.periodic, counts, sigma, geometry.accuracy, geometry.state)
+        fresh = mesh_parameters_of(cell.detach(), self.periodic, counts, sigma, geometry.accuracy)
+        alpha_smear = 1.0 / (math.sqrt(2.0) * sigma)
+        if not all(_same_mesh(kept[i], fresh[i], alpha_smear) for i in kept):
+            return None
+        precision = geometry.product_precision or cell.dtype
+        return [FrozenJointMesh(mesh, precision) for mesh in operator.meshes]
 
     def __call__(
         self, v: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
@@ -229,6 +261,32 @@ class _JointOperator:
         operator, coupling = self._operator(positions, cell, smearing)
         charge_product = self.charges(v[:, 0], positions, cell, smearing, hardness)
         return self._product(v, charge_product, operator, positions, cell, scale, coupling)
+
+    def half_quadratic(
+        self, y: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
+        hardness: torch.Tensor, scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """½ yᵀHy per structure (B,), eV, differentiable in all tensors, without forming H y:
+
+            ½ yᵀHy = ½ Σ (J + k_e√(2/π)/σ) q² + E_coul(q) − ½ (pᵀF + qᵀΦ) + ½ |x|²,
+
+        F = G q + T p the field and Φ = Gᵀp the dipoles' potential at the atoms (p = √α x), their mesh part
+        as one reciprocal energy (:meth:`.dipole_mesh.DipoleMesh.dipole_energy`).  E_coul is one engine
+        energy, so its derivatives need no differentiation through ∂E_coul/∂q (H y would).
+        """
+        operator, coupling = self._operator(positions, cell, smearing)
+        coupling = _coupling(operator, positions, cell) if coupling is None else coupling
+        q, x = y[:, 0], y[:, 1:]
+        p = scale[:, None] * x
+        potential, field = coupling.potential(p), coupling.field(q) + coupling.operator.apply(p)
+        diagonal = hardness + gaussian_self_hardness(smearing)
+        atom = 0.5 * diagonal * q**2 - 0.5 * ((p * field).sum(1) + q * potential) + 0.5 * (x * x).sum(1)
+        geometry = self.charges
+        per_structure_energy = positions.new_zeros(geometry.n_structures).index_add(0, geometry.batch, atom)
+        for mesh in operator.meshes:  # −pᵀG_rec q − ½pᵀT_rec p of the mesh structures
+            mesh_energy = mesh.dipole_energy(q[mesh.atoms], p[mesh.atoms])
+            per_structure_energy = per_structure_energy.index_add(0, geometry.batch[mesh.atoms[:1]], mesh_energy[None])
+        return per_structure_energy + geometry.coulomb(positions, q, cell, smearing)
 
     @staticmethod
     def _product(
@@ -266,19 +324,44 @@ class _JointOperator:
         key = tuple(_storage_key(t) for t in tensors)
         if self._frozen is not None and self._frozen[0] == key:
             return self._frozen[2]
-        charge_apply = self.charges.frozen(positions, cell, smearing, hardness)
         built = self._built
         if built is not None and all(_storage_key(a) == _storage_key(b) for a, b in zip(built[0], (positions, cell, smearing))):
             operator = built[1].detach()
         else:
             operator = self.dipoles(positions, cell, smearing)
         coupling = _coupling(operator, positions, cell)
+        folded = self._folded_meshes(operator, cell, smearing)
+        charge_apply = self.charges.frozen(positions, cell, smearing, hardness, include_mesh=folded is None)
+        if folded is not None and charge_apply is None:  # no explicit Coulomb operator: the unfolded product
+            folded, charge_apply = None, self.charges.frozen(positions, cell, smearing, hardness)
+        if folded is None:
 
-        def apply(v: torch.Tensor) -> torch.Tensor:
-            return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
+            def apply(v: torch.Tensor) -> torch.Tensor:
+                assert charge_apply is not None
+                return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
+        else:
+            meshes, outside = folded, charge_apply
+
+            def apply(v: torch.Tensor) -> torch.Tensor:
+                assert outside is not None
+                q, x = v[:, 0], v[:, 1:]
+                p = scale[:, None] * x
+                charge_rows = outside(q) - coupling.potential(p)
+                field = coupling.field(q) + coupling.operator.apply(p)
+                for mesh in meshes:
+                    mesh_field, mesh_potential = mesh.products(q[mesh.atoms], p[mesh.atoms])
+                    field = field.index_add(0, mesh.atoms, mesh_field)
+                    charge_rows = charge_rows.index_add(0, mesh.atoms, mesh_potential)
+                return torch.cat([charge_rows[:, None], x - scale[:, None] * field], dim=1)
 
         self._frozen = (key, tensors, apply)  # the tensors keep their storage (the key) alive
         return apply
+
+
+def _same_mesh(first: MeshParameters, second: MeshParameters, alpha_smear: float) -> bool:
+    """Whether two PME parameter sets give one mesh sum (α at the smearing cap where r_cut = 0)."""
+    alphas = [alpha_smear if p.r_cut == 0.0 else p.alpha for p in (first, second)]
+    return first.mesh == second.mesh and first.order == second.order and math.isclose(*alphas, rel_tol=1e-12)
 
 
 def _coupling(operator: DipoleOperator, positions: torch.Tensor, cell: torch.Tensor) -> _ChargeDipoleCoupling:
@@ -308,6 +391,7 @@ def equilibrate_charges_and_dipoles(
     preconditioner: str = "kspace",
     statistics: Optional[SolveStatistics] = None,
     method: str = "auto",
+    deferred: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q*, p*) = argmin E(q, p) subject to Σ_{i∈b} q_i = Q_b, and the energy (module docstring).
 
@@ -327,11 +411,16 @@ def equilibrate_charges_and_dipoles(
         initial: (N, 4) starting guess (q, p) of the forward CG solve, e and e·Å (a warm start, e.g. the
             last MD step's solution); None: cold start.  Changes iterations only, not the result.
         preconditioner: ``"kspace"`` (default: the Qeq k-space preconditioner of
-            :mod:`.kspace_preconditioner` on the charge block of periodic structures, Jacobi elsewhere)
-            or ``"jacobi"`` (diagonal only).
+            :mod:`.kspace_preconditioner` on the charge block of periodic structures, Jacobi elsewhere),
+            ``"blocks"`` (that within the near-field blocks of :mod:`.block_preconditioner`, as the Qeq
+            default) or ``"jacobi"`` (diagonal only).
         statistics: records the CG iteration counts (forward, then adjoint solves).
         method: reciprocal sums of T and G for periodic structures and slabs: ``"ewald"``, ``"pme"`` or
             ``"auto"`` (PME from :data:`~.coulomb.PME_MIN_ATOMS` atoms per structure, as the engine).
+        deferred: MD and inference: solve without a graph and differentiate the energy by
+            Hellmann–Feynman (no adjoint solve for forces); charge and dipole derivatives, and second
+            derivatives, are computed exactly when a backward pass asks for them (:class:`_DeferredJoint`).
+            Results equal the default path's to the CG tolerance.
 
     Returns:
         charges (N,) e, induced dipoles (N, 3) e·Å and energies (B,) eV,
@@ -361,38 +450,181 @@ def equilibrate_charges_and_dipoles(
             f"structures; got pbc = {pbc[partial][0].tolist()}. Put the open direction third (a slab) or make the "
             "structure open or fully periodic."
         )
-    n_structures = cell.shape[0]
-    scale = polarizability.clamp_min(1e-30).sqrt()  # finite gradients at α = 0
     if preconditioner not in JOINT_PRECONDITIONERS:
         raise ValueError(f"joint equilibration preconditioner must be one of {JOINT_PRECONDITIONERS}, got {preconditioner!r}.")
     if method not in DIPOLE_METHODS:
         raise ValueError(f"joint equilibration method must be one of {DIPOLE_METHODS}, got {method!r}.")
-    operator = _JointOperator(pbc, batch, n_structures, accuracy, state, method)
-    operator.prepare(positions, cell, smearing)
-    field = positions.new_zeros(n_structures, 3) if external_field is None else external_field.to(positions.dtype)
-    atom_field = field[batch]
-    rhs = torch.cat([(-electronegativity + (positions * atom_field).sum(1))[:, None], scale[:, None] * atom_field], 1)
-    diagonal = torch.cat([(hardness + gaussian_self_hardness(smearing))[:, None], torch.ones_like(atom_field)], 1)
-    total = torch.cat([total_charge.to(positions.dtype)[:, None], positions.new_zeros(n_structures, 3)], 1)
-    constrained = torch.tensor([True, False, False, False], device=positions.device)
-    operators = (positions, cell, smearing, hardness, scale)
-    inverse = None
-    if preconditioner == "kspace" and bool((pbc.all(dim=1)).any()):
-        inverse = _joint_preconditioner(positions, cell, pbc, batch, diagonal.detach(), smearing)
-    start = None
-    if initial is not None:
-        if initial.shape != rhs.shape:
-            raise ValueError(f"initial must be (N, 4) charges and dipoles, got shape {tuple(initial.shape)}.")
-        start = initial.detach().to(rhs.dtype)
-        unscaled = torch.where(scale > 1e-12, 1.0 / scale, torch.zeros_like(scale)).detach()
-        start = torch.cat([start[:, :1], unscaled[:, None] * start[:, 1:]], 1)  # p -> x = p/√α
-    solution = solve_spd(
-        operator, rhs, operators, batch=batch, total=total, diagonal=diagonal.detach(), rtol=rtol,
-        max_iter=max_iter, constrained=constrained, initial=start, preconditioner=inverse, statistics=statistics,
-    )
-    # Variational form ½ yᵀHy − bᵀy: solver errors enter the energy at second order only.
-    atom_energy = (solution * (0.5 * operator(solution, *operators) - rhs)).sum(1)
-    charges = solution[:, 0]
-    atom_energy = atom_energy + charges * (positions * atom_field).sum(1)
-    energy = positions.new_zeros(n_structures).index_add(0, batch, atom_energy)
-    return charges, scale[:, None] * solution[:, 1:], energy
+    if initial is not None and initial.shape != (positions.shape[0], 4):
+        raise ValueError(f"initial must be (N, 4) charges and dipoles, got shape {tuple(initial.shape)}.")
+    field = positions.new_zeros(cell.shape[0], 3) if external_field is None else external_field.to(positions.dtype)
+    settings = _JointSettings(pbc, batch, accuracy, rtol, max_iter, state, preconditioner, statistics, method)
+    inputs = (electronegativity, hardness, polarizability, positions, cell, smearing, total_charge, field)
+    if deferred:
+        packed, energy = _DeferredJoint.apply(settings, None if initial is None else initial.detach(), *inputs)
+        # The charges' field term is not stationary in q: added here, it differentiates through the charges.
+        field_term = packed[:, 0] * (positions * field[batch]).sum(1)
+        return packed[:, 0], packed[:, 1:], energy + energy.new_zeros(energy.shape).index_add(0, batch, field_term)
+    problem = settings.problem(inputs)
+    solution = settings.solve(problem, inputs, initial)
+    charges, dipoles, energy = settings.energy(problem, solution, inputs)
+    return charges, dipoles, energy
+
+
+class _Problem:
+    """The scaled KKT system of one call: operator, right-hand side and the tensors H depends on."""
+
+    def __init__(self, settings: "_JointSettings", inputs: tuple[torch.Tensor, ...], eager_mesh: bool = True):
+        chi, hardness, alpha, positions, cell, smearing, total_charge, field = inputs
+        n_structures = cell.shape[0]
+        self.scale = alpha.clamp_min(1e-30).sqrt()  # finite gradients at α = 0
+        self.operator = _JointOperator(settings.pbc, settings.batch, n_structures, settings.accuracy, settings.state,
+                                       settings.method)
+        single = positions.dtype == torch.float64 and settings.rtol is not None and settings.rtol >= SINGLE_PRECISION_RTOL
+        self.operator.charges.product_precision = torch.float32 if single else None
+        self.operator.eager_mesh = eager_mesh
+        self.operator.prepare(positions, cell, smearing)
+        self.atom_field = field[settings.batch]
+        self.rhs = torch.cat(
+            [(-chi + (positions * self.atom_field).sum(1))[:, None], self.scale[:, None] * self.atom_field], 1
+        )
+        self.diagonal = torch.cat(
+            [(hardness + gaussian_self_hardness(smearing))[:, None], torch.ones_like(self.atom_field)], 1
+        )
+        self.total = torch.cat([total_charge.to(positions.dtype)[:, None], positions.new_zeros(n_structures, 3)], 1)
+        self.operators = (positions, cell, smearing, hardness, self.scale)
+
+
+@dataclass(frozen=True)
+class _JointSettings:
+    """The non-tensor arguments of one joint solve."""
+
+    pbc: torch.Tensor
+    batch: torch.Tensor
+    accuracy: float
+    rtol: Optional[float]
+    max_iter: int
+    state: Optional[EngineState]
+    preconditioner: str
+    statistics: Optional[SolveStatistics]
+    method: str
+
+    def problem(self, inputs: tuple[torch.Tensor, ...], eager_mesh: bool = True) -> _Problem:
+        return _Problem(self, inputs, eager_mesh)
+
+    def solve(self, problem: _Problem, inputs: tuple[torch.Tensor, ...], initial: Optional[torch.Tensor]) -> torch.Tensor:
+        """The scaled solution y = (q, p/√α), (N, 4), with implicit derivatives where the inputs carry gradients."""
+        positions, cell, smearing = inputs[3], inputs[4], inputs[5]
+        inverse = None
+        if self.preconditioner in ("kspace", "blocks") and bool((self.pbc.all(dim=1)).any()):
+            inverse = _joint_preconditioner(
+                positions, cell, self.pbc, self.batch, problem.diagonal.detach(), smearing,
+                problem.operator.charges.product_precision, blocks=self.preconditioner == "blocks",
+            )
+        start = None
+        if initial is not None:
+            start = initial.detach().to(problem.rhs.dtype)
+            scale = problem.scale.detach()
+            unscaled = torch.where(scale > 1e-12, 1.0 / scale, torch.zeros_like(scale))
+            start = torch.cat([start[:, :1], unscaled[:, None] * start[:, 1:]], 1)  # p -> x = p/√α
+        constrained = torch.tensor([True, False, False, False], device=positions.device)
+        return solve_spd(
+            problem.operator, problem.rhs, problem.operators, batch=self.batch, total=problem.total,
+            diagonal=problem.diagonal.detach(), rtol=self.rtol, max_iter=self.max_iter, constrained=constrained,
+            initial=start, preconditioner=inverse, statistics=self.statistics,
+        )
+
+    def energy(
+        self, problem: _Problem, solution: torch.Tensor, inputs: tuple[torch.Tensor, ...], stationary: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(charges (N,), dipoles (N, 3), energy (B,)) of the scaled solution: the module docstring's energy,
+        or with ``stationary`` the minimised E(q*, p*) itself (the charges' field term not added back)."""
+        positions = inputs[3]
+        # Variational form ½ yᵀHy − bᵀy: solver errors enter the energy at second order only.
+        atom_energy = -(solution * problem.rhs).sum(1)
+        charges = solution[:, 0]
+        if not stationary:
+            atom_energy = atom_energy + charges * (positions * problem.atom_field).sum(1)
+        energy = problem.operator.half_quadratic(solution, *problem.operators).index_add(0, self.batch, atom_energy)
+        return charges, problem.scale[:, None] * solution[:, 1:], energy
+
+
+class _DeferredJoint(torch.autograd.Function):
+    """(q, p) packed (N, 4) and the minimised E(q*, p*) (B,), derivatives deferred to the backward pass.
+
+    Forward: one CG solve without a graph and E at the fixed solution y with the graph of H(θ) only.
+    Because E is stationary in y on the constraint set, a first-order backward of E alone (forces) is
+    the Hellmann–Feynman derivative ∂E/∂θ at fixed y plus −μ dQ/dθ (μ the multiplier): no residual
+    product, no adjoint solve.  A backward that builds a graph (Hessians) or that reaches the charges or
+    dipoles (Born charges, dipole losses) re-runs the exact implicit path from y (0 CG iterations).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, settings: _JointSettings, initial: Optional[torch.Tensor], *inputs: torch.Tensor):
+        ctx.settings = settings
+        ctx.set_materialize_grads(False)
+        needs = tuple(ctx.needs_input_grad[2:])
+        aliases = tuple(t.detach().requires_grad_(need) for t, need in zip(inputs, needs))
+        total_index = _JOINT_INPUTS.index("total_charge")
+        with torch.enable_grad():
+            problem = settings.problem(aliases, eager_mesh=False)
+        with torch.no_grad():
+            solution = settings.solve(problem, tuple(t.detach() for t in aliases), initial)
+        fixed = solution.detach().clone().requires_grad_(needs[total_index])
+        with torch.enable_grad() if any(needs) else torch.no_grad():
+            charges, dipoles, energy = settings.energy(problem, fixed, aliases, stationary=True)
+        ctx.recorded = (energy, aliases, fixed) if any(needs) else None
+        packed = torch.cat([charges[:, None], dipoles], 1).detach()
+        ctx.save_for_backward(packed, *inputs)
+        return packed, energy.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_solution: Optional[torch.Tensor], grad_energy: Optional[torch.Tensor]):
+        settings: _JointSettings = ctx.settings
+        solution, *saved = ctx.saved_tensors
+        inputs, needs = tuple(saved), tuple(ctx.needs_input_grad[2:])
+        none: tuple[None, ...] = (None, None)
+        if not any(needs):
+            return (*none, *([None] * len(inputs)))
+        create = torch.is_grad_enabled()
+        charges_needed = grad_solution is not None and (grad_solution.requires_grad or bool(grad_solution.any()))
+        if create or charges_needed or ctx.recorded is None:
+            if not create:  # a graph of its own: the caller's graph is not traversed (or freed) here
+                inputs = tuple(t.detach().requires_grad_(need) for t, need in zip(inputs, needs))
+            with torch.enable_grad():
+                problem = settings.problem(inputs)
+                exact = settings.solve(problem, inputs, solution)  # from the forward's (q, p): 0 CG iterations
+                charges, dipoles, energy = settings.energy(problem, exact, inputs, stationary=True)
+                outputs, grads_out = [], []
+                if grad_energy is not None:
+                    outputs.append(energy)
+                    grads_out.append(grad_energy)
+                if grad_solution is not None:
+                    outputs.append(torch.cat([charges[:, None], dipoles], 1))
+                    grads_out.append(grad_solution)
+                wanted = [t for t, need in zip(inputs, needs) if need]
+                grads = torch.autograd.grad(outputs, wanted, grads_out, create_graph=create, allow_unused=True)
+            found = iter(grads)
+            return (*none, *[next(found) if need else None for need in needs])
+        energy, aliases, fixed = ctx.recorded
+        if grad_energy is None:
+            return (*none, *([None] * len(inputs)))
+        total_index = _JOINT_INPUTS.index("total_charge")
+        wanted = [t for t, need in zip(aliases, needs) if need] + ([fixed] if needs[total_index] else [])
+        with torch.enable_grad():
+            found_grads = list(torch.autograd.grad(energy, wanted, grad_energy, allow_unused=True, retain_graph=True))
+        by_input = [found_grads.pop(0) if need else None for need in needs]
+        if needs[total_index]:
+            # dE_b/dQ_b = −μ_b = the mean of ∂E_b/∂q_i over the structure's atoms.
+            charge_gradient = found_grads.pop()
+            assert charge_gradient is not None, "the energy depends on the charges"
+            total = inputs[total_index]
+            counts = torch.bincount(settings.batch, minlength=total.shape[0]).to(total.dtype)
+            per_structure_gradient = torch.zeros_like(total).index_add(0, settings.batch, charge_gradient[:, 0]) / counts
+            direct = by_input[total_index]
+            by_input[total_index] = per_structure_gradient if direct is None else direct + per_structure_gradient
+        return (*none, *by_input)
+
+
+#: The differentiable inputs of :class:`_DeferredJoint`, in order.
+_JOINT_INPUTS = ("electronegativity", "hardness", "polarizability", "positions", "cell", "smearing", "total_charge",
+                 "external_field")

@@ -114,8 +114,9 @@ class _Geometry:
         return product + (hardness + gaussian_self_hardness(smearing)) * v
 
     def frozen(
-        self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,
+        include_mesh: bool = True,
+    ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """v ↦ H v at fixed geometry, without gradients.
 
         The explicit operator of :mod:`.coulomb_operator` where it covers the
@@ -124,13 +125,16 @@ class _Geometry:
         engine call, then one backward per product: E_coul is quadratic in q,
         so g = ∂E_coul/∂q at q₀ = 1 is K q₀ and the vector-Jacobian product of
         g with v is Kᵀv = K v; the graph of g is built once and reused by every
-        CG iteration.
+        CG iteration.  ``include_mesh=False`` (explicit operator only) leaves out its PME mesh part, for
+        the joint product that sums it with the dipoles' density; returns None where that is not available.
         """
         diagonal = hardness + gaussian_self_hardness(smearing)
         explicit = coulomb_operator(
             positions, cell, self.pbc, self.batch, float(smearing.detach()), self.accuracy, self.state,
-            self.product_precision,
+            self.product_precision, include_mesh,
         )
+        if explicit is None and not include_mesh:
+            return None
         if explicit is not None:
             return lambda v: diagonal * v + explicit(v)
         reference = torch.ones_like(hardness).requires_grad_()
