@@ -163,6 +163,8 @@ class DipoleOperator:
     meshes: tuple[DipoleMesh, ...] = ()
     #: (B, 3, 3) Å, the cells the pair shifts refer to where they differ from the caller's (slabs: vacuum-extended).
     pair_cell: Optional[torch.Tensor] = None
+    #: B, the number of structures of ``batch`` (known when the operator is built: no host sync per product).
+    n_structures: int = 0
 
     def detach(self) -> "DipoleOperator":
         return DipoleOperator(
@@ -170,7 +172,7 @@ class DipoleOperator:
             None if self.slab_normals is None else self.slab_normals.detach(),
             None if self.slab_weight is None else self.slab_weight.detach(),
             self.batch, tuple(m.detach() for m in self.meshes),
-            None if self.pair_cell is None else self.pair_cell.detach(),
+            None if self.pair_cell is None else self.pair_cell.detach(), self.n_structures,
         )
 
     def apply(self, dipoles: torch.Tensor) -> torch.Tensor:
@@ -178,7 +180,7 @@ class DipoleOperator:
         field = dipole_field(dipoles, self.pairs, self.tensors) + self.self_coefficient[:, None] * dipoles
         if self.slab_normals is not None and self.slab_weight is not None and self.batch is not None:
             along = (dipoles * self.slab_normals).sum(1)
-            moment = along.new_zeros(int(self.batch.max()) + 1).index_add(0, self.batch, along)  # M_z per structure
+            moment = along.new_zeros(self.n_structures).index_add(0, self.batch, along)  # M_z per structure
             field = field - (self.slab_weight * moment[self.batch])[:, None] * self.slab_normals
         for mesh in self.meshes:
             field = field.index_add(0, mesh.atoms, mesh.field(dipoles[mesh.atoms]))
@@ -336,7 +338,10 @@ def _slab_operator(
     volume = torch.linalg.det(extended.cell).abs()
     weight = torch.where(slab, 4.0 * math.pi * COULOMB_CONSTANT / torch.where(slab, volume, torch.ones_like(volume)),
                          torch.zeros_like(volume))
-    return replace(operator, slab_normals=normals[batch], slab_weight=weight[batch], batch=batch, pair_cell=extended.cell)
+    return replace(
+        operator, slab_normals=normals[batch], slab_weight=weight[batch], batch=batch, pair_cell=extended.cell,
+        n_structures=n_structures,
+    )
 
 
 def _reciprocal_groups(positions, cell, batch, counts, rows, setups, alpha_structure) -> list[_ReciprocalGroup]:

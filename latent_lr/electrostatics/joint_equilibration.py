@@ -123,7 +123,7 @@ class _ChargeDipoleCoupling:
         self.pair_field = transverse[:, None] * vectors  # field at `first` of a unit charge at `second`
         # Slabs: heights z_i = r_i·n̂ (0 outside slabs), for the correction's charge–dipole part.
         self.heights = None if operator.slab_normals is None else (positions * operator.slab_normals).sum(1)
-        self.n_structures = 0 if operator.batch is None else int(operator.batch.max()) + 1  # once, not per product
+        self.n_structures = operator.n_structures
 
     def _slab_sums(self, values: torch.Tensor) -> torch.Tensor:
         """(N,) Σ_{j in i's structure} values_j, for values (N,)."""
