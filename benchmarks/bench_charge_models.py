@@ -11,7 +11,8 @@ in for the host's), energy + forces by autograd, float64, on SPC/E-like water:
 * periodic boxes at liquid density (engine ``method="auto"``: Ewald below 300
   atoms, PME above, for the charges and the self-consistent dipoles); open
   clusters (the same boxes without periodicity; direct O(N²) pair sums).
-  ``qeq-dipoles`` is the joint charge-dipole equilibration (issue 15 item 1).
+  ``qeq-dipoles`` is the joint charge-dipole equilibration (issue 15 item 1; in eval mode
+  Hellmann–Feynman forces and one mesh density for charges and dipoles per CG product).
 * Each variant runs a short stand-in for MD in eval mode (``--md-steps``
   calls, the module keeping its engine state as in a run): ``--trajectory
   noise`` displaces every atom by ``--step`` Å of Gaussian noise per call (no
@@ -23,7 +24,8 @@ in for the host's), energy + forces by autograd, float64, on SPC/E-like water:
   afresh), ``-warm`` ones start from the previous call's solution.
   ``qeq-warm`` uses the defaults (issue 15 item 5, MD: deferred derivatives,
   explicit Coulomb operator, near-field block + k-space preconditioner,
-  quadratic extrapolation of the warm start, eval tolerance accuracy/10);
+  quadratic extrapolation of the warm start, eval tolerance accuracy/10, float32 mesh
+  products at that tolerance);
   ``qeq-kspace-warm`` the k-space preconditioner without blocks,
   ``qeq-warm-last`` starts from the last charges instead, ``qeq-warm-tight``
   solves to rtol 1e-10 as in training.
