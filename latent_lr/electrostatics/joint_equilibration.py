@@ -57,6 +57,12 @@ field term, which the model adds itself (as for Qeq); −Σ p_i·E_ext is
 included (as in the induction energy).  Because E is stationary at (q*, p*),
 μ = Σ q r + Σ p = −∂E/∂E_ext and the polarisability ∂μ/∂E_ext = −∂²E/∂E_ext²
 is symmetric positive semi-definite.
+
+MD and inference (``deferred=True``, the head in eval mode): the same stationarity gives the forces
+by Hellmann–Feynman, ∂E/∂r at the fixed solution, so the forward pass solves once without a graph
+and no adjoint solve follows (:class:`_DeferredJoint`); each CG product then spreads charges and
+dipoles into one mesh density (:class:`.dipole_mesh.FrozenJointMesh`), in float32 at loose
+tolerances (:data:`.qeq.SINGLE_PRECISION_RTOL`).
 """
 
 from __future__ import annotations
