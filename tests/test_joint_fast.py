@@ -287,3 +287,27 @@ def test_mesh_dipole_energy_equals_the_products_and_their_position_derivative():
         results.append((energy.detach(), gradient))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-9, atol=1e-10)
+
+
+def test_dense_product_of_open_batches_equals_the_pair_product(monkeypatch):
+    """Open batches (MD of molecules, inference) apply H in CG by one batched dense product assembled from
+    the same pair kernels, tensors and fields; it must equal the pair-by-pair product."""
+    from latent_lr.demo import water_like_box
+    from latent_lr.electrostatics import EngineState
+
+    parts = [water_like_box(n, seed)[0].double() for n, seed in ((7, 0), (4, 1))]
+    positions = torch.cat(parts)
+    batch = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(parts)])
+    n = len(batch)
+    cell, pbc = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1), torch.zeros(2, 3, dtype=torch.bool)
+    rng = np.random.default_rng(4)
+    hardness = torch.as_tensor(rng.uniform(1.0, 3.0, n))
+    scale = torch.as_tensor(rng.uniform(0.1, 0.8, n) * float(catastrophe_free_polarizability(SIGMA))).sqrt()
+    v = torch.as_tensor(rng.normal(size=(n, 4)))
+
+    def product(limit):
+        monkeypatch.setattr(joint, "DENSE_OPEN_ENTRIES", limit)
+        operator = joint._JointOperator(pbc, batch, 2, 1e-6, EngineState())
+        return operator.frozen(positions, cell, SIGMA, hardness, scale)(v)
+
+    torch.testing.assert_close(product(2**25), product(0), rtol=1e-12, atol=1e-12)

@@ -73,17 +73,23 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..units import COULOMB_CONSTANT
 from .block_preconditioner import near_field_preconditioner
 from .coulomb_operator import mesh_parameters_of
 from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
 from .dipole_mesh import FrozenJointMesh
 from .dipole_tensor import catastrophe_free_polarizability
 from .induction import per_structure
+from .kernels import screened_pair_kernel
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, solve_spd
 from .mesh_parameters import MeshParameters
 from .qeq import SINGLE_PRECISION_RTOL, _Geometry, gaussian_self_hardness
 from .state import EngineState
+
+#: Most entries B (4 n_max)² of the dense joint matrices of an open batch in frozen (CG) products
+#: (2²⁵: 256 MiB in float64; a single open structure up to ~1,400 atoms).
+DENSE_OPEN_ENTRIES = 2**25
 
 #: Accepted ``preconditioner`` values of :func:`equilibrate_charges_and_dipoles`.
 JOINT_PRECONDITIONERS = ("kspace", "jacobi", "blocks")
@@ -268,6 +274,51 @@ class _JointOperator:
         charge_product = self.charges(v[:, 0], positions, cell, smearing, hardness)
         return self._product(v, charge_product, operator, positions, cell, scale, coupling)
 
+    def _dense_open(
+        self, coupling: _ChargeDipoleCoupling, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
+        hardness: torch.Tensor, scale: torch.Tensor,
+    ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """v ↦ H v for a batch of open structures by one batched dense product, (B, 4m, 4m) with m the
+        largest structure: the pair sums assembled once per call instead of scattered in every product
+        (a 1,000-atom cluster: ~10 ms per product instead of ~0.16 s).  None above
+        :data:`DENSE_OPEN_ENTRIES` matrix entries (the pair product is used then)."""
+        geometry = self.charges
+        batch, n_structures = geometry.batch, geometry.n_structures
+        counts = torch.bincount(batch, minlength=n_structures)
+        size = int(counts.max())
+        if n_structures * (4 * size) ** 2 > DENSE_OPEN_ENTRIES:
+            return None
+        dtype = geometry.product_precision or positions.dtype
+        local = torch.arange(len(batch), device=batch.device) - (torch.cumsum(counts, 0) - counts)[batch]
+        pairs = coupling.operator.pairs
+        first, second = pairs.first, pairs.second
+        owner, row, column = batch[first], local[first], local[second]
+        matrix = positions.new_zeros(n_structures, size, 4, size, 4)
+        alpha_smear = 1.0 / (math.sqrt(2.0) * smearing)
+        distance = pairs.vectors(positions, cell).norm(dim=1)
+        kernel = COULOMB_CONSTANT * screened_pair_kernel(distance, torch.zeros_like(distance), alpha_smear)
+        field = coupling.pair_field  # field at `first` of a unit charge at `second`
+        both = (scale[first] * scale[second])[:, None, None] * coupling.operator.tensors
+        matrix[owner, row, 0, column, 0] = kernel
+        matrix[owner, column, 0, row, 0] = kernel
+        matrix[owner, row, 0, column, 1:] = scale[second][:, None] * field  # −Gᵀ S: the dipoles' potential
+        matrix[owner, column, 0, row, 1:] = -scale[first][:, None] * field
+        matrix[owner, row, 1:, column, 0] = -scale[first][:, None] * field  # −S G: the charges' field
+        matrix[owner, column, 1:, row, 0] = scale[second][:, None] * field
+        matrix[owner, row, 1:, column, 1:] = -both  # I − S T S
+        matrix[owner, column, 1:, row, 1:] = -both.transpose(1, 2)
+        matrix[batch, local, 0, local, 0] = hardness + gaussian_self_hardness(smearing)
+        eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
+        matrix[batch, local, 1:, local, 1:] = eye * (1.0 - scale**2 * coupling.operator.self_coefficient)[:, None, None]
+        matrix = matrix.reshape(n_structures, 4 * size, 4 * size).to(dtype)
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            padded = v.new_zeros(n_structures, size, 4, dtype=dtype).index_put((batch, local), v.to(dtype))
+            product = torch.bmm(matrix, padded.reshape(n_structures, 4 * size, 1)).reshape(n_structures, size, 4)
+            return product[batch, local].to(v.dtype)
+
+        return apply
+
     def half_quadratic(
         self, y: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
         hardness: torch.Tensor, scale: torch.Tensor,
@@ -336,6 +387,11 @@ class _JointOperator:
         else:
             operator = self.dipoles(positions, cell, smearing)
         coupling = _coupling(operator, positions, cell)
+        if not bool(self.periodic.any()) and not bool(self.slab.any()):
+            dense = self._dense_open(coupling, positions, cell, smearing, hardness, scale)
+            if dense is not None:
+                self._frozen = (key, tensors, dense)
+                return dense
         folded = self._folded_meshes(operator, cell, smearing)
         charge_apply = self.charges.frozen(positions, cell, smearing, hardness, include_mesh=folded is None)
         if folded is not None and charge_apply is None:  # no explicit Coulomb operator: the unfolded product
