@@ -41,8 +41,7 @@ class QeqDipoleHead(ChargeModel):
                  warm_start: bool = True, preconditioner: str = "kspace", md_rtol: Optional[float] = None,
                  extrapolation: int = 0):
         super().__init__()
-        self.qeq = QeqChargeHead(feature_dim, hidden_dim, element_baseline, md_rtol=md_rtol)
-        self.extrapolation = int(extrapolation)
+        self.qeq = QeqChargeHead(feature_dim, hidden_dim, element_baseline, md_rtol=md_rtol, extrapolation=extrapolation)
         self.polarizability = PolarizabilityHead(feature_dim, polarizability_width, element_baseline)
         self.warm_start = bool(warm_start)
         self.preconditioner = preconditioner  # one of JOINT_PRECONDITIONERS (the Qeq head's options)
@@ -67,7 +66,7 @@ class QeqDipoleHead(ChargeModel):
         alpha = self.polarizability(features, data.numbers, self_consistent_cap(smearing))
         solve = None if engine_state is None else engine_state.solutions.begin(
             "qeq_dipoles", data.numbers, data.batch, data.n_structures, data.positions.new_zeros(len(chi), 4),
-            warm=self.warm_start, extrapolation=0 if self.training else self.extrapolation, positions=data.positions,
+            warm=self.warm_start, extrapolation=0 if self.training else self.qeq.extrapolation, positions=data.positions,
         )
         charges, dipoles, energy = equilibrate_charges_and_dipoles(
             chi, hardness, alpha, data.positions, data.cell, data.pbc, data.batch, data.total_charge, smearing,

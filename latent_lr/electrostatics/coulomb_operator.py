@@ -43,7 +43,15 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .coulomb import PME_MIN_ATOMS
 from .kernels import screened_pair_kernel, switched_real_space_kernel
-from .mesh import _cached_influence, bspline_weights, influence_function, mesh_layout, mesh_potential, spline_points
+from .mesh import (
+    _cached_influence,
+    bspline_weights,
+    influence_function,
+    interpolation_matrix,
+    mesh_layout,
+    mesh_potential,
+    spline_points,
+)
 from .mesh_parameters import MeshParameters, mesh_parameters
 from .pairs import all_pairs_within, periodic_pairs_within_cutoff
 from .state import EngineState
@@ -184,11 +192,7 @@ def _periodic_terms(
         len(atoms), -1
     )
     points = flat.reshape(len(atoms), -1).to(torch.int32)  # int32: half the index traffic of each product
-    row_starts = (torch.arange(len(atoms) + 1, device=positions.device) * points.shape[1]).to(torch.int32)
-    with _quiet_sparse():
-        interpolation = torch.sparse_csr_tensor(
-            row_starts, points.reshape(-1), stencil.reshape(-1), (len(atoms), cursor), check_invariants=False
-        )
+    interpolation = interpolation_matrix(points, stencil, cursor)
     blocks = []
     for shape, group in zip(shapes, groups):
         group_rows = torch.tensor(group, dtype=torch.long, device=positions.device)

@@ -112,6 +112,13 @@ def _scatter(grads: tuple[Optional[torch.Tensor], ...], needs: tuple[bool, ...])
     return [next(found) if need else None for need in needs]
 
 
+def multiplier_gradient(charge_gradient: torch.Tensor, batch: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """dE_b/dQ_b = −μ_b (B,) of a stationary energy: the mean over structure b's atoms of ∂E/∂q_i (N,),
+    which the total-charge constraint makes equal on every atom of b."""
+    counts = torch.bincount(batch, minlength=total.shape[0]).to(total.dtype)
+    return torch.zeros_like(total).index_add(0, batch, charge_gradient) / counts
+
+
 class _DeferredCharges(torch.autograd.Function):
     """Value q̄; backward: the vector-Jacobian product of the implicit solve, re-run from q̄."""
 
@@ -186,9 +193,7 @@ class _StationaryEnergy(torch.autograd.Function):
             # dE_b/dQ_b = −μ_b = the mean of ∂E_b/∂q_i over the structure's atoms.
             charge_gradient = grads.pop()
             assert charge_gradient is not None, "the energy depends on the charges"
-            total = inputs[total_index]
-            counts = torch.bincount(settings.batch, minlength=total.shape[0]).to(total.dtype)
-            per_structure = torch.zeros_like(total).index_add(0, settings.batch, charge_gradient) / counts
+            per_structure = multiplier_gradient(charge_gradient, settings.batch, inputs[total_index])
             last = grads[-1]
             grads[-1] = per_structure if last is None else last + per_structure
         return (None, None, *_scatter(tuple(grads), needs))

@@ -317,7 +317,7 @@ def dipole_operator(
         shifts=torch.cat([p.shifts for p in pair_lists]),
         structure=torch.cat([p.structure for p in pair_lists]),
     )
-    return DipoleOperator(pairs, torch.cat(tensors), groups, self_coefficient, meshes=meshes)
+    return DipoleOperator(pairs, torch.cat(tensors), groups, self_coefficient, meshes=meshes, n_structures=n_structures)
 
 
 def _slab_operator(

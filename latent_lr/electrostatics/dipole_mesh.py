@@ -20,7 +20,6 @@ for Ewald with the PME parameters (:func:`.mesh_parameters.mesh_parameters`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -32,6 +31,7 @@ from .mesh import (
     _mesh_energy,
     bspline_weights,
     influence_function,
+    interpolation_matrix,
     spread_charges,
     structure_spline_points,
 )
@@ -201,15 +201,14 @@ class FrozenJointMesh:
     operator plus the dipoles' potential −Gᵀp) and the field −k_e D φ (the charges' field G q plus the
     dipoles' T_rec p).  Valid when the Coulomb operator's PME mesh of the structure is this mesh (same
     α, shape and order), whose charge part the caller then leaves out
-    (:func:`.coulomb_operator.coulomb_operator` ``include_mesh=False``).  A and D are CSR matrices
-    (one sparse product each, instead of a gather and a (n, p³, 3) contraction); ``precision``
-    float32 halves the memory traffic, for loose (MD) solves.
+    (:func:`.coulomb_operator.coulomb_operator` ``include_mesh=False``).  A and D are stacked in one
+    (4n, K₁K₂K₃) CSR matrix (one sparse product for both interpolations, instead of a gather and a
+    (n, p³, 3) contraction); ``precision`` float32 halves the memory traffic, for loose (MD) solves.
     """
 
     def __init__(self, mesh: DipoleMesh, precision: torch.dtype):
         assert mesh.splines is not None, "build the mesh with dipole_mesh (separable factors)"
         n, terms = mesh.points.shape[0], mesh.points[0].numel()
-        device = mesh.points.device
         self.atoms, self.shape = mesh.atoms, mesh.shape
         self.size = mesh.shape[0] * mesh.shape[1] * mesh.shape[2]
         self.points = mesh.points.reshape(-1).to(torch.int32)
@@ -217,13 +216,9 @@ class FrozenJointMesh:
             values, gradients = _spline_arrays(*(t.detach().to(precision) for t in mesh.splines))
             self.weights = torch.cat([values[:, None], gradients.transpose(1, 2)], 1).contiguous()
         self.theta = mesh.theta.detach().to(precision)
-        columns = self.points.reshape(n, 1, terms).expand(n, 4, terms).reshape(-1)
-        starts = torch.arange(4 * n + 1, device=device, dtype=torch.int32) * terms
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            self.interpolation = torch.sparse_csr_tensor(  # rows (i, c): c = 0 the potential, 1-3 the gradient
-                starts, columns, self.weights.reshape(-1), (4 * n, self.size), check_invariants=False
-            )
+        columns = self.points.reshape(n, 1, terms).expand(n, 4, terms)
+        # rows (i, c): c = 0 the potential, 1-3 the gradient
+        self.interpolation = interpolation_matrix(columns, self.weights.reshape(4 * n, terms), self.size)
 
     def products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field (n, 3) V/Å, potential (n,) V) of this structure's charges (n,) e and dipoles (n, 3) e·Å."""

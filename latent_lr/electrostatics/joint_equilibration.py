@@ -76,6 +76,7 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .block_preconditioner import near_field_preconditioner
 from .coulomb_operator import mesh_parameters_of
+from .deferred_qeq import _aliases, _scatter, _wanted, multiplier_gradient
 from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
 from .dipole_mesh import FrozenJointMesh
 from .dipole_tensor import catastrophe_free_polarizability
@@ -84,7 +85,7 @@ from .kernels import screened_pair_kernel
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, solve_spd
 from .mesh_parameters import MeshParameters
-from .qeq import SINGLE_PRECISION_RTOL, _Geometry, gaussian_self_hardness
+from .qeq import _Geometry, gaussian_self_hardness, product_precision
 from .state import EngineState
 
 #: Most entries B (4 n_max)² of the dense joint matrices of an open batch in frozen (CG) products
@@ -274,6 +275,37 @@ class _JointOperator:
         charge_product = self.charges(v[:, 0], positions, cell, smearing, hardness)
         return self._product(v, charge_product, operator, positions, cell, scale, coupling)
 
+    def _sum_product(
+        self, operator: DipoleOperator, coupling: _ChargeDipoleCoupling, positions: torch.Tensor,
+        cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor, scale: torch.Tensor,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v ↦ H v from the pair, Ewald and mesh sums: the one-density meshes (:meth:`_folded_meshes`) where
+        the Coulomb operator's mesh is the dipoles' one, else the separate products of :meth:`_product`."""
+        folded = self._folded_meshes(operator, cell, smearing)
+        outside = None if folded is None else self.charges.frozen(positions, cell, smearing, hardness, include_mesh=False)
+        if folded is None or outside is None:  # no shared mesh, or no explicit Coulomb operator
+            charge_apply = self.charges.frozen(positions, cell, smearing, hardness)
+            assert charge_apply is not None
+
+            def separate(v: torch.Tensor) -> torch.Tensor:
+                return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
+
+            return separate
+        meshes, outside_mesh = folded, outside
+
+        def one_density(v: torch.Tensor) -> torch.Tensor:
+            q, x = v[:, 0], v[:, 1:]
+            p = scale[:, None] * x
+            charge_rows = outside_mesh(q) - coupling.potential(p)
+            field = coupling.field(q) + coupling.operator.apply(p)
+            for mesh in meshes:
+                mesh_field, mesh_potential = mesh.products(q[mesh.atoms], p[mesh.atoms])
+                field = field.index_add(0, mesh.atoms, mesh_field)
+                charge_rows = charge_rows.index_add(0, mesh.atoms, mesh_potential)
+            return torch.cat([charge_rows[:, None], x - scale[:, None] * field], dim=1)
+
+        return one_density
+
     def _dense_open(
         self, coupling: _ChargeDipoleCoupling, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
         hardness: torch.Tensor, scale: torch.Tensor,
@@ -387,35 +419,11 @@ class _JointOperator:
         else:
             operator = self.dipoles(positions, cell, smearing)
         coupling = _coupling(operator, positions, cell)
+        apply = None
         if not bool(self.periodic.any()) and not bool(self.slab.any()):
-            dense = self._dense_open(coupling, positions, cell, smearing, hardness, scale)
-            if dense is not None:
-                self._frozen = (key, tensors, dense)
-                return dense
-        folded = self._folded_meshes(operator, cell, smearing)
-        charge_apply = self.charges.frozen(positions, cell, smearing, hardness, include_mesh=folded is None)
-        if folded is not None and charge_apply is None:  # no explicit Coulomb operator: the unfolded product
-            folded, charge_apply = None, self.charges.frozen(positions, cell, smearing, hardness)
-        if folded is None:
-
-            def apply(v: torch.Tensor) -> torch.Tensor:
-                assert charge_apply is not None
-                return self._product(v, charge_apply(v[:, 0]), operator, positions, cell, scale, coupling)
-        else:
-            meshes, outside = folded, charge_apply
-
-            def apply(v: torch.Tensor) -> torch.Tensor:
-                assert outside is not None
-                q, x = v[:, 0], v[:, 1:]
-                p = scale[:, None] * x
-                charge_rows = outside(q) - coupling.potential(p)
-                field = coupling.field(q) + coupling.operator.apply(p)
-                for mesh in meshes:
-                    mesh_field, mesh_potential = mesh.products(q[mesh.atoms], p[mesh.atoms])
-                    field = field.index_add(0, mesh.atoms, mesh_field)
-                    charge_rows = charge_rows.index_add(0, mesh.atoms, mesh_potential)
-                return torch.cat([charge_rows[:, None], x - scale[:, None] * field], dim=1)
-
+            apply = self._dense_open(coupling, positions, cell, smearing, hardness, scale)
+        if apply is None:
+            apply = self._sum_product(operator, coupling, positions, cell, smearing, hardness, scale)
         self._frozen = (key, tensors, apply)  # the tensors keep their storage (the key) alive
         return apply
 
@@ -541,8 +549,7 @@ class _Problem:
         self.scale = alpha.clamp_min(1e-30).sqrt()  # finite gradients at α = 0
         self.operator = _JointOperator(settings.pbc, settings.batch, n_structures, settings.accuracy, settings.state,
                                        settings.method)
-        single = positions.dtype == torch.float64 and settings.rtol is not None and settings.rtol >= SINGLE_PRECISION_RTOL
-        self.operator.charges.product_precision = torch.float32 if single else None
+        self.operator.charges.product_precision = product_precision(positions.dtype, settings.rtol)
         self.operator.eager_mesh = eager_mesh
         self.operator.prepare(positions, cell, smearing)
         self.atom_field = field[settings.batch]
@@ -625,7 +632,7 @@ class _DeferredJoint(torch.autograd.Function):
         ctx.settings = settings
         ctx.set_materialize_grads(False)
         needs = tuple(ctx.needs_input_grad[2:])
-        aliases = tuple(t.detach().requires_grad_(need) for t, need in zip(inputs, needs))
+        aliases = _aliases(inputs, needs)
         total_index = _JOINT_INPUTS.index("total_charge")
         with torch.enable_grad():
             problem = settings.problem(aliases, eager_mesh=False)
@@ -651,7 +658,7 @@ class _DeferredJoint(torch.autograd.Function):
         charges_needed = grad_solution is not None and (grad_solution.requires_grad or bool(grad_solution.any()))
         if create or charges_needed or ctx.recorded is None:
             if not create:  # a graph of its own: the caller's graph is not traversed (or freed) here
-                inputs = tuple(t.detach().requires_grad_(need) for t, need in zip(inputs, needs))
+                inputs = _aliases(inputs, needs)
             with torch.enable_grad():
                 problem = settings.problem(inputs)
                 exact = settings.solve(problem, inputs, solution)  # from the forward's (q, p): 0 CG iterations
@@ -663,25 +670,21 @@ class _DeferredJoint(torch.autograd.Function):
                 if grad_solution is not None:
                     outputs.append(torch.cat([charges[:, None], dipoles], 1))
                     grads_out.append(grad_solution)
-                wanted = [t for t, need in zip(inputs, needs) if need]
-                grads = torch.autograd.grad(outputs, wanted, grads_out, create_graph=create, allow_unused=True)
-            found = iter(grads)
-            return (*none, *[next(found) if need else None for need in needs])
+                grads = torch.autograd.grad(
+                    outputs, _wanted(inputs, needs), grads_out, create_graph=create, allow_unused=True
+                )
+            return (*none, *_scatter(grads, needs))
         energy, aliases, fixed = ctx.recorded
         if grad_energy is None:
             return (*none, *([None] * len(inputs)))
         total_index = _JOINT_INPUTS.index("total_charge")
-        wanted = [t for t, need in zip(aliases, needs) if need] + ([fixed] if needs[total_index] else [])
+        wanted = _wanted(aliases, needs) + ([fixed] if needs[total_index] else [])
         with torch.enable_grad():
             found_grads = list(torch.autograd.grad(energy, wanted, grad_energy, allow_unused=True, retain_graph=True))
-        by_input = [found_grads.pop(0) if need else None for need in needs]
-        if needs[total_index]:
-            # dE_b/dQ_b = −μ_b = the mean of ∂E_b/∂q_i over the structure's atoms.
-            charge_gradient = found_grads.pop()
-            assert charge_gradient is not None, "the energy depends on the charges"
-            total = inputs[total_index]
-            counts = torch.bincount(settings.batch, minlength=total.shape[0]).to(total.dtype)
-            per_structure_gradient = torch.zeros_like(total).index_add(0, settings.batch, charge_gradient[:, 0]) / counts
+        charge_gradient = found_grads.pop() if needs[total_index] else None
+        by_input = _scatter(tuple(found_grads), needs)
+        if charge_gradient is not None:
+            per_structure_gradient = multiplier_gradient(charge_gradient[:, 0], settings.batch, inputs[total_index])
             direct = by_input[total_index]
             by_input[total_index] = per_structure_gradient if direct is None else direct + per_structure_gradient
         return (*none, *by_input)

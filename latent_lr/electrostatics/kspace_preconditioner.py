@@ -34,7 +34,6 @@ atom, p = :data:`ORDER`) and two real FFTs on a mesh of spacing about
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,7 +41,7 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .linear_solve import Preconditioner
-from .mesh import bspline_weights, structure_spline_points
+from .mesh import bspline_weights, interpolation_matrix, structure_spline_points
 
 #: Mesh spacing of the preconditioner, Å (resolves the amplified modes, k ≲ 1.2 1/Å in water).
 MESH_SPACING = 2.0
@@ -62,20 +61,7 @@ class _StructureMesh:
     filter: torch.Tensor  # (K1, K2, K3 // 2 + 1) f(k)
 
     def __post_init__(self) -> None:
-        n, terms = self.weights.shape
-        starts = torch.arange(n + 1, device=self.weights.device, dtype=torch.int32) * terms
-        size = self.shape[0] * self.shape[1] * self.shape[2]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            self.interpolation = torch.sparse_csr_tensor(
-                starts, self.points, self.weights.reshape(-1), (n, size), check_invariants=False
-            )
-
-    def to(self, dtype: torch.dtype) -> "_StructureMesh":
-        """This mesh with its weights and filter in ``dtype``."""
-        if dtype == self.weights.dtype:
-            return self
-        return _StructureMesh(self.atoms, self.points, self.weights.to(dtype), self.shape, self.filter.to(dtype))
+        self.interpolation = interpolation_matrix(self.points, self.weights, self.shape[0] * self.shape[1] * self.shape[2])
 
     def smooth_part(self, values: torch.Tensor) -> torch.Tensor:
         """A a^{-½} F⁻¹ f F a^{-½} Aᵀ applied to this structure's (n,) values."""
@@ -114,8 +100,9 @@ def kspace_preconditioner(
         inverse_diagonal = 1.0 / diagonal
         meshes = [
             _structure_mesh(
-                positions, cell[b], torch.nonzero(batch == b).flatten(), inverse_diagonal, sigma, spacing, order
-            ).to(precision or positions.dtype)
+                positions, cell[b], torch.nonzero(batch == b).flatten(), inverse_diagonal, sigma, spacing, order,
+                precision or positions.dtype,
+            )
             for b in torch.nonzero(pbc.all(dim=1)).flatten().tolist()
         ]
 
@@ -135,7 +122,7 @@ def kspace_preconditioner(
 
 def _structure_mesh(
     positions: torch.Tensor, cell: torch.Tensor, atoms: torch.Tensor, inverse_diagonal: torch.Tensor,
-    sigma: float, spacing: float, order: int,
+    sigma: float, spacing: float, order: int, precision: torch.dtype,
 ) -> _StructureMesh:
     dtype, device = positions.dtype, positions.device
     lengths = cell.norm(dim=1).tolist()
@@ -162,5 +149,5 @@ def _structure_mesh(
     kernel = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * sigma**2 * safe) / safe
     gain = float(inverse.sum()) / volume * kernel
     response = torch.where(k_squared > 0, gain / (1.0 + gain), torch.zeros_like(gain))
-    scaled = product * inverse_sqrt_weight[flat]
-    return _StructureMesh(atoms, flat.reshape(-1).to(torch.int32), scaled, shape, response)
+    scaled = (product * inverse_sqrt_weight[flat]).to(precision)
+    return _StructureMesh(atoms, flat.reshape(-1).to(torch.int32), scaled, shape, response.to(precision))

@@ -34,6 +34,7 @@ see :mod:`latent_lr.electrostatics.parameters`, so there are few).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -313,6 +314,22 @@ def spread_charges(charges: torch.Tensor, flat: torch.Tensor, weights: torch.Ten
     spread = torch.bmm(spread.reshape(-1, order * order, 1), weights[:, 2].unsqueeze(1))
     # In place on a fresh buffer: the out-of-place index_add would copy it first.
     return weights.new_zeros(size).index_add_(0, flat.reshape(-1), spread.reshape(-1))
+
+
+def interpolation_matrix(points: torch.Tensor, weights: torch.Tensor, n_points: int) -> torch.Tensor:
+    """The (R, n_points) CSR matrix whose row r holds ``weights[r]`` at the mesh points ``points[r]``.
+
+    Args: points (R, t) or (R t,) flat mesh indices (int32 halves the index traffic of each product);
+    weights (R, t), every row the same length t (an atom's p³ spline terms); n_points: mesh size.
+    ``matrix @ potential`` interpolates a mesh potential at the rows (as :func:`interpolate_mesh`).
+    """
+    rows, terms = weights.shape
+    starts = torch.arange(rows + 1, device=weights.device, dtype=points.dtype) * terms
+    with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            starts, points.reshape(-1), weights.reshape(-1), (rows, n_points), check_invariants=False
+        )
 
 
 def interpolate_mesh(values: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,12 @@ DENSE_MAX_ATOMS = 32
 #: Training (rtol 1e-10) and tight solves stay in float64 throughout.
 SINGLE_PRECISION_RTOL = 1e-6
 
+
+def product_precision(dtype: torch.dtype, rtol: Optional[float]) -> Optional[torch.dtype]:
+    """float32 for the mesh work of float64 solves at rtol ≥ :data:`SINGLE_PRECISION_RTOL`, else None (as is)."""
+    return torch.float32 if dtype == torch.float64 and rtol is not None and rtol >= SINGLE_PRECISION_RTOL else None
+
+
 def gaussian_self_hardness(smearing: torch.Tensor) -> torch.Tensor:
     """k_e √(2/π)/σ (eV/e²): the smeared kernel at r = 0 (Gaussian self-energy ×2/q²)."""
     return COULOMB_CONSTANT * math.sqrt(2.0 / math.pi) / smearing
@@ -237,8 +243,7 @@ def _cg_charges(
 ) -> torch.Tensor:
     """Matrix-free constrained CG with implicit derivatives; (N,) e."""
     diagonal = (hardness + gaussian_self_hardness(smearing)).detach()
-    single = positions.dtype == torch.float64 and rtol is not None and rtol >= SINGLE_PRECISION_RTOL
-    geometry.product_precision = torch.float32 if single else None
+    geometry.product_precision = product_precision(positions.dtype, rtol)
     inverse = None
     if preconditioner in ("kspace", "blocks") and bool(geometry.pbc.all(dim=1).any()):
         inverse = kspace_preconditioner(
