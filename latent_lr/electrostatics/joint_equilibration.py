@@ -85,7 +85,7 @@ from .kernels import screened_pair_kernel
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, solve_spd
 from .mesh_parameters import MeshParameters
-from .qeq import _Geometry, gaussian_self_hardness, product_precision
+from .qeq import REFINEMENT_ACCURACY, _Geometry, gaussian_self_hardness, product_precision
 from .state import EngineState
 
 #: Most entries B (4 n_max)² of the dense joint matrices of an open batch in frozen (CG) products
@@ -399,6 +399,23 @@ class _JointOperator:
         charge_rows = charge_product - potential
         dipole_rows = x - scale[:, None] * field
         return torch.cat([charge_rows[:, None], dipole_rows], dim=1)
+
+    def approximate(
+        self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """v ↦ H̃ v: H with the meshes and sums chosen for :data:`.qeq.REFINEMENT_ACCURACY`, single precision.
+
+        The cheap operator of :func:`~.linear_solve.solve_spd`'s iterative refinement, as
+        :meth:`.qeq._Geometry.approximate`; None where it would not be cheaper (see ``refinement_pays``).
+        """
+        geometry = self.charges
+        if not geometry.refinement_pays(cell, smearing):
+            return None
+        cheap = _JointOperator(geometry.pbc, geometry.batch, geometry.n_structures, REFINEMENT_ACCURACY, geometry.state, self.method)
+        cheap.eager_mesh = False
+        cheap.charges.product_precision = torch.float32
+        return cheap.frozen(positions, cell, smearing, hardness, scale)
 
     def frozen(
         self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,

@@ -56,6 +56,14 @@ Fast solves (all optional, none changes the solution beyond the tolerance):
   diagonal P.
 * ``statistics``: a :class:`SolveStatistics` that records the iteration count of
   every CG run (forward, then each adjoint solve).
+* ``matvec.approximate(*operator_tensors)`` (optional, like ``frozen``): a cheaper
+  ``v ↦ H̃ v`` with H̃ ≈ H (e.g. a coarser PME mesh), or None.  The solve then runs as
+  iterative refinement: x ← x + d, H̃ d = r by CG to :data:`REFINEMENT_INNER_RTOL`,
+  r = b − H x with the exact operator, until CG's own stopping test holds for the
+  exact residual (so the tolerance is the same); each correction contracts the
+  error by about ‖I − H̃⁻¹H‖ + the inner tolerance, so most products use H̃.  A
+  correction that gains less than :data:`REFINEMENT_MIN_GAIN` hands over to CG
+  with H.
 """
 
 from __future__ import annotations
@@ -73,6 +81,20 @@ DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, 
 #: Default cap on CG iterations (exact arithmetic needs at most N per structure).
 DEFAULT_MAX_ITER = 1000
 
+#: Iterative refinement (``matvec.approximate``): tolerance of each correction solve with the cheap operator,
+#: relative to the current residual.
+REFINEMENT_INNER_RTOL = 0.01
+
+#: Iterative refinement: cap on the CG iterations of one correction solve.
+REFINEMENT_INNER_MAX_ITER = 60
+
+#: Iterative refinement: most corrections of one solve.
+REFINEMENT_MAX_STEPS = 10
+
+#: Iterative refinement: a correction must shrink the exact residual at least this much, else CG with the
+#: exact operator takes over from there.
+REFINEMENT_MIN_GAIN = 0.5
+
 MatVec = Callable[..., torch.Tensor]
 
 #: ``r ↦ P⁻¹ r`` on (N, ...) rows: a fixed SPD approximate inverse of H, block diagonal over structures.
@@ -86,10 +108,14 @@ class SolveStatistics:
     Attributes:
         iterations: one entry per CG run, in call order (the forward solve, then
             any adjoint solves of the backward pass): the iterations of the
-            slowest structure.
+            slowest structure.  A refined solve (``matvec.approximate``) counts its
+            products with the cheap and the exact operator after the first residual.
+        exact_products: one entry per refined solve: its products with the exact
+            operator (residuals and any finishing CG iterations).
     """
 
     iterations: list[int] = field(default_factory=list)
+    exact_products: list[int] = field(default_factory=list)
 
 
 class ConvergenceError(RuntimeError):
@@ -247,10 +273,16 @@ def _solve(
     """
     detached = [o.detach() for o in operators]
     frozen = getattr(spec.matvec, "frozen", None)
+    approximate = getattr(spec.matvec, "approximate", None)
     with torch.no_grad():
         apply = frozen(*detached) if frozen is not None else (lambda v: spec.matvec(v, *detached))
-        solution = _conjugate_gradients(spec, apply, rhs.detach(), None if total is None else total.detach(), initial)
-    del apply
+        cheap = None if approximate is None else approximate(*detached)
+        fixed_total = None if total is None else total.detach()
+        if cheap is None:
+            solution = _conjugate_gradients(spec, apply, rhs.detach(), fixed_total, initial)
+        else:
+            solution = _refined_solve(spec, apply, cheap, rhs.detach(), fixed_total, initial)
+    del apply, cheap
     tracked = [rhs, *operators] + ([] if total is None else [total])
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
         return solution
@@ -332,58 +364,71 @@ def _per_row(values: torch.Tensor, like: torch.Tensor, spec: _SolveSpec) -> torc
     return values[spec.batch].reshape(-1, *([1] * (like.ndim - 1)))
 
 
+class _Krylov:
+    """The preconditioner, constraint projection and norms of one solve, shared by its CG runs."""
+
+    def __init__(self, spec: _SolveSpec, rhs: torch.Tensor, constrained_total: bool):
+        self.spec = spec
+        if spec.preconditioner is not None:
+            self.apply_inverse = spec.preconditioner
+        else:
+            inverse_diagonal = torch.ones_like(rhs) if spec.diagonal is None else 1.0 / spec.diagonal.to(rhs.dtype)
+            self.apply_inverse = lambda residual: inverse_diagonal * residual
+        # w = P⁻¹1 and 1ᵀw per structure: the constraint direction of the preconditioner.
+        self.constraint_direction = self.apply_inverse(torch.ones_like(rhs)) if constrained_total else None
+        self.inverse_weight = None if self.constraint_direction is None else _group_sum(self.constraint_direction, spec)
+        self.counts = torch.bincount(spec.batch, minlength=spec.n_groups).to(rhs.dtype)
+
+    def precondition(self, residual: torch.Tensor) -> torch.Tensor:
+        scaled = self.apply_inverse(residual)
+        if self.constraint_direction is None or self.inverse_weight is None:  # no total constraint
+            return scaled
+        shift = _constrained(_group_sum(scaled, self.spec) / self.inverse_weight, self.spec)
+        return scaled - self.constraint_direction * shift[self.spec.batch]
+
+    def project(self, residual: torch.Tensor) -> torch.Tensor:
+        if self.constraint_direction is None:
+            return residual
+        mean = _group_sum(residual, self.spec) / self.counts.reshape(-1, *([1] * (residual.ndim - 1)))
+        return residual - _constrained(mean, self.spec)[self.spec.batch]
+
+    def norm(self, residual: torch.Tensor) -> torch.Tensor:
+        projected = self.project(residual)
+        return _group_dot(projected, projected, self.spec).sqrt()
+
+    def start(self, rhs: torch.Tensor, total: Optional[torch.Tensor], initial: Optional[torch.Tensor]) -> torch.Tensor:
+        """The first iterate: ``initial`` (or P⁻¹b) moved onto the constraint set along w."""
+        if initial is None:
+            x = self.precondition(rhs)
+            if total is not None and self.constraint_direction is not None and self.inverse_weight is not None:
+                x = x + self.constraint_direction * _constrained(total / self.inverse_weight, self.spec)[self.spec.batch]
+            return x
+        if total is not None and self.constraint_direction is not None and self.inverse_weight is not None:
+            shift = _constrained((total - _group_sum(initial, self.spec)) / self.inverse_weight, self.spec)
+            return initial + self.constraint_direction * shift[self.spec.batch]
+        return initial.clone()
+
+    def threshold(self, spec: _SolveSpec, rhs: torch.Tensor, residual_norm: torch.Tensor) -> torch.Tensor:
+        """(B,) stopping residual norms of a run with ``spec``: rtol·max(reference, ‖P r₀‖) + atol + round-off."""
+        full_norm = _group_dot(rhs, rhs, spec).sqrt()
+        roundoff = 10.0 * torch.finfo(rhs.dtype).eps * full_norm
+        reference = full_norm if spec.full_reference else self.norm(rhs)
+        return spec.rtol * torch.maximum(reference, residual_norm) + spec.atol + roundoff
+
+
 def _conjugate_gradients(
     spec: _SolveSpec, apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, total: Optional[torch.Tensor],
-    initial: Optional[torch.Tensor] = None,
+    initial: Optional[torch.Tensor] = None, krylov: Optional[_Krylov] = None,
 ) -> torch.Tensor:
     """Batched preconditioned CG; returns x (N, ...) without a graph."""
-    if spec.preconditioner is not None:
-        apply_inverse = spec.preconditioner
-    else:
-        inverse_diagonal = torch.ones_like(rhs) if spec.diagonal is None else 1.0 / spec.diagonal.to(rhs.dtype)
-
-        def apply_inverse(residual: torch.Tensor) -> torch.Tensor:
-            return inverse_diagonal * residual
-
-    # w = P⁻¹1 and 1ᵀw per structure: the constraint direction of the preconditioner.
-    constraint_direction = None if total is None else apply_inverse(torch.ones_like(rhs))
-    inverse_weight = None if constraint_direction is None else _group_sum(constraint_direction, spec)
-
-    def precondition(residual: torch.Tensor) -> torch.Tensor:
-        scaled = apply_inverse(residual)
-        if constraint_direction is None or inverse_weight is None:  # no total constraint
-            return scaled
-        return scaled - constraint_direction * _constrained(_group_sum(scaled, spec) / inverse_weight, spec)[spec.batch]
-
-    def project(residual: torch.Tensor) -> torch.Tensor:
-        if total is None:
-            return residual
-        counts = torch.bincount(spec.batch, minlength=spec.n_groups).to(residual.dtype)
-        mean = _group_sum(residual, spec) / counts.reshape(-1, *([1] * (residual.ndim - 1)))
-        return residual - _constrained(mean, spec)[spec.batch]
-
-    def norm(residual: torch.Tensor) -> torch.Tensor:
-        projected = project(residual)
-        return _group_dot(projected, projected, spec).sqrt()
-
-    if initial is None:
-        x = precondition(rhs)
-        if total is not None and constraint_direction is not None and inverse_weight is not None:
-            x = x + constraint_direction * _constrained(total / inverse_weight, spec)[spec.batch]
-    elif total is not None and constraint_direction is not None and inverse_weight is not None:
-        shift = _constrained((total - _group_sum(initial, spec)) / inverse_weight, spec)
-        x = initial + constraint_direction * shift[spec.batch]
-    else:
-        x = initial.clone()
+    krylov = krylov or _Krylov(spec, rhs, total is not None)
+    x = krylov.start(rhs, total, initial)
     # Only the projected residual matters (its component along 1 is absorbed by the
     # multiplier), so it is kept projected: r·z then has no round-off from that part.
-    residual = project(rhs - apply(x))
-    full_norm = _group_dot(rhs, rhs, spec).sqrt()
-    roundoff = 10.0 * torch.finfo(rhs.dtype).eps * full_norm
-    reference = full_norm if spec.full_reference else norm(rhs)
-    threshold = spec.rtol * torch.maximum(reference, norm(residual)) + spec.atol + roundoff
-    residual_norm = norm(residual)
-    z = precondition(residual)
+    residual = krylov.project(rhs - apply(x))
+    residual_norm = krylov.norm(residual)
+    threshold = krylov.threshold(spec, rhs, residual_norm)
+    z = krylov.precondition(residual)
     direction = z
     rz = _group_dot(residual, z, spec)
     for iteration in range(spec.max_iter):
@@ -401,17 +446,17 @@ def _conjugate_gradients(
             )
         step = torch.where(active & (curvature > 0), rz / torch.where(curvature > 0, curvature, 1.0), 0.0)
         x = x + _per_row(step, x, spec) * direction
-        residual = project(residual - _per_row(step, x, spec) * product)
-        z = precondition(residual)
+        residual = krylov.project(residual - _per_row(step, x, spec) * product)
+        z = krylov.precondition(residual)
         rz_new = _group_dot(residual, z, spec)
         beta = torch.where(active & (rz > 0), rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
         direction = z + _per_row(beta, x, spec) * direction
         rz = rz_new
-        residual_norm = norm(residual)
+        residual_norm = krylov.norm(residual)
     if spec.statistics is not None:
         spec.statistics.iterations.append(spec.max_iter)
     failed = residual_norm > threshold
-    if bool(failed.any()):
+    if bool(failed.any()) and spec.on_failure != "return":
         worst = int(torch.argmax(torch.where(failed, residual_norm / threshold.clamp_min(1e-300), 0.0)))
         message = (
             f"conjugate gradients did not converge in {spec.max_iter} iterations: structure {worst} has "
@@ -421,4 +466,55 @@ def _conjugate_gradients(
         if spec.on_failure == "raise":
             raise ConvergenceError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return x
+
+
+def _refined_solve(
+    spec: _SolveSpec, apply: Callable[[torch.Tensor], torch.Tensor], approximate: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor, total: Optional[torch.Tensor], initial: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Iterative refinement with a cheaper operator H̃ ≈ H; returns x (N, ...) without a graph.
+
+    x ← x + d with H̃ d = r solved by CG to :data:`REFINEMENT_INNER_RTOL` (d sums to zero per structure) and
+    r = b − H x from the exact operator; each correction contracts the error by about ‖I − H̃⁻¹H‖ plus the
+    inner tolerance.  The stopping test is CG's own, on the exact residual, so the result meets the same
+    tolerance.  Should a correction gain less than :data:`REFINEMENT_MIN_GAIN` (or H̃ prove indefinite), CG with
+    H finishes the solve.
+    """
+    krylov = _Krylov(spec, rhs, total is not None)
+    inner = dataclasses.replace(
+        spec, rtol=REFINEMENT_INNER_RTOL, atol=0.0, max_iter=min(spec.max_iter, REFINEMENT_INNER_MAX_ITER),
+        on_failure="return", statistics=SolveStatistics(), full_reference=False,
+    )
+    no_total = None if total is None else torch.zeros_like(total)
+    x = krylov.start(rhs, total, initial)
+    residual = krylov.project(rhs - apply(x))
+    residual_norm = krylov.norm(residual)
+    threshold = krylov.threshold(spec, rhs, residual_norm)
+    products = 1
+    for _ in range(REFINEMENT_MAX_STEPS):
+        active = residual_norm > threshold
+        if not bool(active.any()):
+            break
+        before = residual_norm
+        try:
+            correction = _conjugate_gradients(inner, approximate, residual * _per_row(active, residual, spec), no_total, None, krylov)
+        except ValueError:  # H̃ not positive definite here: H decides (and reports) below
+            break
+        x = x + correction
+        residual = krylov.project(rhs - apply(x))
+        residual_norm = krylov.norm(residual)
+        products += 1
+        if bool((active & (residual_norm > REFINEMENT_MIN_GAIN * before)).any()):
+            break
+    assert inner.statistics is not None
+    cheap = sum(inner.statistics.iterations)
+    if bool((residual_norm > threshold).any()):
+        finish = dataclasses.replace(spec, statistics=SolveStatistics())
+        x = _conjugate_gradients(finish, apply, rhs, total, x, krylov)
+        assert finish.statistics is not None
+        products += finish.statistics.iterations[0] + 1  # its first residual, then one product per iteration
+    if spec.statistics is not None:
+        spec.statistics.iterations.append(cheap + products - 1)
+        spec.statistics.exact_products.append(products)
     return x

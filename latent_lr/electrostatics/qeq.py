@@ -47,9 +47,10 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .block_preconditioner import near_field_preconditioner
 from .coulomb import coulomb_energy
-from .coulomb_operator import coulomb_operator
+from .coulomb_operator import coulomb_operator, mesh_parameters_of
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import SolveStatistics, solve_spd
+from .mesh_parameters import MeshParameters
 from .state import EngineState
 from .validation import require_autograd
 
@@ -71,6 +72,10 @@ DENSE_MAX_ATOMS = 32
 #: product then carries a relative error of ~1e-7, far below the tolerance, and costs ~40 % less.
 #: Training (rtol 1e-10) and tight solves stay in float64 throughout.
 SINGLE_PRECISION_RTOL = 1e-6
+
+#: Accuracy of the PME mesh of the cheap operator that carries most CG products of MD-tolerance solves
+#: (:meth:`_Geometry.approximate`, iterative refinement in :func:`~.linear_solve.solve_spd`).
+REFINEMENT_ACCURACY = 3e-2
 
 
 def product_precision(dtype: torch.dtype, rtol: Optional[float]) -> Optional[torch.dtype]:
@@ -156,6 +161,44 @@ class _Geometry:
             return diagonal * v + (torch.zeros_like(v) if product is None else product)
 
         return apply
+
+    def refinement_pays(self, cell: torch.Tensor, smearing: torch.Tensor) -> bool:
+        """True when this solve runs at MD tolerance (``product_precision`` set) and some PME cell gets a
+        smaller mesh or a lower spline order at :data:`REFINEMENT_ACCURACY` than at the solve's accuracy."""
+        periodic = self.pbc.all(dim=1)
+        if self.product_precision is None or not bool(periodic.any()):
+            return False
+        sigma = float(smearing.detach())
+        counts = torch.bincount(self.batch, minlength=self.n_structures)
+        exact = mesh_parameters_of(cell, periodic, counts, sigma, self.accuracy, self.state)
+        cheap = mesh_parameters_of(cell, periodic, counts, sigma, REFINEMENT_ACCURACY, self.state)
+        return any(_mesh_work(cheap[i]) < _mesh_work(exact[i]) for i in exact)
+
+    def approximate(
+        self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor
+    ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """v ↦ H̃ v: H with the PME meshes chosen for :data:`REFINEMENT_ACCURACY`, in single precision.
+
+        The cheap operator of the iterative refinement of :func:`~.linear_solve.solve_spd` (most products use
+        it; the exact H checks every correction, so the solution meets the same tolerance).  None unless this
+        solve runs at MD tolerance (``product_precision`` set) and some PME cell gets a smaller mesh or a
+        lower spline order than the exact operator's.
+        """
+        if not self.refinement_pays(cell, smearing):
+            return None
+        explicit = coulomb_operator(
+            positions, cell, self.pbc, self.batch, float(smearing.detach()), REFINEMENT_ACCURACY, self.state,
+            torch.float32,
+        )
+        if explicit is None:
+            return None
+        diagonal = hardness + gaussian_self_hardness(smearing)
+        return lambda v: diagonal * v + explicit(v)
+
+
+def _mesh_work(parameters: MeshParameters) -> int:
+    """Mesh points plus spline terms per atom of one PME choice: a rough cost of one mesh product."""
+    return parameters.mesh[0] * parameters.mesh[1] * parameters.mesh[2] + parameters.order**3
 
 
 def _charge_gradient(energy: torch.Tensor, charges: torch.Tensor, create_graph: bool) -> torch.Tensor:

@@ -102,6 +102,8 @@ class SolutionMemory:
         iterations: solve kind -> CG iteration counts of the last solve of that
             kind (forward first, then the adjoint solves of a backward pass, which
             are appended as they run).
+        exact_products: solve kind -> products with the exact operator of the last
+            solve's refined runs (empty where no cheap operator took part).
     """
 
     def __init__(self, capacity: int = KEPT_SOLUTIONS) -> None:
@@ -110,6 +112,7 @@ class SolutionMemory:
         self.capacity = int(capacity)
         self.solutions: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()
         self.iterations: dict[str, list[int]] = {}
+        self.exact_products: dict[str, list[int]] = {}
         #: (kind, structure) -> (positions, solution) of the last steps, most recent first (extrapolation).
         self.history: dict[tuple[str, bytes], list[tuple[Optional[torch.Tensor], torch.Tensor]]] = {}
 
@@ -117,6 +120,7 @@ class SolutionMemory:
         """Forget every kept solution and iteration count."""
         self.solutions.clear()
         self.iterations.clear()
+        self.exact_products.clear()
         self.history.clear()
 
     def __len__(self) -> int:
@@ -142,6 +146,7 @@ class SolutionMemory:
         initial = None if keys is None else self.guess(kind, keys, like, extrapolation)
         solve = WarmStartedSolve(self, kind, keys, initial, positions=None if positions is None else positions.detach())
         self.iterations[kind] = solve.statistics.iterations
+        self.exact_products[kind] = solve.statistics.exact_products
         return solve
 
     def guess(self, kind: str, keys: list[bytes], like: torch.Tensor, extrapolation: int = 0) -> Optional[torch.Tensor]:
