@@ -243,13 +243,17 @@ def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(m
     scale = torch.as_tensor(rng.uniform(0.1, 0.8, n) * float(catastrophe_free_polarizability(SIGMA))).sqrt()
     v = torch.as_tensor(rng.normal(size=(n, 4)))
 
-    def product(precision=None, folded=True):
+    def product(precision=None, folded=True, separable=False):
         operator = joint._JointOperator(pbc, batch, 1, 1e-5, EngineState())
         operator.charges.product_precision = precision
+        # refinement_pays picks the separable form (few exact products); forced either way here
+        monkeypatch.setattr(joint._Geometry, "refinement_pays", lambda *args: separable)
         if not folded:
             monkeypatch.setattr(joint._JointOperator, "_folded_meshes", lambda *args: None)
         else:
-            assert operator._folded_meshes(operator.dipoles(positions, cell, SIGMA), cell, SIGMA) is not None
+            meshes = operator._folded_meshes(operator.dipoles(positions, cell, SIGMA), cell, SIGMA)
+            kind = joint.SeparableJointMesh if separable else joint.FrozenJointMesh
+            assert meshes is not None and all(type(mesh) is kind for mesh in meshes)
         result = operator.frozen(positions, cell, SIGMA, hardness, scale)(v)
         monkeypatch.undo()
         return result
@@ -257,6 +261,9 @@ def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(m
     separate, one_mesh, single = product(folded=False), product(), product(torch.float32)
     torch.testing.assert_close(one_mesh, separate, rtol=1e-10, atol=1e-10)
     error = float((single - separate).norm() / separate.norm())
+    assert 1e-10 < error < 1e-5, error
+    torch.testing.assert_close(product(separable=True), separate, rtol=1e-10, atol=1e-10)
+    error = float((product(torch.float32, separable=True) - separate).norm() / separate.norm())
     assert 1e-10 < error < 1e-5, error
 
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -72,6 +72,9 @@ from .setup_cache import ewald_setup
 from .slab import extend_slabs
 from .switching import switch_off
 from .validation import Structures
+
+if TYPE_CHECKING:
+    from .state import EngineState
 
 #: Accepted ``method`` values of :func:`dipole_operator` (``"auto"``: PME from the engine's
 #: :data:`~.coulomb.PME_MIN_ATOMS` atoms per periodic structure, as for charges).
@@ -236,6 +239,7 @@ def dipole_operator(
     slab: Optional[torch.Tensor] = None,
     method: str = "ewald",
     eager_mesh: bool = True,
+    state: Optional["EngineState"] = None,
 ) -> DipoleOperator:
     """Build T for a batch of open (direct sum), fully periodic (Ewald, tin-foil) and slab structures.
 
@@ -252,6 +256,7 @@ def dipole_operator(
             (:mod:`.dipole_mesh`) or ``"auto"`` (PME from
             :data:`~.coulomb.PME_MIN_ATOMS` atoms, as the engine for charges).
         eager_mesh: build the meshes' product arrays now (:func:`.dipole_mesh.dipole_mesh` ``eager``).
+        state: engine state whose influence functions the meshes reuse (:func:`.dipole_mesh.dipole_mesh`).
     """
     if method not in DIPOLE_METHODS:
         raise ValueError(f"dipole operator method must be one of {DIPOLE_METHODS}, got {method!r}.")
@@ -307,7 +312,7 @@ def dipole_operator(
         meshes = tuple(
             dipole_mesh(
                 positions, cell[i], torch.arange(starts[i], starts[i] + int(counts[i]), device=device),
-                alpha_structure[i], params[i].mesh, params[i].order, eager_mesh,
+                alpha_structure[i], params[i].mesh, params[i].order, eager_mesh, state,
             )
             for i in on_mesh
         )

@@ -78,7 +78,7 @@ from .block_preconditioner import near_field_preconditioner
 from .coulomb_operator import mesh_parameters_of
 from .deferred_qeq import _aliases, _scatter, _wanted, multiplier_gradient
 from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
-from .dipole_mesh import FrozenJointMesh
+from .dipole_mesh import FrozenJointMesh, SeparableJointMesh
 from .dipole_tensor import catastrophe_free_polarizability
 from .induction import per_structure
 from .kernels import screened_pair_kernel
@@ -245,12 +245,12 @@ class _JointOperator:
         geometry = self.charges
         return dipole_operator(
             positions, cell, self.periodic, geometry.batch, smearing, geometry.accuracy, self.slab, method=self.method,
-            eager_mesh=self.eager_mesh,
+            eager_mesh=self.eager_mesh, state=geometry.state,
         )
 
     def _folded_meshes(
         self, operator: DipoleOperator, cell: torch.Tensor, smearing: torch.Tensor
-    ) -> Optional[list[FrozenJointMesh]]:
+    ) -> Optional[list[FrozenJointMesh | SeparableJointMesh]]:
         """One-density meshes (:class:`.dipole_mesh.FrozenJointMesh`) when every periodic structure's Coulomb
         mesh is its dipole mesh (the usual case: both follow the engine's parameter choice); else None."""
         geometry = self.charges
@@ -264,6 +264,8 @@ class _JointOperator:
         if not all(_same_mesh(kept[i], fresh[i], alpha_smear) for i in kept):
             return None
         precision = geometry.product_precision or cell.dtype
+        if geometry.refinement_pays(cell.detach(), smearing):  # a few exact residuals only: no CSR set-up
+            return [SeparableJointMesh(mesh, precision) for mesh in operator.meshes]
         return [FrozenJointMesh(mesh, precision) for mesh in operator.meshes]
 
     def __call__(
