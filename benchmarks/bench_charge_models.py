@@ -148,11 +148,11 @@ def verlet_trajectory(
 
 def md_times(
     modules: dict[str, LongRangeModule], features: torch.Tensor, data: AtomsBatch, frames: list[torch.Tensor]
-) -> dict[str, tuple[list[float], list[list[int]]]]:
+) -> dict[str, tuple[list[float], list[list[int]], list[list[int]]]]:
     """Seconds per energy + forces call of every module (eval mode) along ``frames``, the modules taking turns
     at each frame (so that a change of machine load hits all alike), and each call's CG iteration counts
-    (forward, then any adjoint solves; empty without CG)."""
-    results: dict[str, tuple[list[float], list[list[int]]]] = {name: ([], []) for name in modules}
+    (forward, then any adjoint solves; empty without CG) and exact-operator products of its refined solves."""
+    results: dict[str, tuple[list[float], list[list[int]], list[list[int]]]] = {name: ([], [], []) for name in modules}
     for module in modules.values():
         module.eval()
     for positions in frames:
@@ -160,7 +160,9 @@ def md_times(
             start = time.perf_counter()
             energy_and_forces(module, features, data.with_geometry(positions, data.cell))
             results[name][0].append(time.perf_counter() - start)
-            results[name][1].append(list(next(iter(module.engine_state.solutions.iterations.values()), [])))
+            memory = module.engine_state.solutions
+            results[name][1].append(list(next(iter(memory.iterations.values()), [])))
+            results[name][2].append(list(next(iter(memory.exact_products.values()), [])))
     return results
 
 
@@ -171,8 +173,9 @@ def costs(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, engine accuracy {args.accuracy:g}; "
           f"energy + forces, median of {args.md_steps - 1} MD-like calls ({trajectory}), ms (ratio to plain) "
           "(median over the calls of the time ratio to the first variant in the same call round) "
-          "[CG iterations: forward (mean), adjoint of the last call]")
-    print(f"{'geometry':<9}{'N':>7} " + "".join(f"{name:>32}" for name in names))
+          "[CG iterations: forward (mean; of which products with the exact operator in refined solves), "
+          "adjoint of the last call]")
+    print(f"{'geometry':<9}{'N':>7} " + "".join(f"{name:>40}" for name in names))
     for periodic in (True, False):
         for n_atoms in args.sizes:
             if not periodic and n_atoms > args.open_max_atoms:
@@ -192,13 +195,15 @@ def costs(args: argparse.Namespace) -> None:
             results = md_times(modules, features, data, frames)
             plain_times = results[names[0]][0]
             for name in names:
-                times, iterations = results[name]
+                times, iterations, exact = results[name]
                 timed = slice(1, None) if len(times) > 1 else slice(None)  # the first call is not timed
                 seconds = statistics.median(times[timed])
                 ratio = statistics.median(t / p for t, p in zip(times[timed], plain_times[timed]))
                 counts = iterations[timed]
-                solves = "" if not counts[-1] else f" [{statistics.mean(i[0] for i in counts):.0f}, {counts[-1][1:2]}]"
-                cells.append(f"{f'{1e3 * seconds:.1f} ({ratio:.1f}x){solves}':>32}")
+                refined = [e[0] for e in exact[timed] if e]
+                share = f" ({statistics.mean(refined):.0f} exact)" if refined else ""
+                solves = "" if not counts[-1] else f" [{statistics.mean(i[0] for i in counts):.0f}{share}, {counts[-1][1:2]}]"
+                cells.append(f"{f'{1e3 * seconds:.1f} ({ratio:.1f}x){solves}':>40}")
             label = "periodic" if periodic else "open"
             print(f"{label:<9}{data.positions.shape[0]:>7} " + "".join(cells), flush=True)
 
