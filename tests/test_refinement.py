@@ -151,3 +151,21 @@ def test_md_tolerance_joint_solve_refines_and_agrees_with_the_tight_solve(deferr
     rtol = 10 * SINGLE_PRECISION_RTOL
     for got, want in zip(loose[:4], tight[:4]):
         assert float((got - want).norm()) < 50 * rtol * float(want.norm())
+
+
+def test_ewald_cells_and_slabs_keep_plain_cg():
+    """Refinement needs a PME cell whose coarse mesh is cheaper; small (Ewald) cells and batches with slabs
+    solve by plain CG, to the same tolerance."""
+    from latent_lr.electrostatics.coulomb import PME_MIN_ATOMS
+    from latent_lr.electrostatics.qeq import SINGLE_PRECISION_RTOL, equilibrate_charges
+
+    sigma = torch.tensor(1.0, dtype=torch.float64)
+    for n_molecules, pbc in ((16, (True, True, True)), (200, (True, True, False))):
+        data, chi, hardness = water_problem(n_molecules)
+        assert (len(chi) < PME_MIN_ATOMS) == (n_molecules == 16)
+        record = SolveStatistics()
+        equilibrate_charges(
+            chi, hardness, data.positions, data.cell, torch.tensor([pbc]), data.batch, data.total_charge, sigma,
+            accuracy=1e-4, solver="cg", rtol=10 * SINGLE_PRECISION_RTOL, statistics=record,
+        )
+        assert record.exact_products == [] and record.iterations[0] > 1

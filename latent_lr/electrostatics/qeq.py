@@ -46,7 +46,7 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .block_preconditioner import near_field_preconditioner
-from .coulomb import coulomb_energy
+from .coulomb import PME_MIN_ATOMS, coulomb_energy
 from .coulomb_operator import coulomb_operator, mesh_parameters_of
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import SolveStatistics, solve_spd
@@ -163,13 +163,15 @@ class _Geometry:
         return apply
 
     def refinement_pays(self, cell: torch.Tensor, smearing: torch.Tensor) -> bool:
-        """True when this solve runs at MD tolerance (``product_precision`` set) and some PME cell gets a
-        smaller mesh or a lower spline order at :data:`REFINEMENT_ACCURACY` than at the solve's accuracy."""
-        periodic = self.pbc.all(dim=1)
-        if self.product_precision is None or not bool(periodic.any()):
+        """True when this solve runs at MD tolerance (``product_precision`` set), the batch has no slabs, and
+        some PME cell (:data:`~.coulomb.PME_MIN_ATOMS` atoms or more) gets a smaller mesh or a lower spline
+        order at :data:`REFINEMENT_ACCURACY` than at the solve's accuracy."""
+        counts = torch.bincount(self.batch, minlength=self.n_structures)
+        periodic = self.pbc.all(dim=1) & (counts >= PME_MIN_ATOMS)
+        slab = self.pbc.any(dim=1) & ~self.pbc.all(dim=1)
+        if self.product_precision is None or not bool(periodic.any()) or bool(slab.any()):
             return False
         sigma = float(smearing.detach())
-        counts = torch.bincount(self.batch, minlength=self.n_structures)
         exact = mesh_parameters_of(cell, periodic, counts, sigma, self.accuracy, self.state)
         cheap = mesh_parameters_of(cell, periodic, counts, sigma, REFINEMENT_ACCURACY, self.state)
         return any(_mesh_work(cheap[i]) < _mesh_work(exact[i]) for i in exact)
