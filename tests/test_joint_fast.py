@@ -243,8 +243,8 @@ def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(m
     scale = torch.as_tensor(rng.uniform(0.1, 0.8, n) * float(catastrophe_free_polarizability(SIGMA))).sqrt()
     v = torch.as_tensor(rng.normal(size=(n, 4)))
 
-    def product(precision=None, folded=True, separable=False):
-        operator = joint._JointOperator(pbc, batch, 1, 1e-5, EngineState())
+    def product(precision=None, folded=True, separable=False, accuracy=1e-5):
+        operator = joint._JointOperator(pbc, batch, 1, accuracy, EngineState())
         operator.charges.product_precision = precision
         # refinement_pays picks the separable form (few exact products); forced either way here
         monkeypatch.setattr(joint._Geometry, "refinement_pays", lambda *args: separable)
@@ -263,6 +263,11 @@ def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(m
     error = float((single - separate).norm() / separate.norm())
     assert 1e-10 < error < 1e-5, error
     torch.testing.assert_close(product(separable=True), separate, rtol=1e-10, atol=1e-10)
+    coarse = product(folded=False, accuracy=3e-2)  # order-4 splines: the fused multiply-add spreading
+    from latent_lr.electrostatics.dipole_mesh import SMALL_STENCIL
+
+    assert SMALL_STENCIL >= 4**3
+    torch.testing.assert_close(product(accuracy=3e-2), coarse, rtol=1e-10, atol=1e-10)
     error = float((product(torch.float32, separable=True) - separate).norm() / separate.norm())
     assert 1e-10 < error < 1e-5, error
 
@@ -294,6 +299,38 @@ def test_mesh_dipole_energy_equals_the_products_and_their_position_derivative():
         results.append((energy.detach(), gradient))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-9, atol=1e-10)
+
+
+def test_one_mesh_energy_of_charges_and_dipoles_equals_the_engine_energy_plus_the_dipole_increment(monkeypatch):
+    """Where the engine's Coulomb mesh is the dipoles' one, ½yᵀHy takes one mesh energy of the total density
+    and the engine's energy without its mesh part; it must equal E_coul (with its mesh) plus
+    DipoleMesh.dipole_energy in value and in the position, charge and cell gradients."""
+    from latent_lr.demo import water_like_box
+    from latent_lr.electrostatics import EngineState
+    from latent_lr.electrostatics.coulomb import PME_MIN_ATOMS
+
+    positions, _, cell = water_like_box(110, 2)
+    n = positions.shape[0]
+    assert n >= PME_MIN_ATOMS
+    rng = np.random.default_rng(6)
+    hardness = torch.as_tensor(rng.uniform(1.0, 3.0, n))
+    scale = torch.as_tensor(rng.uniform(0.1, 0.8, n) * float(catastrophe_free_polarizability(SIGMA))).sqrt()
+    y = torch.as_tensor(rng.normal(size=(n, 4)))
+    pbc, batch = torch.ones(1, 3, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+    results = {}
+    for shared in (True, False):
+        x = positions.double().clone().requires_grad_()
+        box = cell.double()[None].clone().requires_grad_()
+        charges = y.clone().requires_grad_()
+        operator = joint._JointOperator(pbc, batch, 1, 1e-5, EngineState())
+        assert operator._shares_meshes(operator.dipoles(x, box, SIGMA), box, SIGMA)
+        if not shared:
+            monkeypatch.setattr(joint._JointOperator, "_shares_meshes", lambda *args: False)
+        energy = operator.half_quadratic(charges, x, box, SIGMA, hardness, scale).sum()
+        results[shared] = (energy.detach(), *torch.autograd.grad(energy, (x, charges, box)))
+        monkeypatch.undo()
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_dense_product_of_open_batches_equals_the_pair_product(monkeypatch):

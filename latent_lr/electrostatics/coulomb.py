@@ -67,6 +67,7 @@ def coulomb_energy(
     accuracy: float = 1e-6,
     method: str = "auto",
     state: Optional[EngineState] = None,
+    include_mesh: bool = True,
 ) -> torch.Tensor:
     """Electrostatic energy of each structure in a batch, in eV.
 
@@ -97,6 +98,10 @@ def coulomb_energy(
             the cell deforms and reuses influence functions, within this state
             only), or None: no mutable state is used, PME chooses afresh for
             this call, and the result depends on the arguments only.
+        include_mesh: False leaves out the SPME reciprocal (mesh) energy of the
+            PME-summed structures (everything else stays), for a caller that
+            adds that mesh energy for a larger density itself (the joint
+            charge–dipole energy, :mod:`.joint_equilibration`).
 
     Returns:
         (B,) energies, eV (k_e = 14.399645 eV·Å/e²).
@@ -152,7 +157,8 @@ def coulomb_energy(
         )
     if bool(use_pme.any()):
         energy = energy + _pme_energy(
-            dataclasses.replace(structures, periodic=use_pme), alpha_smear, smearing_value, accuracy, state
+            dataclasses.replace(structures, periodic=use_pme), alpha_smear, smearing_value, accuracy, state,
+            include_mesh,
         )
     if bool(structures.slab.any()):
         energy = energy + slab_correction(structures, alpha_smear)
@@ -347,8 +353,10 @@ def _pme_energy(
     smearing: float,
     accuracy: float,
     state: Optional[EngineState],
+    include_mesh: bool = True,
 ) -> torch.Tensor:
-    """Real + SPME reciprocal + self + background energy of the periodic structures, / k_e.
+    """Real + SPME reciprocal (unless not ``include_mesh``) + self + background energy of the periodic
+    structures, / k_e.
 
     With ``state`` the mesh is kept while the cell deforms and influence
     functions are reused (:class:`~.state.EngineState`); without, both are
@@ -371,6 +379,9 @@ def _pme_energy(
 
     in_periodic = structures.periodic[structures.batch]
     atom_row = (torch.cumsum(structures.periodic.long(), 0) - 1)[structures.batch][in_periodic]
+    constant = _self_and_background(charges[in_periodic], atom_row, alpha_rows, alpha_smear, volumes)
+    if not include_mesh:
+        return energy.index_add(0, rows, constant)
     reciprocal = spme_reciprocal_energy(
         positions[in_periodic],
         charges[in_periodic],
@@ -382,5 +393,4 @@ def _pme_energy(
         None if state is None else state.influence,
         0 if state is None else state.influence_cache_size,
     )
-    constant = _self_and_background(charges[in_periodic], atom_row, alpha_rows, alpha_smear, volumes)
     return energy.index_add(0, rows, reciprocal + constant)

@@ -89,6 +89,16 @@ class DipoleMesh:
         products, as :func:`.mesh.spread_charges`), never through the (n, p³, 3) gradient array.
         """
         assert self.splines is not None, "build the mesh with dipole_mesh (separable factors)"
+        size = self.shape[0] * self.shape[1] * self.shape[2]
+        charge_only = spread_charges(charges, self.points.reshape(-1), self.splines[0], size).reshape(1, *self.shape)
+        half = _half_weights(self.shape[2], charge_only.dtype, charge_only.device)
+        charge_energy = COULOMB_CONSTANT * _mesh_energy(charge_only, self.theta[None], half)[0]
+        return self.density_energy(charges, dipoles) - charge_energy
+
+    def density_energy(self, charges: torch.Tensor, dipoles: torch.Tensor) -> torch.Tensor:
+        """k_e Σ_m θ |F(Q_q + Q_p)|² (scalar, eV): the reciprocal energy of this structure's charges (n,) e
+        and dipoles (n, 3) e·Å together, differentiable as :meth:`dipole_energy`."""
+        assert self.splines is not None, "build the mesh with dipole_mesh (separable factors)"
         weights, derivatives, to_mesh = self.splines
         n = weights.shape[0]
         along = dipoles @ to_mesh  # (n, 3): p̃_a, the dipoles along the mesh axes
@@ -103,12 +113,9 @@ class DipoleMesh:
             torch.stack([first.reshape(n, -1), second.reshape(n, -1)], -1), torch.stack([w2, d2], 1)
         ).reshape(-1)
         size = self.shape[0] * self.shape[1] * self.shape[2]
-        points = self.points.reshape(-1)
-        total = density.new_zeros(size).index_add_(0, points, density).reshape(1, *self.shape)
-        charge_only = spread_charges(charges, points, weights, size).reshape(1, *self.shape)
+        total = density.new_zeros(size).index_add_(0, self.points.reshape(-1), density).reshape(1, *self.shape)
         half = _half_weights(self.shape[2], density.dtype, density.device)
-        theta = self.theta[None]
-        return COULOMB_CONSTANT * (_mesh_energy(total, theta, half) - _mesh_energy(charge_only, theta, half))[0]
+        return COULOMB_CONSTANT * _mesh_energy(total, self.theta[None], half)[0]
 
     def _support_potential(self, density: torch.Tensor) -> torch.Tensor:
         """(n, p³) G = ∂(E/k_e)/∂Q at each atom's support points, of a spread mesh density (n, p³)."""
@@ -203,6 +210,11 @@ def dipole_mesh(
     return DipoleMesh(atoms, flat, gradients, shape, theta, values, splines)
 
 
+#: Spline supports of at most this many points per atom (order ≤ 5) spread (q, p) by fused multiply-adds in
+#: :meth:`FrozenJointMesh.products` (10,000 atoms, order 4: ~2 ms instead of ~6 ms); larger ones by bmm.
+SMALL_STENCIL = 125
+
+
 class FrozenJointMesh:
     """The mesh part of the joint charge–dipole product at fixed geometry, one density for both kinds.
 
@@ -234,7 +246,13 @@ class FrozenJointMesh:
     def products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field (n, 3) V/Å, potential (n,) V) of this structure's charges (n,) e and dipoles (n, 3) e·Å."""
         sources = torch.cat([charges[:, None], dipoles], 1).to(self.weights.dtype)
-        density = torch.bmm(sources[:, None, :], self.weights)  # (n, 1, p³)
+        weights = self.weights
+        if weights.shape[2] <= SMALL_STENCIL:  # 4 fused multiply-adds beat a (1 × 4)(4 × p³) bmm per atom there
+            density = weights[:, 0] * sources[:, :1]
+            for component in range(1, 4):
+                density = torch.addcmul(density, weights[:, component], sources[:, component : component + 1])
+        else:
+            density = torch.bmm(sources[:, None, :], weights)  # (n, 1, p³)
         grid = density.new_zeros(self.size).index_add_(0, self.points, density.reshape(-1))
         spectrum = torch.fft.rfftn(grid.reshape(self.shape))
         potential = torch.fft.irfftn(self.theta * spectrum, s=self.shape).reshape(-1) * (2.0 * self.size)

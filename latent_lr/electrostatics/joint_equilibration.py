@@ -75,6 +75,7 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .block_preconditioner import near_field_preconditioner
+from .coulomb import PME_MIN_ATOMS
 from .coulomb_operator import mesh_parameters_of
 from .deferred_qeq import _aliases, _scatter, _wanted, multiplier_gradient
 from .dipole_ewald import DIPOLE_METHODS, DipoleOperator, dipole_operator
@@ -248,21 +249,30 @@ class _JointOperator:
             eager_mesh=self.eager_mesh, state=geometry.state,
         )
 
+    def _shares_meshes(self, operator: DipoleOperator, cell: torch.Tensor, smearing: torch.Tensor) -> bool:
+        """True when every periodic structure is summed on a mesh by both the engine (PME) and the dipole
+        operator, and its Coulomb mesh (the engine's choice with the state) is its dipole mesh (same α, shape
+        and order; the usual case)."""
+        geometry = self.charges
+        if not operator.meshes or len(operator.meshes) != int(self.periodic.sum()):
+            return False
+        counts = torch.bincount(geometry.batch, minlength=geometry.n_structures)
+        if bool((counts[self.periodic] < PME_MIN_ATOMS).any()):  # the engine sums those by Ewald
+            return False
+        sigma = float(smearing.detach())
+        kept = mesh_parameters_of(cell.detach(), self.periodic, counts, sigma, geometry.accuracy, geometry.state)
+        fresh = mesh_parameters_of(cell.detach(), self.periodic, counts, sigma, geometry.accuracy)
+        alpha_smear = 1.0 / (math.sqrt(2.0) * sigma)
+        return all(_same_mesh(kept[i], fresh[i], alpha_smear) for i in kept)
+
     def _folded_meshes(
         self, operator: DipoleOperator, cell: torch.Tensor, smearing: torch.Tensor
     ) -> Optional[list[FrozenJointMesh | SeparableJointMesh]]:
         """One-density meshes (:class:`.dipole_mesh.FrozenJointMesh`) when every periodic structure's Coulomb
         mesh is its dipole mesh (the usual case: both follow the engine's parameter choice); else None."""
+        if not self._shares_meshes(operator, cell, smearing):
+            return None
         geometry = self.charges
-        if not operator.meshes or len(operator.meshes) != int(self.periodic.sum()):
-            return None
-        sigma = float(smearing.detach())
-        counts = torch.bincount(geometry.batch, minlength=geometry.n_structures)
-        kept = mesh_parameters_of(cell.detach(), self.periodic, counts, sigma, geometry.accuracy, geometry.state)
-        fresh = mesh_parameters_of(cell.detach(), self.periodic, counts, sigma, geometry.accuracy)
-        alpha_smear = 1.0 / (math.sqrt(2.0) * sigma)
-        if not all(_same_mesh(kept[i], fresh[i], alpha_smear) for i in kept):
-            return None
         precision = geometry.product_precision or cell.dtype
         if geometry.refinement_pays(cell.detach(), smearing):  # a few exact residuals only: no CSR set-up
             return [SeparableJointMesh(mesh, precision) for mesh in operator.meshes]
@@ -362,7 +372,8 @@ class _JointOperator:
             ½ yᵀHy = ½ Σ (J + k_e√(2/π)/σ) q² + E_coul(q) − ½ (pᵀF + qᵀΦ) + ½ |x|²,
 
         F = G q + T p the field and Φ = Gᵀp the dipoles' potential at the atoms (p = √α x), their mesh part
-        as one reciprocal energy (:meth:`.dipole_mesh.DipoleMesh.dipole_energy`).  E_coul is one engine
+        as one reciprocal energy (:meth:`.dipole_mesh.DipoleMesh.dipole_energy`; with E_coul's own mesh part in
+        it, :meth:`~.dipole_mesh.DipoleMesh.density_energy`, where the meshes are shared).  E_coul is one engine
         energy, so its derivatives need no differentiation through ∂E_coul/∂q (H y would).
         """
         operator, coupling = self._operator(positions, cell, smearing)
@@ -374,10 +385,14 @@ class _JointOperator:
         atom = 0.5 * diagonal * q**2 - 0.5 * ((p * field).sum(1) + q * potential) + 0.5 * (x * x).sum(1)
         geometry = self.charges
         per_structure_energy = positions.new_zeros(geometry.n_structures).index_add(0, geometry.batch, atom)
-        for mesh in operator.meshes:  # −pᵀG_rec q − ½pᵀT_rec p of the mesh structures
-            mesh_energy = mesh.dipole_energy(q[mesh.atoms], p[mesh.atoms])
+        # One mesh energy of charges and dipoles together where the engine's Coulomb mesh is the dipoles' one
+        # (the engine's energy then leaves its own mesh part out); else E_coul plus the dipoles' increment.
+        shared = not bool(self.slab.any()) and self._shares_meshes(operator, cell, smearing)
+        for mesh in operator.meshes:  # −pᵀG_rec q − ½pᵀT_rec p (+ ½qᵀK_rec q where shared) of the mesh structures
+            energy_of = mesh.density_energy if shared else mesh.dipole_energy
+            mesh_energy = energy_of(q[mesh.atoms], p[mesh.atoms])
             per_structure_energy = per_structure_energy.index_add(0, geometry.batch[mesh.atoms[:1]], mesh_energy[None])
-        return per_structure_energy + geometry.coulomb(positions, q, cell, smearing)
+        return per_structure_energy + geometry.coulomb(positions, q, cell, smearing, include_mesh=not shared)
 
     @staticmethod
     def _product(

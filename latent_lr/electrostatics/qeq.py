@@ -106,11 +106,14 @@ class _Geometry:
         self.state = state
         self.product_precision: Optional[torch.dtype] = None
 
-    def coulomb(self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor) -> torch.Tensor:
-        """(B,) smeared Coulomb energy, eV, self-interaction excluded."""
+    def coulomb(
+        self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor,
+        include_mesh: bool = True,
+    ) -> torch.Tensor:
+        """(B,) smeared Coulomb energy, eV, self-interaction excluded (PME mesh part left out unless ``include_mesh``)."""
         return coulomb_energy(
             positions, charges, cell=cell, pbc=self.pbc, batch=self.batch, smearing=smearing, accuracy=self.accuracy,
-            state=self.state,
+            state=self.state, include_mesh=include_mesh,
         )
 
     def __call__(
