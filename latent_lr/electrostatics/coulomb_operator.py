@@ -180,6 +180,16 @@ def _periodic_terms(
     in_periodic = structures.periodic[structures.batch]
     atoms = torch.nonzero(in_periodic).flatten()
     atom_row = (torch.cumsum(structures.periodic.long(), 0) - 1)[structures.batch][in_periodic]
+    # ∂/∂q of _self_and_background: −α q²/√π per atom, −π Q² (1/(2α²) − 1/(2α_s²))/V per structure.
+    self_coefficient = (-2.0 / math.sqrt(math.pi) * alpha_rows)[atom_row]
+    background_coefficient = -2.0 * math.pi * (1.0 / (2.0 * alpha_rows**2) - 1.0 / (2.0 * alpha_smear**2)) / volumes
+
+    def local_part(charges: torch.Tensor) -> torch.Tensor:
+        total = charges.new_zeros(len(rows_list)).index_add(0, atom_row, charges)
+        return self_coefficient * charges + background_coefficient[atom_row] * total[atom_row]
+
+    if not include_mesh:  # no mesh set-up at all
+        return lambda v: torch.zeros_like(v).index_add(0, atoms, COULOMB_CONSTANT * local_part(v[atoms]))
     mesh_shapes = [parameters[i].mesh for i in rows_list]
     order = parameters[rows_list[0]].order
     shapes, groups, offset, cursor = mesh_layout(mesh_shapes, positions.device)
@@ -204,16 +214,9 @@ def _periodic_terms(
             )
         blocks.append((shape, len(group), theta.to(precision)))
 
-    # ∂/∂q of _self_and_background: −α q²/√π per atom, −π Q² (1/(2α²) − 1/(2α_s²))/V per structure.
-    self_coefficient = (-2.0 / math.sqrt(math.pi) * alpha_rows)[atom_row]
-    background_coefficient = -2.0 * math.pi * (1.0 / (2.0 * alpha_rows**2) - 1.0 / (2.0 * alpha_smear**2)) / volumes
-
     def mesh_and_constant(v: torch.Tensor) -> torch.Tensor:
         charges = v[atoms]
-        total = charges.new_zeros(len(rows_list)).index_add(0, atom_row, charges)
-        local = self_coefficient * charges + background_coefficient[atom_row] * total[atom_row]
-        if not include_mesh:
-            return torch.zeros_like(v).index_add(0, atoms, COULOMB_CONSTANT * local)
+        local = local_part(charges)
         low = charges.to(precision)
         grid = low.new_zeros(cursor).index_add_(0, points.reshape(-1), (stencil * low[:, None]).reshape(-1))
         potentials, start = [], 0
