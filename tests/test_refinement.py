@@ -169,3 +169,33 @@ def test_ewald_cells_and_slabs_keep_plain_cg():
             accuracy=1e-4, solver="cg", rtol=10 * SINGLE_PRECISION_RTOL, statistics=record,
         )
         assert record.exact_products == [] and record.iterations[0] > 1
+
+
+def test_the_cheap_operator_is_built_only_when_a_correction_is_needed():
+    """A start that already meets the tolerance (e.g. the exact path re-run from the forward solution) costs
+    one exact residual and no cheap-operator set-up; a build that is unavailable falls back to exact CG."""
+    from latent_lr.electrostatics.linear_solve import lazy_operator
+
+    matrix, rhs, totals, batch = spd_problem(seed=3)
+    reference = kkt_solution(matrix, rhs, totals, batch)
+    builds = []
+
+    class Lazy(_Matrices):
+        def approximate(self, matrix_):
+            def build():
+                builds.append(1)
+                return None if unavailable else (lambda v: matrix_ @ v)
+
+            return lazy_operator(build)
+
+    for unavailable, initial in ((False, reference), (False, None), (True, None)):
+        operator, record = Lazy(None), SolveStatistics()
+        solution = solve_spd(
+            operator, torch.as_tensor(rhs), (torch.as_tensor(matrix),), batch=torch.as_tensor(batch),
+            total=torch.as_tensor(totals), diagonal=torch.as_tensor(np.diag(matrix).copy()), rtol=1e-9,
+            statistics=record, initial=None if initial is None else torch.as_tensor(initial),
+        )
+        assert np.linalg.norm(solution.numpy() - reference) < 1e-6 * np.linalg.norm(reference)
+        if initial is not None:
+            assert builds == [] and record.exact_products == [1]
+    assert builds == [1, 1]  # one build per solve that needed a correction; the unavailable one still solved

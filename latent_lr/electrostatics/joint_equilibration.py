@@ -84,7 +84,7 @@ from .dipole_tensor import catastrophe_free_polarizability
 from .induction import per_structure
 from .kernels import screened_pair_kernel
 from .kspace_preconditioner import kspace_preconditioner
-from .linear_solve import Preconditioner, SolveStatistics, solve_spd
+from .linear_solve import Preconditioner, SolveStatistics, lazy_operator, solve_spd
 from .mesh_parameters import MeshParameters
 from .qeq import REFINEMENT_ACCURACY, _Geometry, gaussian_self_hardness, product_precision
 from .state import EngineState
@@ -424,15 +424,22 @@ class _JointOperator:
         """v ↦ H̃ v: H with the meshes and sums chosen for :data:`.qeq.REFINEMENT_ACCURACY`, single precision.
 
         The cheap operator of :func:`~.linear_solve.solve_spd`'s iterative refinement, as
-        :meth:`.qeq._Geometry.approximate`; None where it would not be cheaper (see ``refinement_pays``).
+        :meth:`.qeq._Geometry.approximate` (built on first use); None where it would not be cheaper (see
+        ``refinement_pays``).
         """
         geometry = self.charges
         if not geometry.refinement_pays(cell, smearing):
             return None
-        cheap = _JointOperator(geometry.pbc, geometry.batch, geometry.n_structures, REFINEMENT_ACCURACY, geometry.state, self.method)
-        cheap.eager_mesh = False
-        cheap.charges.product_precision = torch.float32
-        return cheap.frozen(positions, cell, smearing, hardness, scale)
+
+        def build() -> Callable[[torch.Tensor], torch.Tensor]:
+            cheap = _JointOperator(
+                geometry.pbc, geometry.batch, geometry.n_structures, REFINEMENT_ACCURACY, geometry.state, self.method
+            )
+            cheap.eager_mesh = False
+            cheap.charges.product_precision = torch.float32
+            return cheap.frozen(positions, cell, smearing, hardness, scale)
+
+        return lazy_operator(build)
 
     def frozen(
         self, positions: torch.Tensor, cell: torch.Tensor, smearing: torch.Tensor, hardness: torch.Tensor,

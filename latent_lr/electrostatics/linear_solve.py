@@ -364,6 +364,25 @@ def _per_row(values: torch.Tensor, like: torch.Tensor, spec: _SolveSpec) -> torc
     return values[spec.batch].reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def lazy_operator(
+    build: Callable[[], Optional[Callable[[torch.Tensor], torch.Tensor]]],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v ↦ A v`` with A = ``build()`` made on the first product, e.g. a cheap ``matvec.approximate`` operator
+    that a solve whose start already meets the tolerance never uses.  A build that returns None raises
+    ValueError on that product (a refined solve then finishes by CG with the exact operator)."""
+    built: list[Callable[[torch.Tensor], torch.Tensor]] = []
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        if not built:
+            operator = build()
+            if operator is None:
+                raise ValueError("the approximate operator is not available for this batch.")
+            built.append(operator)
+        return built[0](v)
+
+    return apply
+
+
 class _Krylov:
     """The preconditioner, constraint projection and norms of one solve, shared by its CG runs."""
 

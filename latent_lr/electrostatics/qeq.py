@@ -49,7 +49,7 @@ from .block_preconditioner import near_field_preconditioner
 from .coulomb import PME_MIN_ATOMS, coulomb_energy
 from .coulomb_operator import coulomb_operator, mesh_parameters_of
 from .kspace_preconditioner import kspace_preconditioner
-from .linear_solve import SolveStatistics, solve_spd
+from .linear_solve import SolveStatistics, lazy_operator, solve_spd
 from .mesh_parameters import MeshParameters
 from .state import EngineState
 from .validation import require_autograd
@@ -166,15 +166,18 @@ class _Geometry:
         return apply
 
     def refinement_pays(self, cell: torch.Tensor, smearing: torch.Tensor) -> bool:
-        """True when this solve runs at MD tolerance (``product_precision`` set), the batch has no slabs, and
-        some PME cell (:data:`~.coulomb.PME_MIN_ATOMS` atoms or more) gets a smaller mesh or a lower spline
-        order at :data:`REFINEMENT_ACCURACY` than at the solve's accuracy."""
+        """True when this solve runs at MD tolerance (``product_precision`` set), the batch has no slabs, every
+        periodic cell is PME-summed (:data:`~.coulomb.PME_MIN_ATOMS` atoms or more), σ > 0, and some cell
+        gets a smaller mesh or a lower spline order at :data:`REFINEMENT_ACCURACY` than at the solve's
+        accuracy."""
         counts = torch.bincount(self.batch, minlength=self.n_structures)
-        periodic = self.pbc.all(dim=1) & (counts >= PME_MIN_ATOMS)
-        slab = self.pbc.any(dim=1) & ~self.pbc.all(dim=1)
+        periodic = self.pbc.all(dim=1)
+        slab = self.pbc.any(dim=1) & ~periodic
         if self.product_precision is None or not bool(periodic.any()) or bool(slab.any()):
             return False
         sigma = float(smearing.detach())
+        if not sigma > 0 or bool((counts[periodic] < PME_MIN_ATOMS).any()):  # Ewald cells: plain CG
+            return False
         exact = mesh_parameters_of(cell, periodic, counts, sigma, self.accuracy, self.state)
         cheap = mesh_parameters_of(cell, periodic, counts, sigma, REFINEMENT_ACCURACY, self.state)
         return any(_mesh_work(cheap[i]) < _mesh_work(exact[i]) for i in exact)
@@ -187,18 +190,23 @@ class _Geometry:
         The cheap operator of the iterative refinement of :func:`~.linear_solve.solve_spd` (most products use
         it; the exact H checks every correction, so the solution meets the same tolerance).  None unless this
         solve runs at MD tolerance (``product_precision`` set) and some PME cell gets a smaller mesh or a
-        lower spline order than the exact operator's.
+        lower spline order than the exact operator's.  Built on its first product (a start that already
+        meets the tolerance never needs it).
         """
         if not self.refinement_pays(cell, smearing):
             return None
-        explicit = coulomb_operator(
-            positions, cell, self.pbc, self.batch, float(smearing.detach()), REFINEMENT_ACCURACY, self.state,
-            torch.float32,
-        )
-        if explicit is None:
-            return None
-        diagonal = hardness + gaussian_self_hardness(smearing)
-        return lambda v: diagonal * v + explicit(v)
+
+        def build() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+            explicit = coulomb_operator(
+                positions, cell, self.pbc, self.batch, float(smearing.detach()), REFINEMENT_ACCURACY, self.state,
+                torch.float32,
+            )
+            if explicit is None:
+                return None
+            diagonal = hardness + gaussian_self_hardness(smearing)
+            return lambda v: diagonal * v + explicit(v)
+
+        return lazy_operator(build)
 
 
 def _mesh_work(parameters: MeshParameters) -> int:
