@@ -100,18 +100,7 @@ class DipoleMesh:
         and dipoles (n, 3) e·Å together, differentiable as :meth:`dipole_energy`."""
         assert self.splines is not None, "build the mesh with dipole_mesh (separable factors)"
         weights, derivatives, to_mesh = self.splines
-        n = weights.shape[0]
-        along = dipoles @ to_mesh  # (n, 3): p̃_a, the dipoles along the mesh axes
-        w0, w1, w2 = weights.unbind(1)
-        d0, d1, d2 = derivatives.unbind(1)
-        # Q_i(a, b, c) = (q w0 + p̃0 d0)_a w1_b w2_c + p̃1 w0_a d1_b w2_c + p̃2 w0_a w1_b d2_c
-        first = torch.bmm(
-            torch.stack([charges[:, None] * w0 + along[:, :1] * d0, along[:, 1:2] * w0], -1), torch.stack([w1, d1], 1)
-        )
-        second = torch.bmm((along[:, 2:] * w0)[:, :, None], w1[:, None, :])
-        density = torch.bmm(
-            torch.stack([first.reshape(n, -1), second.reshape(n, -1)], -1), torch.stack([w2, d2], 1)
-        ).reshape(-1)
+        density = _separable_density(charges, dipoles @ to_mesh, weights, derivatives).reshape(-1)
         size = self.shape[0] * self.shape[1] * self.shape[2]
         total = density.new_zeros(size).index_add_(0, self.points.reshape(-1), density).reshape(1, *self.shape)
         half = _half_weights(self.shape[2], density.dtype, density.device)
@@ -154,6 +143,26 @@ class DipoleMesh:
         values, gradients = self.arrays()
         potential = self._support_potential((gradients * dipoles[:, None, :]).sum(-1))
         return -COULOMB_CONSTANT * (potential * values).sum(1)
+
+
+def _separable_density(
+    charges: torch.Tensor, along: torch.Tensor, weights: torch.Tensor, derivatives: torch.Tensor
+) -> torch.Tensor:
+    """(n, p³) mesh density of each atom's charge (n,) e and mesh-axis dipole p̃ = p · to_mesh (n, 3) over its
+    support, from the separable factors (n, 3, p) of :attr:`DipoleMesh.splines`, by small batched products:
+
+        Q_i(a, b, c) = (q w₀ + p̃₀ d₀)_a w₁_b w₂_c + p̃₁ w₀_a d₁_b w₂_c + p̃₂ w₀_a w₁_b d₂_c.
+    """
+    n = weights.shape[0]
+    w0, w1, w2 = weights.unbind(1)
+    d0, d1, d2 = derivatives.unbind(1)
+    first = torch.bmm(
+        torch.stack([charges[:, None] * w0 + along[:, :1] * d0, along[:, 1:2] * w0], -1), torch.stack([w1, d1], 1)
+    )
+    second = torch.bmm((along[:, 2:] * w0)[:, :, None], w1[:, None, :])
+    return torch.bmm(
+        torch.stack([first.reshape(n, -1), second.reshape(n, -1)], -1), torch.stack([w2, d2], 1)
+    ).reshape(n, -1)
 
 
 def _spline_arrays(
@@ -277,23 +286,14 @@ class SeparableJointMesh:
         self.size = mesh.shape[0] * mesh.shape[1] * mesh.shape[2]
         self.points = mesh.points.reshape(-1).to(torch.int32)
         self.theta = mesh.theta.detach().to(precision)
-        self.w0, self.w1, self.w2 = weights.unbind(1)  # (n, p) each
-        self.d0, self.d1, self.d2 = derivatives.unbind(1)
+        self.weights, self.derivatives = weights, derivatives  # (n, 3, p)
         self.axis0, self.axis1, self.axis2 = (torch.stack([w, d], -1) for w, d in zip(weights.unbind(1), derivatives.unbind(1)))
 
     def products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field (n, 3) V/Å, potential (n,) V) of this structure's charges (n,) e and dipoles (n, 3) e·Å."""
-        n, p = self.w0.shape
-        q = charges.to(self.theta.dtype)
+        n, p = self.weights.shape[0], self.weights.shape[2]
         along = dipoles.to(self.theta.dtype) @ self.to_mesh
-        first = torch.bmm(
-            torch.stack([q[:, None] * self.w0 + along[:, :1] * self.d0, along[:, 1:2] * self.w0], -1),
-            self.axis1.transpose(1, 2),
-        )
-        second = torch.bmm((along[:, 2:] * self.w0)[:, :, None], self.w1[:, None, :])
-        density = torch.bmm(
-            torch.stack([first.reshape(n, -1), second.reshape(n, -1)], -1), torch.stack([self.w2, self.d2], 1)
-        )
+        density = _separable_density(charges.to(self.theta.dtype), along, self.weights, self.derivatives)
         grid = density.new_zeros(self.size).index_add_(0, self.points, density.reshape(-1))
         spectrum = torch.fft.rfftn(grid.reshape(self.shape))
         potential = torch.fft.irfftn(self.theta * spectrum, s=self.shape).reshape(-1) * (2.0 * self.size)
