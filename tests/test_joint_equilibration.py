@@ -53,6 +53,19 @@ def numpy_joint_kkt(chi, hardness, alpha, positions, total, field, sigma=SIGMA):
     k_e q_j p_i·∇ψ(r_i − r_j), dipole–dipole −k_e p_iᵀ∇∇ψ(r_i − r_j) p_j, self k_e 2a/√π q²/2.
     """
     n = len(chi)
+    matrix = numpy_joint_matrix(hardness, alpha, positions, sigma)
+    linear = np.concatenate([chi - positions @ field, -np.tile(field, n)])
+    constraint = np.concatenate([np.ones(n), np.zeros(3 * n)])
+    kkt = np.block([[matrix, constraint[:, None]], [constraint[None, :], np.zeros((1, 1))]])
+    solution = np.linalg.solve(kkt, np.concatenate([-linear, [total]]))[: 4 * n]
+    energy = 0.5 * solution @ matrix @ solution + linear @ solution
+    charges = solution[:n]
+    return charges, solution[n:].reshape(n, 3), energy + charges @ (positions @ field)
+
+
+def numpy_joint_matrix(hardness, alpha, positions, sigma=SIGMA):
+    """The (4n, 4n) Hessian of E(q, p) in the unknowns (q_1..q_n, p_1..p_n), open boundaries (see numpy_joint_kkt)."""
+    n = len(hardness)
     a = 1.0 / (math.sqrt(2.0) * sigma)
     matrix = np.zeros((4 * n, 4 * n))
     for i in range(n):
@@ -74,13 +87,7 @@ def numpy_joint_kkt(chi, hardness, alpha, positions, total, field, sigma=SIGMA):
             matrix[j, n + 3 * i : n + 3 * i + 3] = coupling
             matrix[n + 3 * i : n + 3 * i + 3, j] = coupling
             matrix[n + 3 * i : n + 3 * i + 3, n + 3 * j : n + 3 * j + 3] = -K_E * hessian
-    linear = np.concatenate([chi - positions @ field, -np.tile(field, n)])
-    constraint = np.concatenate([np.ones(n), np.zeros(3 * n)])
-    kkt = np.block([[matrix, constraint[:, None]], [constraint[None, :], np.zeros((1, 1))]])
-    solution = np.linalg.solve(kkt, np.concatenate([-linear, [total]]))[: 4 * n]
-    energy = 0.5 * solution @ matrix @ solution + linear @ solution
-    charges = solution[:n]
-    return charges, solution[n:].reshape(n, 3), energy + charges @ (positions @ field)
+    return matrix
 
 
 def solve(chi, hardness, alpha, positions, cell, pbc, batch, total, field, rtol=1e-13, accuracy=1e-6):

@@ -74,7 +74,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..units import COULOMB_CONSTANT
-from .block_preconditioner import near_field_preconditioner
+from .block_preconditioner import joint_near_field_preconditioner
 from .coulomb import PME_MIN_ATOMS
 from .coulomb_operator import mesh_parameters_of
 from .deferred_qeq import _aliases, _scatter, _wanted, multiplier_gradient
@@ -86,7 +86,7 @@ from .kernels import screened_pair_kernel
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, lazy_operator, solve_spd
 from .mesh_parameters import MeshParameters
-from .qeq import REFINEMENT_ACCURACY, _Geometry, gaussian_self_hardness, product_precision
+from .qeq import REFINEMENT_ACCURACY, _Geometry, _kept_preconditioner, gaussian_self_hardness, product_precision
 from .state import EngineState
 
 #: Most entries B (4 n_max)² of the dense joint matrices of an open batch in frozen (CG) products
@@ -99,21 +99,21 @@ JOINT_PRECONDITIONERS = ("kspace", "jacobi", "blocks")
 
 def _joint_preconditioner(
     positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor, diagonal: torch.Tensor,
-    smearing: torch.Tensor, precision: Optional[torch.dtype] = None, blocks: bool = False,
+    scale: torch.Tensor, smearing: torch.Tensor, precision: Optional[torch.dtype] = None, blocks: bool = False,
 ) -> Preconditioner:
-    """Block-diagonal P⁻¹ of the (N, 4) unknowns: the Qeq k-space preconditioner on the charge column (with
-    ``blocks``, wrapped in the near-field blocks of :mod:`.block_preconditioner`), Jacobi on the scaled
-    dipoles (diagonal (N, 4) of H).  SPD, as both blocks are."""
+    """P⁻¹ of the (N, 4) unknowns: the Qeq k-space preconditioner on the charge column and Jacobi on the scaled
+    dipoles (diagonal (N, 4) of H), with ``blocks`` inside the joint charge–dipole near-field blocks of
+    :func:`.block_preconditioner.joint_near_field_preconditioner` (scale (N,) = √α).  SPD, as its parts are."""
     charge_inverse = kspace_preconditioner(positions, cell, pbc, batch, diagonal[:, 0], smearing, precision=precision)
-    if blocks:
-        charge_inverse = near_field_preconditioner(
-            positions, cell, pbc, batch, diagonal[:, 0], float(smearing.detach()), charge_inverse
-        ) or charge_inverse
     dipole_diagonal = diagonal[:, 1:]
 
     def apply(residual: torch.Tensor) -> torch.Tensor:
         return torch.cat([charge_inverse(residual[:, 0])[:, None], residual[:, 1:] / dipole_diagonal], 1)
 
+    if blocks:
+        return joint_near_field_preconditioner(
+            positions, cell, pbc, batch, diagonal, scale, float(smearing.detach()), apply
+        ) or apply
     return apply
 
 
@@ -625,10 +625,14 @@ class _JointSettings:
         """The scaled solution y = (q, p/√α), (N, 4), with implicit derivatives where the inputs carry gradients."""
         positions, cell, smearing = inputs[3], inputs[4], inputs[5]
         inverse = None
-        if self.preconditioner in ("kspace", "blocks") and bool((self.pbc.all(dim=1)).any()):
-            inverse = _joint_preconditioner(
-                positions, cell, self.pbc, self.batch, problem.diagonal.detach(), smearing,
-                problem.operator.charges.product_precision, blocks=self.preconditioner == "blocks",
+        if self.preconditioner == "blocks" or (self.preconditioner == "kspace" and bool(self.pbc.all(dim=1).any())):
+            precision = problem.operator.charges.product_precision
+            inverse = _kept_preconditioner(
+                f"joint/{self.preconditioner}/{precision}", self.state, positions, cell, self.pbc, self.batch,
+                torch.cat([problem.diagonal, problem.scale[:, None]], 1), smearing, lambda: _joint_preconditioner(
+                    positions, cell, self.pbc, self.batch, problem.diagonal.detach(), problem.scale.detach(), smearing,
+                    precision, blocks=self.preconditioner == "blocks",
+                ),
             )
         start = None
         if initial is not None:

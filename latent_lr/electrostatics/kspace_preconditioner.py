@@ -41,7 +41,7 @@ import torch
 
 from ..units import COULOMB_CONSTANT
 from .linear_solve import Preconditioner
-from .mesh import bspline_weights, interpolation_matrix, structure_spline_points
+from .mesh import bspline_weights, interpolation_matrix, spreading_matrix, structure_spline_points
 
 #: Mesh spacing of the preconditioner, Å (resolves the amplified modes, k ≲ 1.2 1/Å in water).
 MESH_SPACING = 2.0
@@ -61,12 +61,13 @@ class _StructureMesh:
     filter: torch.Tensor  # (K1, K2, K3 // 2 + 1) f(k)
 
     def __post_init__(self) -> None:
-        self.interpolation = interpolation_matrix(self.points, self.weights, self.shape[0] * self.shape[1] * self.shape[2])
+        size = self.shape[0] * self.shape[1] * self.shape[2]
+        self.interpolation = interpolation_matrix(self.points, self.weights, size)
+        self.spreading = spreading_matrix(self.points.reshape(self.weights.shape), self.weights, size)
 
     def smooth_part(self, values: torch.Tensor) -> torch.Tensor:
         """A a^{-½} F⁻¹ f F a^{-½} Aᵀ applied to this structure's (n,) values."""
-        size = self.interpolation.shape[1]
-        grid = values.new_zeros(size).index_add_(0, self.points, (self.weights * values[:, None]).reshape(-1))
+        grid = torch.mv(self.spreading, values)
         grid = torch.fft.irfftn(torch.fft.rfftn(grid.reshape(self.shape)) * self.filter, s=self.shape).reshape(-1)
         return torch.mv(self.interpolation, grid)
 

@@ -85,6 +85,14 @@ DEFAULT_MAX_ITER = 1000
 #: relative to the current residual.
 REFINEMENT_INNER_RTOL = 0.01
 
+#: Iterative refinement: a correction solve whose residual is already within 1/x of the tolerance is solved to
+#: this fraction of that need (at least :data:`REFINEMENT_INNER_RTOL`, at most :data:`REFINEMENT_INNER_MAX_RTOL`),
+#: leaving room for the cheap operator's own error.
+REFINEMENT_MARGIN = 0.5
+
+#: Iterative refinement: loosest tolerance of one correction solve.
+REFINEMENT_INNER_MAX_RTOL = 0.3
+
 #: Iterative refinement: cap on the CG iterations of one correction solve.
 REFINEMENT_INNER_MAX_ITER = 60
 
@@ -516,8 +524,14 @@ def _refined_solve(
         if not bool(active.any()):
             break
         before = residual_norm
+        # A correction need only reach the threshold: one that is close already takes a looser inner tolerance.
+        needed = float((threshold / residual_norm.clamp_min(1e-300))[active].min())
+        inner_rtol = min(REFINEMENT_INNER_MAX_RTOL, max(REFINEMENT_INNER_RTOL, REFINEMENT_MARGIN * needed))
         try:
-            correction = _conjugate_gradients(inner, approximate, residual * _per_row(active, residual, spec), no_total, None, krylov)
+            correction = _conjugate_gradients(
+                dataclasses.replace(inner, rtol=inner_rtol), approximate, residual * _per_row(active, residual, spec),
+                no_total, None, krylov,
+            )
         except ValueError:  # H̃ not positive definite here: H decides (and reports) below
             break
         x = x + correction

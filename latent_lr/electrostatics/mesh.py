@@ -332,6 +332,24 @@ def interpolation_matrix(points: torch.Tensor, weights: torch.Tensor, n_points: 
         )
 
 
+def spreading_matrix(points: torch.Tensor, weights: torch.Tensor, n_points: int) -> torch.Tensor:
+    """The (n_points, R) CSR transpose of :func:`interpolation_matrix`: ``matrix @ values`` spreads values (R,)
+    with the weights onto the mesh.  Cheaper than a scatter (``index_add_``) where many rows share few mesh
+    points (a coarse mesh); its set-up is a sort of the R t entries."""
+    rows, terms = weights.shape
+    flat = points.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    columns = torch.div(torch.arange(rows * terms, device=weights.device), terms, rounding_mode="floor")[order]
+    starts = torch.zeros(n_points + 1, dtype=torch.long, device=weights.device)
+    starts[1:] = torch.cumsum(torch.bincount(flat, minlength=n_points), 0)
+    with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            starts.to(torch.int32), columns.to(torch.int32), weights.reshape(-1)[order], (n_points, rows),
+            check_invariants=False,
+        )
+
+
 def interpolate_mesh(values: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_n values(n) Π_a M_p(u_ia - n_a) at each atom (M,): the transpose of :func:`spread_charges`
     (with ``values`` the mesh potential ∂E/∂Q, the atoms' potentials ∂E/∂q_i)."""

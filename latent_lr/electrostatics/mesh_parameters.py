@@ -150,7 +150,8 @@ def mesh_parameters(
         accuracy: target relative error of energy and forces.
         smearing: Gaussian charge width sigma, Å.
     """
-    return _cheapest(n_atoms, cell_lengths, volume, accuracy, smearing, spline_order(accuracy))[1]
+    lengths = (float(cell_lengths[0]), float(cell_lengths[1]), float(cell_lengths[2]))
+    return _cheapest(int(n_atoms), lengths, float(volume), float(accuracy), float(smearing), spline_order(accuracy))[1]
 
 
 @functools.lru_cache(maxsize=64)
@@ -164,6 +165,7 @@ def spline_order(accuracy: float) -> int:
     return min(costs, key=costs.__getitem__)
 
 
+@functools.lru_cache(maxsize=256)
 def _cheapest(
     n_atoms: int,
     cell_lengths: tuple[float, float, float],

@@ -49,7 +49,7 @@ from .block_preconditioner import near_field_preconditioner
 from .coulomb import PME_MIN_ATOMS, coulomb_energy
 from .coulomb_operator import coulomb_operator, mesh_parameters_of
 from .kspace_preconditioner import kspace_preconditioner
-from .linear_solve import SolveStatistics, lazy_operator, solve_spd
+from .linear_solve import Preconditioner, SolveStatistics, lazy_operator, solve_spd
 from .mesh_parameters import MeshParameters
 from .state import EngineState
 from .validation import require_autograd
@@ -300,20 +300,39 @@ def _cg_charges(
     """Matrix-free constrained CG with implicit derivatives; (N,) e."""
     diagonal = (hardness + gaussian_self_hardness(smearing)).detach()
     geometry.product_precision = product_precision(positions.dtype, rtol)
-    inverse = None
-    if preconditioner in ("kspace", "blocks") and bool(geometry.pbc.all(dim=1).any()):
-        inverse = kspace_preconditioner(
-            positions, cell, geometry.pbc, geometry.batch, diagonal, smearing, precision=geometry.product_precision
-        )
-    if preconditioner == "blocks":
-        inverse = near_field_preconditioner(
-            positions, cell, geometry.pbc, geometry.batch, diagonal, float(smearing.detach()), inverse
-        ) or inverse
+
+    def build() -> Optional[Preconditioner]:
+        inverse = None
+        if preconditioner in ("kspace", "blocks") and bool(geometry.pbc.all(dim=1).any()):
+            inverse = kspace_preconditioner(
+                positions, cell, geometry.pbc, geometry.batch, diagonal, smearing, precision=geometry.product_precision
+            )
+        if preconditioner == "blocks":
+            inverse = near_field_preconditioner(
+                positions, cell, geometry.pbc, geometry.batch, diagonal, float(smearing.detach()), inverse
+            ) or inverse
+        return inverse
+
+    inverse = _kept_preconditioner(
+        f"qeq/{preconditioner}/{geometry.product_precision}", geometry.state, positions, cell, geometry.pbc,
+        geometry.batch, diagonal, smearing, build,
+    )
     return solve_spd(
         geometry, -electronegativity, (positions, cell, smearing, hardness),
         batch=geometry.batch, total=total_charge, diagonal=diagonal, rtol=rtol, max_iter=max_iter,
         initial=initial, statistics=statistics, preconditioner=inverse,
     )
+
+
+def _kept_preconditioner(
+    kind: str, state: Optional[EngineState], positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+    batch: torch.Tensor, diagonal: torch.Tensor, smearing: torch.Tensor, build: Callable[[], Optional[Preconditioner]],
+) -> Optional[Preconditioner]:
+    """``build()`` (None: Jacobi), or with a ``state`` the one it kept from a solve at nearly this geometry
+    (:class:`.preconditioner_memory.PreconditionerMemory`)."""
+    if state is None:
+        return build()
+    return state.preconditioners.preconditioner(kind, positions, cell, pbc, batch, diagonal, float(smearing.detach()), build)
 
 
 def _subset(mask: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import reciprocal
-from .mesh_parameters import nyquist_factor, spline_order
+from .mesh_parameters import _cheapest, nyquist_factor, spline_order
 from .parameters import EwaldParameters, ewald_parameters
 
 #: Number of (cell, n_atoms, accuracy, smearing) set-ups kept.
@@ -77,10 +77,11 @@ def clear_setup_cache() -> None:
     """Empty every module-level cache of the engine (e.g. to measure cold-start cost).
 
     These are ``functools.lru_cache`` of pure functions: the Ewald set-up per
-    cell and the PME spline order and Nyquist factors.  Clearing them never
+    cell, the PME parameter choices, spline order and Nyquist factors.  Clearing them never
     changes a result.  A run's own state is emptied by
     :meth:`.state.EngineState.clear_caches`.
     """
     _cached_setup.cache_clear()
     nyquist_factor.cache_clear()
     spline_order.cache_clear()
+    _cheapest.cache_clear()

@@ -27,10 +27,14 @@ Every engine entry point (:func:`~.coulomb.coulomb_energy`,
       :class:`.warm_start.SolutionMemory`): the last Qeq charges and induced
       dipoles per structure identity, the starting guesses of the next solves
       (results change only within the CG tolerance).
+    - **Preconditioners** (:attr:`EngineState.preconditioners`, a
+      :class:`.preconditioner_memory.PreconditionerMemory`): the CG
+      preconditioner of the last solve, reused while the geometry stays close
+      (iterations may change, results only within the CG tolerance).
 
 Two states never influence each other.  :meth:`EngineState.clear_caches`
 empties one.  The remaining module-level caches are ``functools.lru_cache`` of
-pure functions (Ewald set-up per cell, spline order, Nyquist factors): they
+pure functions (Ewald set-up per cell, PME parameter choices, spline order, Nyquist factors): they
 never change a result; :func:`.setup_cache.clear_setup_cache` empties them
 (e.g. to measure cold-start cost).
 
@@ -48,6 +52,7 @@ import torch
 
 from .mesh_parameters import MeshParameters, mesh_cost, mesh_parameters, minimum_mesh
 from .parameters import SWITCH_WIDTH, accuracy_to_s, smearing_alpha
+from .preconditioner_memory import PreconditionerMemory
 from .warm_start import SolutionMemory
 
 #: A state keeps its PME parameters while they cost at most this factor times a fresh choice.
@@ -76,6 +81,7 @@ class EngineState:
             (dimensionless, spacing = (V/N)^(1/3)).
         influence: key -> θ tensor (see :func:`.mesh._cached_influence`).
         solutions: last iterative-solve solutions per structure identity (warm starts).
+        preconditioners: last CG preconditioners per solve set-up, reused along a trajectory.
     """
 
     def __init__(
@@ -98,16 +104,19 @@ class EngineState:
         self.kept_meshes: OrderedDict[tuple[int, float, float], MeshParameters] = OrderedDict()
         self.influence: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.solutions = SolutionMemory()
+        self.preconditioners = PreconditionerMemory()
 
     def clear_caches(self) -> None:
-        """Forget the kept PME meshes, the cached influence functions and the warm-start solutions."""
+        """Forget the kept PME meshes, the cached influence functions, the warm-start solutions and the kept
+        preconditioners."""
         self.kept_meshes.clear()
         self.influence.clear()
         self.solutions.clear()
+        self.preconditioners.clear()
 
     def is_empty(self) -> bool:
         """True when the state holds nothing (fresh or just cleared)."""
-        return not self.kept_meshes and not self.influence and not len(self.solutions)
+        return not self.kept_meshes and not self.influence and not len(self.solutions) and not len(self.preconditioners)
 
     def mesh_parameters(
         self,
@@ -176,5 +185,6 @@ class EngineState:
         return (
             f"EngineState({len(self.kept_meshes)} kept PME meshes, "
             f"{len(self.influence)} influence functions, {len(self.solutions)} warm-start solutions, "
+            f"{len(self.preconditioners)} kept preconditioners, "
             f"mesh_reuse_cost={self.mesh_reuse_cost})"
         )
