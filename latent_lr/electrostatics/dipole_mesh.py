@@ -156,10 +156,12 @@ def _separable_density(
     n = weights.shape[0]
     w0, w1, w2 = weights.unbind(1)
     d0, d1, d2 = derivatives.unbind(1)
-    first = torch.bmm(
-        torch.stack([charges[:, None] * w0 + along[:, :1] * d0, along[:, 1:2] * w0], -1), torch.stack([w1, d1], 1)
+    # (n, p, p) outer products by broadcasting (a batched product of p × 2 blocks costs twice as much)
+    first = torch.addcmul(
+        (charges[:, None] * w0 + along[:, :1] * d0)[:, :, None] * w1[:, None, :], (along[:, 1:2] * w0)[:, :, None],
+        d1[:, None, :],
     )
-    second = torch.bmm((along[:, 2:] * w0)[:, :, None], w1[:, None, :])
+    second = (along[:, 2:] * w0)[:, :, None] * w1[:, None, :]
     return torch.bmm(
         torch.stack([first.reshape(n, -1), second.reshape(n, -1)], -1), torch.stack([w2, d2], 1)
     ).reshape(n, -1)
@@ -263,8 +265,8 @@ class FrozenJointMesh:
         else:
             density = torch.bmm(sources[:, None, :], weights)  # (n, 1, p³)
         grid = density.new_zeros(self.size).index_add_(0, self.points, density.reshape(-1))
-        spectrum = torch.fft.rfftn(grid.reshape(self.shape))
-        potential = torch.fft.irfftn(self.theta * spectrum, s=self.shape).reshape(-1) * (2.0 * self.size)
+        spectrum = torch.fft.rfftn(grid.reshape(self.shape)).mul_(self.theta)
+        potential = torch.fft.irfftn(spectrum, s=self.shape).reshape(-1).mul_(2.0 * self.size)
         at_atoms = (COULOMB_CONSTANT * torch.mv(self.interpolation, potential)).reshape(-1, 4).to(charges.dtype)
         return -at_atoms[:, 1:], at_atoms[:, 0]
 
@@ -287,7 +289,11 @@ class SeparableJointMesh:
         self.points = mesh.points.reshape(-1).to(torch.int32)
         self.theta = mesh.theta.detach().to(precision)
         self.weights, self.derivatives = weights, derivatives  # (n, 3, p)
-        self.axis0, self.axis1, self.axis2 = (torch.stack([w, d], -1) for w, d in zip(weights.unbind(1), derivatives.unbind(1)))
+        (w0, w1, w2), (d0, d1, d2) = weights.unbind(1), derivatives.unbind(1)
+        self.axis2 = torch.stack([w2, d2], -1)  # (n, p, 2)
+        # (n, 3, p²): the (a, b) factors of W, ∂W/∂ũ₀ and ∂W/∂ũ₁ (∂W/∂ũ₂ is W's with d₂ for w₂)
+        self.plane = torch.stack([w0[:, :, None] * w1[:, None, :], d0[:, :, None] * w1[:, None, :],
+                                  w0[:, :, None] * d1[:, None, :]], 1).reshape(weights.shape[0], 3, -1)
 
     def products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field (n, 3) V/Å, potential (n,) V) of this structure's charges (n,) e and dipoles (n, 3) e·Å."""
@@ -295,12 +301,11 @@ class SeparableJointMesh:
         along = dipoles.to(self.theta.dtype) @ self.to_mesh
         density = _separable_density(charges.to(self.theta.dtype), along, self.weights, self.derivatives)
         grid = density.new_zeros(self.size).index_add_(0, self.points, density.reshape(-1))
-        spectrum = torch.fft.rfftn(grid.reshape(self.shape))
-        potential = torch.fft.irfftn(self.theta * spectrum, s=self.shape).reshape(-1) * (2.0 * self.size)
+        spectrum = torch.fft.rfftn(grid.reshape(self.shape)).mul_(self.theta)
+        potential = torch.fft.irfftn(spectrum, s=self.shape).reshape(-1).mul_(2.0 * self.size)
         support = torch.index_select(potential, 0, self.points).reshape(n, p * p, p)  # φ(a, b, c) per atom
-        along_c = torch.bmm(support, self.axis2).reshape(n, p, p, 2).transpose(2, 3).reshape(n, 2 * p, p)
-        along_bc = torch.bmm(along_c, self.axis1).reshape(n, p, 4)  # (a, [w₂, d₂] × [w₁, d₁])
-        full = torch.bmm(self.axis0.transpose(1, 2), along_bc)  # ([w₀, d₀], 4)
-        gradient = torch.stack([full[:, 1, 0], full[:, 0, 1], full[:, 0, 2]], 1) @ self.to_mesh.T  # ∇ of Σ W φ
+        along_c = torch.bmm(support, self.axis2)  # (n, p², [w₂, d₂])
+        full = torch.bmm(self.plane, along_c)  # ([w₀w₁, d₀w₁, w₀d₁], [w₂, d₂])
+        gradient = torch.stack([full[:, 1, 0], full[:, 2, 0], full[:, 0, 1]], 1) @ self.to_mesh.T  # ∇ of Σ W φ
         at_potential = (COULOMB_CONSTANT * full[:, 0, 0]).to(charges.dtype)
         return (-COULOMB_CONSTANT * gradient).to(charges.dtype), at_potential
