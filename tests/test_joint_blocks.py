@@ -151,3 +151,34 @@ def test_a_kept_preconditioner_is_rebuilt_after_its_last_allowed_call():
     assert builds == [None] * (memory.REUSE_CALLS + 1) and kept.builds == 2
     kept.preconditioner("test", positions, cell, pbc, batch, diagonal * 1.5, 1.0, lambda: None)  # hardness changed
     assert kept.builds == 3
+
+
+def test_a_preconditioner_coupling_the_constrained_column_keeps_cg_exact():
+    """(q, x) rows with Σq fixed per structure and a dense P⁻¹ that mixes q with x (as the joint blocks do):
+    CG must still solve the KKT system of the charge constraint alone (numpy reference)."""
+    from latent_lr.electrostatics.linear_solve import solve_spd
+
+    rng = np.random.default_rng(5)
+    n_atoms, width = 12, 4
+    batch = np.repeat([0, 1], n_atoms // 2)
+    size = n_atoms * width
+    same = np.repeat(batch, width)[:, None] == np.repeat(batch, width)[None, :]
+    basis, _ = np.linalg.qr(rng.normal(size=(size, size)))
+    matrix = (basis @ np.diag(np.geomspace(1.0, 200.0, size)) @ basis.T) * same  # block-diagonal SPD
+    noise = rng.normal(size=(size, size))
+    approximate = matrix + 0.3 * (noise @ noise.T / size) * same
+    inverse = torch.as_tensor(np.linalg.inv(approximate))  # SPD, couples every component of a structure
+    rhs, totals = rng.normal(size=(n_atoms, width)), np.array([0.7, -0.4])
+    constraint = np.zeros((size, 2))
+    constraint[np.arange(0, size, width), batch] = 1.0  # Σ_i q_i per structure
+    kkt = np.block([[matrix, constraint], [constraint.T, np.zeros((2, 2))]])
+    reference = np.linalg.solve(kkt, np.concatenate([rhs.reshape(-1), totals]))[:size].reshape(n_atoms, width)
+    statistics = SolveStatistics()
+    solution = solve_spd(
+        lambda v, m: (m @ v.reshape(-1)).reshape(v.shape), torch.as_tensor(rhs), (torch.as_tensor(matrix),),
+        batch=torch.as_tensor(batch), total=torch.as_tensor(np.stack([totals, 0 * totals, 0 * totals, 0 * totals], 1)),
+        rtol=1e-12, constrained=torch.tensor([True, False, False, False]), statistics=statistics,
+        preconditioner=lambda r: (inverse @ r.reshape(-1)).reshape(r.shape),
+    )
+    np.testing.assert_allclose(solution.numpy(), reference, rtol=0, atol=1e-9)
+    assert statistics.iterations[0] < 20, statistics.iterations  # a good P⁻¹: few iterations (Jacobi: ~48)

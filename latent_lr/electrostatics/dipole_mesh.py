@@ -47,7 +47,7 @@ class DipoleMesh:
 
     Attributes:
         atoms: (n,) rows of the structure.
-        points: (n, p³) flat mesh indices of each atom's spline support.
+        points: (n, p³) flat mesh indices (int32) of each atom's spline support.
         gradients: (n, p³, 3) ∇_r W_i(m), 1/Å.
         shape: mesh (K1, K2, K3).
         theta: (K1, K2, K3 // 2 + 1) θ(m) on the rfftn half spectrum, 1/Å.
@@ -204,7 +204,7 @@ def dipole_mesh(
     dtype = positions.dtype
     mesh = torch.tensor(shape, device=positions.device)
     inverse = torch.linalg.inv(cell)
-    flat, offset = structure_spline_points(positions[atoms], cell, shape, order)
+    flat, offset = structure_spline_points(positions[atoms], cell, shape, order, index_dtype=torch.int32)
     flat = flat.reshape(len(atoms), -1)
     weights = bspline_weights(offset, order)  # (n, 3, p): M_p(t + j)
     lower = bspline_weights(offset, order - 1)  # (n, 3, p - 1): M_{p-1}(t + j)

@@ -53,7 +53,10 @@ Fast solves (all optional, none changes the solution beyond the tolerance):
   preconditioner of :mod:`.kspace_preconditioner`; it replaces the Jacobi
   ``diagonal``.  With a total constraint the constraint preconditioner becomes
   ``z = P⁻¹r − w (1ᵀP⁻¹r)/(1ᵀw)``, w = P⁻¹1, which reduces to the one above for
-  diagonal P.
+  diagonal P.  With several constrained components (``constrained``) the 1 of each is
+  its indicator c_k, and z = P⁻¹r − W G⁻¹ Cᵀ P⁻¹ r with W = P⁻¹C and G = CᵀW per
+  structure, so P⁻¹ may couple constrained and free components (e.g. the joint
+  charge–dipole near-field blocks).
 * ``statistics``: a :class:`SolveStatistics` that records the iteration count of
   every CG run (forward, then each adjoint solve).
 * ``matvec.approximate(*operator_tensors)`` (optional, like ``frozen``): a cheaper
@@ -401,20 +404,40 @@ class _Krylov:
         else:
             inverse_diagonal = torch.ones_like(rhs) if spec.diagonal is None else 1.0 / spec.diagonal.to(rhs.dtype)
             self.apply_inverse = lambda residual: inverse_diagonal * residual
-        # w = P⁻¹1 and 1ᵀw per structure: the constraint direction of the preconditioner.
-        self.constraint_direction = self.apply_inverse(torch.ones_like(rhs)) if constrained_total else None
-        self.inverse_weight = None if self.constraint_direction is None else _group_sum(self.constraint_direction, spec)
+        # W_k = P⁻¹c_k for the indicator c_k of each constrained component k and the Gram matrices cᵀW per
+        # structure: the constraint directions of the preconditioner (P⁻¹ may couple the components).
+        self.directions: Optional[torch.Tensor] = None
+        if constrained_total:
+            mask = torch.ones(rhs.shape[1:], dtype=torch.bool, device=rhs.device) if spec.constrained is None else \
+                spec.constrained.bool()
+            self.components = torch.nonzero(mask.reshape(-1)).flatten()
+            indicators = torch.zeros(len(self.components), *rhs.shape, dtype=rhs.dtype, device=rhs.device)
+            indicators.reshape(len(self.components), rhs.shape[0], -1)[torch.arange(len(self.components)), :, self.components] = 1
+            self.directions = torch.stack([self.apply_inverse(indicator) for indicator in indicators])
+            gram = torch.stack([self._sums(direction) for direction in self.directions], -1)  # (B, K, K)
+            self.gram_inverse = torch.linalg.inv(gram)
         self.counts = torch.bincount(spec.batch, minlength=spec.n_groups).to(rhs.dtype)
+
+    def _sums(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, K) per-structure sums of the constrained components of values (N, ...)."""
+        return _group_sum(values, self.spec).reshape(self.spec.n_groups, -1)[:, self.components]
+
+    def _along_directions(self, sums: torch.Tensor) -> torch.Tensor:
+        """Σ_k W_k (G⁻¹ sums)_k per structure, (N, ...), for sums (B, K) of the constrained components."""
+        assert self.directions is not None
+        coefficients = (self.gram_inverse @ sums[..., None])[..., 0][self.spec.batch]  # (N, K)
+        shape = (-1,) + (1,) * (self.directions.ndim - 2)
+        return sum((direction * coefficients[:, k].reshape(shape) for k, direction in enumerate(self.directions)),
+                   torch.zeros_like(self.directions[0]))
 
     def precondition(self, residual: torch.Tensor) -> torch.Tensor:
         scaled = self.apply_inverse(residual)
-        if self.constraint_direction is None or self.inverse_weight is None:  # no total constraint
+        if self.directions is None:  # no total constraint
             return scaled
-        shift = _constrained(_group_sum(scaled, self.spec) / self.inverse_weight, self.spec)
-        return scaled - self.constraint_direction * shift[self.spec.batch]
+        return scaled - self._along_directions(self._sums(scaled))
 
     def project(self, residual: torch.Tensor) -> torch.Tensor:
-        if self.constraint_direction is None:
+        if self.directions is None:
             return residual
         mean = _group_sum(residual, self.spec) / self.counts.reshape(-1, *([1] * (residual.ndim - 1)))
         return residual - _constrained(mean, self.spec)[self.spec.batch]
@@ -424,16 +447,12 @@ class _Krylov:
         return _group_dot(projected, projected, self.spec).sqrt()
 
     def start(self, rhs: torch.Tensor, total: Optional[torch.Tensor], initial: Optional[torch.Tensor]) -> torch.Tensor:
-        """The first iterate: ``initial`` (or P⁻¹b) moved onto the constraint set along w."""
-        if initial is None:
-            x = self.precondition(rhs)
-            if total is not None and self.constraint_direction is not None and self.inverse_weight is not None:
-                x = x + self.constraint_direction * _constrained(total / self.inverse_weight, self.spec)[self.spec.batch]
+        """The first iterate: ``initial`` (or P⁻¹b) moved onto the constraint set along the directions W."""
+        x = self.precondition(rhs) if initial is None else initial.clone()
+        if total is None or self.directions is None:
             return x
-        if total is not None and self.constraint_direction is not None and self.inverse_weight is not None:
-            shift = _constrained((total - _group_sum(initial, self.spec)) / self.inverse_weight, self.spec)
-            return initial + self.constraint_direction * shift[self.spec.batch]
-        return initial.clone()
+        wanted = total.reshape(self.spec.n_groups, -1)[:, self.components]
+        return x + self._along_directions(wanted - self._sums(x))
 
     def threshold(self, spec: _SolveSpec, rhs: torch.Tensor, residual_norm: torch.Tensor) -> torch.Tensor:
         """(B,) stopping residual norms of a run with ``spec``: rtol·max(reference, ‖P r₀‖) + atol + round-off."""

@@ -253,6 +253,7 @@ def spline_points(
     mesh_shapes: list[tuple[int, int, int]],
     offset: torch.Tensor,
     order: int,
+    index_dtype: torch.dtype = torch.long,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The p³ mesh points each atom's B-spline touches, and its offsets from the point below.
 
@@ -260,6 +261,7 @@ def spline_points(
         positions: (M, 3) positions, Å; cell: (R, 3, 3) lattice vectors as rows, Å.
         atom_row: (M,) structure of each atom; mesh_shapes, offset: from :func:`mesh_layout`.
         order: B-spline order p.
+        index_dtype: dtype of ``flat`` (int32 halves the memory of large supports; meshes below 2³¹ points).
 
     Returns:
         flat: (M, p, p, p) indices into the flat mesh buffer (index data; point (a, b, c)
@@ -279,31 +281,28 @@ def spline_points(
     strides = torch.stack(
         [atom_mesh[:, 1] * atom_mesh[:, 2], atom_mesh[:, 2], torch.ones_like(atom_mesh[:, 2])], dim=1
     )
-    point = point * strides.unsqueeze(-1)
-    flat = (
-        offset[atom_row][:, None, None, None]
-        + point[:, 0, :, None, None]
-        + point[:, 1, None, :, None]
-        + point[:, 2, None, None, :]
-    )
+    point = (point * strides.unsqueeze(-1)).to(index_dtype)
+    plane = offset[atom_row].to(index_dtype)[:, None, None] + point[:, 0, :, None] + point[:, 1, None, :]
+    flat = plane[:, :, :, None] + point[:, 2, None, None, :]
     return flat, scaled - below
 
 
 def structure_spline_points(
-    positions: torch.Tensor, cell: torch.Tensor, shape: tuple[int, int, int], order: int
+    positions: torch.Tensor, cell: torch.Tensor, shape: tuple[int, int, int], order: int,
+    index_dtype: torch.dtype = torch.long,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`spline_points` of one structure on its own C-ordered mesh.
 
     Args:
         positions: (n, 3) Å; cell: (3, 3) lattice vectors as rows, Å; shape: mesh (K1, K2, K3);
-        order: B-spline order p.
+        order: B-spline order p; index_dtype: as :func:`spline_points`.
 
     Returns:
         flat (n, p, p, p) indices into the mesh; t (n, 3) offsets (as :func:`spline_points`).
     """
     rows = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
     start = torch.zeros(1, dtype=torch.long, device=positions.device)
-    return spline_points(positions, cell.unsqueeze(0), rows, [shape], start, order)
+    return spline_points(positions, cell.unsqueeze(0), rows, [shape], start, order, index_dtype)
 
 
 def spread_charges(charges: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
