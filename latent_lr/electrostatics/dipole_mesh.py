@@ -30,7 +30,7 @@ from .mesh import (
     _cached_influence,
     _half_weights,
     _mesh_energy,
-    bspline_weights,
+    bspline_weights_and_derivatives,
     influence_function,
     interpolation_matrix,
     spread_charges,
@@ -167,6 +167,14 @@ def _separable_density(
     ).reshape(n, -1)
 
 
+def _spline_plane(weights: torch.Tensor, derivatives: torch.Tensor) -> torch.Tensor:
+    """(n, 3, p²) the (a, b) factors w₀w₁, d₀w₁ and w₀d₁ of W, ∂W/∂ũ₀ and ∂W/∂ũ₁ (∂W/∂ũ₂ is W's with d₂ for w₂),
+    from the separable factors (n, 3, p) of :attr:`DipoleMesh.splines`."""
+    (w0, w1, _), (d0, d1, _) = weights.unbind(1), derivatives.unbind(1)
+    plane = torch.stack([w0[:, :, None] * w1[:, None, :], d0[:, :, None] * w1[:, None, :], w0[:, :, None] * d1[:, None, :]], 1)
+    return plane.reshape(weights.shape[0], 3, -1)
+
+
 def _spline_arrays(
     weights: torch.Tensor, derivatives: torch.Tensor, to_mesh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,10 +214,7 @@ def dipole_mesh(
     inverse = torch.linalg.inv(cell)
     flat, offset = structure_spline_points(positions[atoms], cell, shape, order, index_dtype=torch.int32)
     flat = flat.reshape(len(atoms), -1)
-    weights = bspline_weights(offset, order)  # (n, 3, p): M_p(t + j)
-    lower = bspline_weights(offset, order - 1)  # (n, 3, p - 1): M_{p-1}(t + j)
-    zero = torch.zeros_like(lower[..., :1])
-    derivative = torch.cat([lower, zero], -1) - torch.cat([zero, lower], -1)  # M_p'(x) = M_{p-1}(x) - M_{p-1}(x-1)
+    weights, derivative = bspline_weights_and_derivatives(offset, order)  # (n, 3, p): M_p(t + j), M_p'(t + j)
     splines = (weights, derivative, inverse * mesh.to(dtype))
     if state is None:
         theta = influence_function(cell[None], alpha.reshape(1), shape, order)[0]
@@ -247,8 +252,12 @@ class FrozenJointMesh:
         self.size = mesh.shape[0] * mesh.shape[1] * mesh.shape[2]
         self.points = mesh.points.reshape(-1).to(torch.int32)
         with torch.no_grad():  # (n, 4, p³): W_i(m) and the three components of ∇W_i(m); one bmm spreads (q, p)
-            values, gradients = _spline_arrays(*(t.detach().to(precision) for t in mesh.splines))
-            self.weights = torch.cat([values[:, None], gradients.transpose(1, 2)], 1).contiguous()
+            weights, derivatives, to_mesh = (t.detach().to(precision) for t in mesh.splines)
+            w2, d2 = weights[:, 2], derivatives[:, 2]
+            plane = _spline_plane(weights, derivatives)  # (n, 3, p²)
+            by_mesh_axis = torch.cat([plane[:, :, :, None] * w2[:, None, None, :],
+                                      plane[:, :1, :, None] * d2[:, None, None, :]], 1).reshape(n, 4, terms)
+            self.weights = torch.cat([by_mesh_axis[:, :1], torch.matmul(to_mesh, by_mesh_axis[:, 1:])], 1)
         self.theta = mesh.theta.detach().to(precision)
         columns = self.points.reshape(n, 1, terms).expand(n, 4, terms)
         # rows (i, c): c = 0 the potential, 1-3 the gradient
@@ -289,11 +298,8 @@ class SeparableJointMesh:
         self.points = mesh.points.reshape(-1).to(torch.int32)
         self.theta = mesh.theta.detach().to(precision)
         self.weights, self.derivatives = weights, derivatives  # (n, 3, p)
-        (w0, w1, w2), (d0, d1, d2) = weights.unbind(1), derivatives.unbind(1)
-        self.axis2 = torch.stack([w2, d2], -1)  # (n, p, 2)
-        # (n, 3, p²): the (a, b) factors of W, ∂W/∂ũ₀ and ∂W/∂ũ₁ (∂W/∂ũ₂ is W's with d₂ for w₂)
-        self.plane = torch.stack([w0[:, :, None] * w1[:, None, :], d0[:, :, None] * w1[:, None, :],
-                                  w0[:, :, None] * d1[:, None, :]], 1).reshape(weights.shape[0], 3, -1)
+        self.axis2 = torch.stack([weights[:, 2], derivatives[:, 2]], -1)  # (n, p, 2)
+        self.plane = _spline_plane(weights, derivatives)
 
     def products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field (n, 3) V/Å, potential (n,) V) of this structure's charges (n,) e and dipoles (n, 3) e·Å."""

@@ -53,15 +53,30 @@ def bspline_weights(t: torch.Tensor, order: int) -> torch.Tensor:
     Returns:
         (..., p) weights, summing to 1 over the last dimension.
     """
-    weights = torch.stack([t, 1.0 - t], dim=-1)
+    return _bspline_recursion(t, order)[-1]
+
+
+def bspline_weights_and_derivatives(t: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M_p(t + j), M_p'(t + j)) for j = 0 .. p-1, p ≥ 3, from one recursion: M_p'(x) = M_{p-1}(x) − M_{p-1}(x − 1).
+
+    Returns two (..., p) tensors (:func:`bspline_weights` and its derivative in t)."""
+    lower, weights = _bspline_recursion(t, order)[-2:]
+    zero = torch.zeros_like(lower[..., :1])
+    return weights, torch.cat([lower, zero], -1) - torch.cat([zero, lower], -1)
+
+
+def _bspline_recursion(t: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """[M_2, ..., M_order] at t + j (each (..., n)), by the recursion of :func:`bspline_weights`."""
+    weights = [torch.stack([t, 1.0 - t], dim=-1)]
     for n in range(3, order + 1):
-        zero = torch.zeros_like(weights[..., :1])
+        previous = weights[-1]
+        zero = torch.zeros_like(previous[..., :1])
         shift = torch.arange(n, dtype=t.dtype, device=t.device)
         x = t.unsqueeze(-1) + shift
-        weights = (
-            x * torch.cat([weights, zero], dim=-1)
-            + (n - x) * torch.cat([zero, weights], dim=-1)
-        ) / (n - 1)
+        weights.append((
+            x * torch.cat([previous, zero], dim=-1)
+            + (n - x) * torch.cat([zero, previous], dim=-1)
+        ) / (n - 1))
     return weights
 
 
