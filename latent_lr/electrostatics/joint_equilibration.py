@@ -523,8 +523,10 @@ def equilibrate_charges_and_dipoles(
             last MD step's solution); None: cold start.  Changes iterations only, not the result.
         preconditioner: ``"kspace"`` (default: the Qeq k-space preconditioner of
             :mod:`.kspace_preconditioner` on the charge block of periodic structures, Jacobi elsewhere),
-            ``"blocks"`` (that within the near-field blocks of :mod:`.block_preconditioner`, as the Qeq
-            default) or ``"jacobi"`` (diagonal only).
+            ``"blocks"`` (that within the joint charge–dipole near-field blocks of
+            :func:`.block_preconditioner.joint_near_field_preconditioner`, also for open structures; the
+            model default) or ``"jacobi"`` (diagonal only).  With a ``state`` the preconditioner is kept for
+            later solves at nearly the same geometry (:mod:`.preconditioner_memory`).
         statistics: records the CG iteration counts (forward, then adjoint solves).
         method: reciprocal sums of T and G for periodic structures and slabs: ``"ewald"``, ``"pme"`` or
             ``"auto"`` (PME from :data:`~.coulomb.PME_MIN_ATOMS` atoms per structure, as the engine).
