@@ -27,7 +27,6 @@ spectrum that CG sees (water, 1,000 atoms, rtol 1e-10: 51 → 33 iterations).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 from ..units import COULOMB_CONSTANT
 from .dipole_tensor import damped_dipole_tensor
 from .linear_solve import Preconditioner
+from .mesh import csr_from_entries
 from .pairs import all_pairs_within, periodic_pairs_within_cutoff
 
 #: Atoms closer than this (Å) share a block (covalent bonds; not hydrogen bonds at ≳ 1.6 Å).
@@ -210,16 +210,7 @@ class _BlockDiagonal:
             rows.append(index[:, :, None].expand(-1, -1, width * k).reshape(-1))
             columns.append(index[:, None, :].expand(-1, width * k, -1).reshape(-1))
             values.append(matrices[ids, : width * k, : width * k].reshape(-1))
-        row, column, value = torch.cat(rows), torch.cat(columns), torch.cat(values)
-        order = torch.argsort(row * n_rows + column)
-        starts = torch.zeros(n_rows + 1, dtype=torch.long, device=block.device)
-        starts[1:] = torch.cumsum(torch.bincount(row, minlength=n_rows), 0)
-        with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            self.matrix = torch.sparse_csr_tensor(
-                starts.to(torch.int32), column[order].to(torch.int32), value[order], (n_rows, n_rows),
-                check_invariants=False,
-            )
+        self.matrix = csr_from_entries(torch.cat(rows), torch.cat(columns), torch.cat(values), (n_rows, n_rows))
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         flat = values.reshape(-1).to(self.matrix.dtype)

@@ -351,16 +351,22 @@ def spreading_matrix(points: torch.Tensor, weights: torch.Tensor, n_points: int)
     with the weights onto the mesh.  Cheaper than a scatter (``index_add_``) where many rows share few mesh
     points (a coarse mesh); its set-up is a sort of the R t entries."""
     rows, terms = weights.shape
-    flat = points.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    columns = torch.div(torch.arange(rows * terms, device=weights.device), terms, rounding_mode="floor")[order]
-    starts = torch.zeros(n_points + 1, dtype=torch.long, device=weights.device)
-    starts[1:] = torch.cumsum(torch.bincount(flat, minlength=n_points), 0)
+    atoms = torch.div(torch.arange(rows * terms, device=weights.device), terms, rounding_mode="floor")
+    return csr_from_entries(points.reshape(-1).long(), atoms, weights.reshape(-1), (n_points, rows))
+
+
+def csr_from_entries(
+    rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """The CSR matrix of ``shape`` with ``values`` at (``rows``, ``columns``) (long index tensors, no repeated
+    entry), int32 indices."""
+    order = torch.argsort(rows * shape[1] + columns)
+    starts = torch.zeros(shape[0] + 1, dtype=torch.long, device=values.device)
+    starts[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
-            starts.to(torch.int32), columns.to(torch.int32), weights.reshape(-1)[order], (n_points, rows),
-            check_invariants=False,
+            starts.to(torch.int32), columns[order].to(torch.int32), values[order], shape, check_invariants=False
         )
 
 
