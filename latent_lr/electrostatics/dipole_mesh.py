@@ -179,16 +179,19 @@ def _spline_arrays(
     weights: torch.Tensor, derivatives: torch.Tensor, to_mesh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W (n, p³), ∇W (n, p³, 3) 1/Å) from the separable factors of :attr:`DipoleMesh.splines`."""
-    n = weights.shape[0]
-    w0, w1, w2 = weights.unbind(1)
-    d0, d1, d2 = derivatives.unbind(1)
-    by_mesh_axis = torch.stack([
-        d0[:, :, None, None] * w1[:, None, :, None] * w2[:, None, None, :],
-        w0[:, :, None, None] * d1[:, None, :, None] * w2[:, None, None, :],
-        w0[:, :, None, None] * w1[:, None, :, None] * d2[:, None, None, :],
-    ], dim=-1).reshape(n, -1, 3)  # ∂W/∂u_a
-    values = (w0[:, :, None, None] * w1[:, None, :, None] * w2[:, None, None, :]).reshape(n, -1)
-    return values, by_mesh_axis @ to_mesh.T  # ∂u_a/∂r = K_a (A⁻¹)[:, a]
+    stacked = _stacked_spline_arrays(weights, derivatives, to_mesh)
+    return stacked[:, 0], stacked[:, 1:].transpose(1, 2)
+
+
+def _stacked_spline_arrays(weights: torch.Tensor, derivatives: torch.Tensor, to_mesh: torch.Tensor) -> torch.Tensor:
+    """(n, 4, p³): W and the three Cartesian components of ∇W (1/Å), from the separable factors of
+    :attr:`DipoleMesh.splines` through their (a, b) plane (:func:`_spline_plane`)."""
+    n, p = weights.shape[0], weights.shape[2]
+    w2, d2 = weights[:, 2], derivatives[:, 2]
+    plane = _spline_plane(weights, derivatives)  # (n, 3, p²)
+    by_mesh_axis = torch.cat([plane[:, :, :, None] * w2[:, None, None, :],
+                              plane[:, :1, :, None] * d2[:, None, None, :]], 1).reshape(n, 4, p**3)  # W, ∂W/∂ũ_a
+    return torch.cat([by_mesh_axis[:, :1], torch.matmul(to_mesh, by_mesh_axis[:, 1:])], 1)  # ∂ũ_a/∂r = K_a (A⁻¹)[:, a]
 
 
 def dipole_mesh(
@@ -252,12 +255,7 @@ class FrozenJointMesh:
         self.size = mesh.shape[0] * mesh.shape[1] * mesh.shape[2]
         self.points = mesh.points.reshape(-1).to(torch.int32)
         with torch.no_grad():  # (n, 4, p³): W_i(m) and the three components of ∇W_i(m); one bmm spreads (q, p)
-            weights, derivatives, to_mesh = (t.detach().to(precision) for t in mesh.splines)
-            w2, d2 = weights[:, 2], derivatives[:, 2]
-            plane = _spline_plane(weights, derivatives)  # (n, 3, p²)
-            by_mesh_axis = torch.cat([plane[:, :, :, None] * w2[:, None, None, :],
-                                      plane[:, :1, :, None] * d2[:, None, None, :]], 1).reshape(n, 4, terms)
-            self.weights = torch.cat([by_mesh_axis[:, :1], torch.matmul(to_mesh, by_mesh_axis[:, 1:])], 1)
+            self.weights = _stacked_spline_arrays(*(t.detach().to(precision) for t in mesh.splines))
         self.theta = mesh.theta.detach().to(precision)
         columns = self.points.reshape(n, 1, terms).expand(n, 4, terms)
         # rows (i, c): c = 0 the potential, 1-3 the gradient
