@@ -86,7 +86,8 @@ from .kernels import screened_pair_kernel
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, lazy_operator, solve_spd
 from .mesh_parameters import MeshParameters
-from .qeq import REFINEMENT_ACCURACY, _Geometry, _kept_preconditioner, gaussian_self_hardness, product_precision
+from .preconditioner_memory import kept_preconditioner
+from .qeq import REFINEMENT_ACCURACY, _Geometry, gaussian_self_hardness, product_precision
 from .state import EngineState
 
 #: Most entries B (4 n_max)² of the dense joint matrices of an open batch in frozen (CG) products
@@ -629,7 +630,7 @@ class _JointSettings:
         inverse = None
         if self.preconditioner == "blocks" or (self.preconditioner == "kspace" and bool(self.pbc.all(dim=1).any())):
             precision = problem.operator.charges.product_precision
-            inverse = _kept_preconditioner(
+            inverse = kept_preconditioner(
                 f"joint/{self.preconditioner}/{precision}", self.state, positions, cell, self.pbc, self.batch,
                 torch.cat([problem.diagonal, problem.scale[:, None]], 1), smearing, lambda: _joint_preconditioner(
                     positions, cell, self.pbc, self.batch, problem.diagonal.detach(), problem.scale.detach(), smearing,

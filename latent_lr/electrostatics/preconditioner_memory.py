@@ -23,11 +23,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional
+from typing import TYPE_CHECKING, Callable, Hashable, Optional
 
 import torch
 
 from .linear_solve import Preconditioner
+
+if TYPE_CHECKING:
+    from .state import EngineState
 
 #: Largest displacement of any atom (Å) since the set-up for which a kept preconditioner is reused.
 REUSE_DISPLACEMENT = 0.3
@@ -110,3 +113,17 @@ class PreconditionerMemory:
         change = (parameters - kept.parameters).abs() / kept.parameters.abs().clamp_min(1e-300)
         changed = float(change.max()) if change.numel() else 0.0
         return moved <= REUSE_DISPLACEMENT and changed <= REUSE_PARAMETER_CHANGE
+
+
+def kept_preconditioner(
+    kind: str, state: Optional["EngineState"], positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+    batch: torch.Tensor, parameters: torch.Tensor, smearing: torch.Tensor,
+    build: Callable[[], Optional[Preconditioner]],
+) -> Optional[Preconditioner]:
+    """``build()`` (None: Jacobi), or with a ``state`` the one its memory kept from a solve at nearly this
+    geometry (:meth:`PreconditionerMemory.preconditioner`, same arguments; σ (Å) as a tensor)."""
+    if state is None:
+        return build()
+    return state.preconditioners.preconditioner(
+        kind, positions, cell, pbc, batch, parameters, float(smearing.detach()), build
+    )

@@ -51,6 +51,7 @@ from .coulomb_operator import coulomb_operator, mesh_parameters_of
 from .kspace_preconditioner import kspace_preconditioner
 from .linear_solve import Preconditioner, SolveStatistics, lazy_operator, solve_spd
 from .mesh_parameters import MeshParameters
+from .preconditioner_memory import kept_preconditioner
 from .state import EngineState
 from .validation import require_autograd
 
@@ -313,7 +314,7 @@ def _cg_charges(
             ) or inverse
         return inverse
 
-    inverse = _kept_preconditioner(
+    inverse = kept_preconditioner(
         f"qeq/{preconditioner}/{geometry.product_precision}", geometry.state, positions, cell, geometry.pbc,
         geometry.batch, diagonal, smearing, build,
     )
@@ -322,17 +323,6 @@ def _cg_charges(
         batch=geometry.batch, total=total_charge, diagonal=diagonal, rtol=rtol, max_iter=max_iter,
         initial=initial, statistics=statistics, preconditioner=inverse,
     )
-
-
-def _kept_preconditioner(
-    kind: str, state: Optional[EngineState], positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
-    batch: torch.Tensor, diagonal: torch.Tensor, smearing: torch.Tensor, build: Callable[[], Optional[Preconditioner]],
-) -> Optional[Preconditioner]:
-    """``build()`` (None: Jacobi), or with a ``state`` the one it kept from a solve at nearly this geometry
-    (:class:`.preconditioner_memory.PreconditionerMemory`)."""
-    if state is None:
-        return build()
-    return state.preconditioners.preconditioner(kind, positions, cell, pbc, batch, diagonal, float(smearing.detach()), build)
 
 
 def _subset(mask: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
