@@ -254,7 +254,13 @@ def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(m
             meshes = operator._folded_meshes(operator.dipoles(positions, cell, SIGMA), cell, SIGMA)
             kind = joint.SeparableJointMesh if separable else joint.FrozenJointMesh
             assert meshes is not None and all(type(mesh) is kind for mesh in meshes)
-        result = operator.frozen(positions, cell, SIGMA, hardness, scale)(v)
+        apply = operator.frozen(positions, cell, SIGMA, hardness, scale)
+        result = apply(v)
+        kept = result.clone()
+        # a second product (reused buffers) is linear in v and leaves the first result untouched
+        combined, expected = apply(v.flip(0) - 2.0 * v), apply(v.flip(0)) - 2.0 * kept
+        assert float((combined - expected).norm() / expected.norm()) < (1e-6 if precision else 1e-12)
+        assert torch.equal(result, kept)
         monkeypatch.undo()
         return result
 
