@@ -81,3 +81,44 @@ def test_pme_self_consistent_energy_gradients_match_finite_differences():
 def test_unknown_dipole_method_is_a_clear_error():
     with pytest.raises(ValueError, match="method must be one of"):
         operator(torch.zeros(2, 3, dtype=torch.float64) + torch.eye(3, dtype=torch.float64)[:2], 1e-6, "p3m")
+
+
+@pytest.mark.parametrize("chunk", [7, 1024])
+def test_mesh_density_energy_derivatives_match_finite_differences(monkeypatch, chunk):
+    """DipoleMesh.density_energy (analytic first-derivative backward, spread and gathered ``chunk`` atoms at a
+    time): ∂E/∂(positions, cell, q, p) and the position Hessian-vector product (the autograd fallback of a
+    graph-building backward) against central finite differences of the energy and of its gradient."""
+    from latent_lr.electrostatics import dipole_mesh
+
+    monkeypatch.setattr(dipole_mesh, "SUPPORT_CHUNK_ATOMS", chunk)
+    rng = np.random.default_rng(4)
+    n = 20
+    positions0 = torch.tensor(rng.uniform(0.0, 9.0, size=(n, 3)))
+    charges0, dipoles0 = torch.tensor(rng.normal(size=n)), torch.tensor(0.3 * rng.normal(size=(n, 3)))
+
+    def energy(positions, cell, charges, dipoles):  # fixed α, mesh and order: E_rec is smooth in the cell
+        mesh = dipole_mesh.dipole_mesh(positions, cell, torch.arange(n), torch.tensor(0.6, dtype=torch.float64),
+                                       (20, 18, 22), 6, eager=False)
+        return mesh.density_energy(charges, dipoles)
+
+    inputs = [t.clone().requires_grad_() for t in (positions0, CELL, charges0, dipoles0)]
+    analytic = torch.autograd.grad(energy(*inputs), inputs)  # the contracted backward
+    gradients = torch.autograd.grad(energy(*inputs), inputs, create_graph=True)  # the autograd form
+    h = 1e-5
+    for which, index in ((0, (3, 1)), (0, (17, 2)), (1, (0, 0)), (1, (2, 1)), (2, (5,)), (3, (8, 0)), (3, (12, 2))):
+        plus, minus = [t.detach().clone() for t in inputs], [t.detach().clone() for t in inputs]
+        plus[which][index] += h
+        minus[which][index] -= h
+        with torch.no_grad():
+            numerical = float(energy(*plus) - energy(*minus)) / (2 * h)
+        for found in (analytic, gradients):
+            assert abs(numerical - float(found[which][index].detach())) < 1e-6 * (1 + abs(numerical)), (which, index)
+    direction = torch.tensor(rng.normal(size=(n, 3)))
+    (hessian_direction,) = torch.autograd.grad((gradients[0] * direction).sum(), inputs[0])
+
+    def position_gradient(x):
+        x = x.clone().requires_grad_()
+        return torch.autograd.grad(energy(x, CELL, charges0, dipoles0), x)[0]
+
+    numerical = (position_gradient(positions0 + h * direction) - position_gradient(positions0 - h * direction)) / (2 * h)
+    assert float((numerical - hessian_direction).norm() / numerical.norm()) < 1e-5

@@ -225,11 +225,14 @@ def test_deferred_joint_derivatives_equal_the_exact_implicit_path_and_finite_dif
     assert abs(finite_difference - float(fast[1][atom, 1])) < 1e-6 * max(1.0, abs(finite_difference))
 
 
-def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(monkeypatch):
+@pytest.mark.parametrize("chunk", [64, 1024])
+def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(monkeypatch, chunk):
     """The frozen joint product on PME cells sums charges and dipoles on one mesh (one FFT pair, the
     Coulomb operator's mesh part left out); it must equal the product with separate meshes, and its float32
-    form (MD tolerances) must stay within single-precision round-off."""
+    form (MD tolerances) must stay within single-precision round-off.  The separable form spreads and gathers
+    ``chunk`` atoms at a time (330 atoms: several passes, or one)."""
     from latent_lr.demo import water_like_box
+    from latent_lr.electrostatics import dipole_mesh
     from latent_lr.electrostatics import EngineState
     from latent_lr.electrostatics.coulomb import PME_MIN_ATOMS
 
@@ -248,6 +251,7 @@ def test_one_density_mesh_product_equals_the_separate_charge_and_dipole_meshes(m
         operator.charges.product_precision = precision
         # refinement_pays picks the separable form (few exact products); forced either way here
         monkeypatch.setattr(joint._Geometry, "refinement_pays", lambda *args: separable)
+        monkeypatch.setattr(dipole_mesh, "SUPPORT_CHUNK_ATOMS", chunk)
         if not folded:
             monkeypatch.setattr(joint._JointOperator, "_folded_meshes", lambda *args: None)
         else:

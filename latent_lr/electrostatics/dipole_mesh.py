@@ -21,7 +21,7 @@ for Ewald with the PME parameters (:func:`.mesh_parameters.mesh_parameters`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
@@ -30,9 +30,11 @@ from .mesh import (
     _cached_influence,
     _half_weights,
     _mesh_energy,
+    _weighted_power,
     bspline_weights_and_derivatives,
     influence_function,
     interpolation_matrix,
+    mesh_potential,
     spread_charges,
     structure_spline_points,
 )
@@ -100,11 +102,11 @@ class DipoleMesh:
         and dipoles (n, 3) e·Å together, differentiable as :meth:`dipole_energy`."""
         assert self.splines is not None, "build the mesh with dipole_mesh (separable factors)"
         weights, derivatives, to_mesh = self.splines
-        density = _separable_density(charges, dipoles @ to_mesh, weights, derivatives).reshape(-1)
-        size = self.shape[0] * self.shape[1] * self.shape[2]
-        total = density.new_zeros(size).index_add_(0, self.points.reshape(-1), density).reshape(1, *self.shape)
-        half = _half_weights(self.shape[2], density.dtype, density.device)
-        return COULOMB_CONSTANT * _mesh_energy(total, self.theta[None], half)[0]
+        half = _half_weights(self.shape[2], charges.dtype, charges.device)
+        energy = _SeparableDensityEnergy.apply(
+            charges, dipoles @ to_mesh, weights, derivatives, self.theta, half, self.points.reshape(-1), self.shape
+        )
+        return COULOMB_CONSTANT * energy
 
     def _support_potential(self, density: torch.Tensor) -> torch.Tensor:
         """(n, p³) G = ∂(E/k_e)/∂Q at each atom's support points, of a spread mesh density (n, p³)."""
@@ -169,6 +171,138 @@ def _separable_density(
     if out is None:
         return torch.bmm(*factors).reshape(n, -1)
     return torch.bmm(*factors, out=out.view(n, -1, weights.shape[2])).view(n, -1)
+
+
+#: Atoms per pass of the separable spreading and gathering without gradients (:func:`_spread_separable`,
+#: :func:`_supports`): one (chunk, p³) buffer of a few MB, reused, instead of (n, p³) arrays of tens of MB at
+#: 10⁴ atoms that page-fault on every allocation.
+SUPPORT_CHUNK_ATOMS = 1024
+
+
+def _support_buffer(like: torch.Tensor, n: int, p: int) -> torch.Tensor:
+    """An empty buffer (min(n, :data:`SUPPORT_CHUNK_ATOMS`) p³,) of ``like``'s dtype for :func:`_spread_separable`."""
+    return like.new_empty(min(n, SUPPORT_CHUNK_ATOMS) * p**3)
+
+
+def _spread_separable(
+    charges: torch.Tensor, along: torch.Tensor, weights: torch.Tensor, derivatives: torch.Tensor,
+    points: torch.Tensor, size: int, buffer: torch.Tensor,
+) -> torch.Tensor:
+    """(size,) mesh of the separable density (:func:`_separable_density`) of charges (n,) and mesh-axis dipoles
+    (n, 3) with flat support points (n p³,), no gradients, spread :data:`SUPPORT_CHUNK_ATOMS` atoms at a time
+    through ``buffer`` (:func:`_support_buffer`)."""
+    n, p3 = weights.shape[0], weights.shape[2] ** 3
+    grid = weights.new_zeros(size)
+    for start in range(0, n, SUPPORT_CHUNK_ATOMS):
+        part = slice(start, min(start + SUPPORT_CHUNK_ATOMS, n))
+        m = part.stop - part.start
+        density = _separable_density(charges[part], along[part], weights[part], derivatives[part], buffer[: m * p3])
+        grid.index_add_(0, points[part.start * p3 : part.stop * p3], density.reshape(-1))
+    return grid
+
+
+def _supports(
+    potential: torch.Tensor, points: torch.Tensor, n: int, p: int, buffer: Optional[torch.Tensor]
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(atoms, the mesh values at their supports (m, p², p)): all n atoms at once without a ``buffer``, else in
+    passes of :data:`SUPPORT_CHUNK_ATOMS` through it (each view valid until the next pass)."""
+    if buffer is None:
+        yield slice(0, n), potential.index_select(0, points).reshape(n, p * p, p)
+        return
+    p3 = p**3
+    for start in range(0, n, SUPPORT_CHUNK_ATOMS):
+        part = slice(start, min(start + SUPPORT_CHUNK_ATOMS, n))
+        m = part.stop - part.start
+        support = torch.index_select(potential, 0, points[part.start * p3 : part.stop * p3], out=buffer[: m * p3])
+        yield part, support.view(m, p * p, p)
+
+
+def _density_grid_energy(
+    charges: torch.Tensor, along: torch.Tensor, weights: torch.Tensor, derivatives: torch.Tensor,
+    theta: torch.Tensor, half: torch.Tensor, points: torch.Tensor, shape: tuple[int, int, int],
+) -> torch.Tensor:
+    """Σ_m half θ |rfftn(Q)|² (scalar) of the separable density Q of charges and mesh-axis dipoles, by autograd
+    (the graph that :class:`_SeparableDensityEnergy` replaces for first derivatives)."""
+    density = _separable_density(charges, along, weights, derivatives).reshape(-1)
+    grid = density.new_zeros(shape[0] * shape[1] * shape[2]).index_add_(0, points, density).reshape(1, *shape)
+    return _mesh_energy(grid, theta[None], half)[0]
+
+
+def _separable_gradients(
+    support: torch.Tensor, charges: torch.Tensor, along: torch.Tensor, weights: torch.Tensor, derivatives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ_m S(m) ∂Q(m)/∂(q (m,), p̃ (m, 3), w (m, 3, p), d (m, 3, p)) of the separable density Q of
+    :func:`_separable_density`, for the values S (m, p², p) of ∂E/∂Q at each atom's support points (a, b, c)."""
+    n, p = weights.shape[0], weights.shape[2]
+    w0, w1, w2 = weights.unbind(1)
+    d0, d1, d2 = derivatives.unbind(1)
+    first = charges[:, None] * w0 + along[:, :1] * d0  # Q = first_a w1_b w2_c + (p̃₁w₀)_a d1_b w2_c + (p̃₂w₀)_a w1_b d2_c
+    second, third = along[:, 1:2] * w0, along[:, 2:] * w0
+    planes = torch.stack([  # the (a, b) factors of the w₂ and the d₂ terms
+        (first[:, :, None] * w1[:, None, :] + second[:, :, None] * d1[:, None, :]).reshape(n, -1),
+        (third[:, :, None] * w1[:, None, :]).reshape(n, -1),
+    ], 1)  # (m, 2, p²)
+    along_c = torch.bmm(support, torch.stack([w2, d2], -1)).reshape(n, p, p, 2)  # Σ_c S w₂, Σ_c S d₂
+    grad_c = torch.bmm(planes, support)  # (m, 2, p): ∂/∂w₂, ∂/∂d₂
+    with_w2, with_d2 = along_c[..., 0], along_c[..., 1]  # (m, p_a, p_b)
+    grad_first = (with_w2 * w1[:, None, :]).sum(2)  # (m, p_a)
+    grad_second = (with_w2 * d1[:, None, :]).sum(2)
+    grad_third = (with_d2 * w1[:, None, :]).sum(2)
+    grad_w0 = charges[:, None] * grad_first + along[:, 1:2] * grad_second + along[:, 2:] * grad_third
+    grad_w1 = (first[:, :, None] * with_w2 + third[:, :, None] * with_d2).sum(1)
+    grad_d1 = (second[:, :, None] * with_w2).sum(1)
+    grad_along = torch.stack([(grad_first * d0).sum(1), (grad_second * w0).sum(1), (grad_third * w0).sum(1)], 1)
+    return ((grad_first * w0).sum(1), grad_along, torch.stack([grad_w0, grad_w1, grad_c[:, 0]], 1),
+            torch.stack([along[:, :1] * grad_first, grad_d1, grad_c[:, 1]], 1))
+
+
+class _SeparableDensityEnergy(torch.autograd.Function):
+    """Σ_m half θ |rfftn(Q)|² (scalar) of the density Q_i = (q w₀ + p̃₀ d₀) w₁ w₂ + p̃₁ w₀ d₁ w₂ + p̃₂ w₀ w₁ d₂ of
+    :func:`_separable_density`, with a first-derivative backward that contracts the mesh potential at the
+    supports with the separable factors (two passes over the (n, p³) support, no autograd graph of the
+    spreading): gradients in the charges (n,), mesh-axis dipoles p̃ (n, 3), spline factors w, d (n, 3, p)
+    (through which positions enter) and θ.  A backward that builds a graph (second derivatives) recomputes
+    the energy by autograd (:func:`_density_grid_energy`) and differentiates that.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, charges: torch.Tensor, along: torch.Tensor, weights: torch.Tensor,
+                derivatives: torch.Tensor, theta: torch.Tensor, half: torch.Tensor, points: torch.Tensor,
+                shape: tuple[int, int, int]) -> torch.Tensor:
+        n, p = weights.shape[0], weights.shape[2]
+        buffer = _support_buffer(charges, n, p)
+        grid = _spread_separable(charges, along, weights, derivatives, points, shape[0] * shape[1] * shape[2], buffer)
+        spectrum = torch.fft.rfftn(grid.reshape(1, *shape), dim=(1, 2, 3))
+        ctx.save_for_backward(charges, along, weights, derivatives, theta, half)
+        ctx.points, ctx.shape, ctx.spectrum, ctx.buffer = points, shape, spectrum, buffer
+        return _weighted_power(spectrum, (theta * half)[None])[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        charges, along, weights, derivatives, theta, half = ctx.saved_tensors
+        points, shape, spectrum, buffer = ctx.points, ctx.shape, ctx.spectrum, ctx.buffer
+        ctx.spectrum = ctx.buffer = None
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # a graph of the gradient: differentiate the autograd form (saved inputs: on it)
+            inputs = (charges, along, weights, derivatives, theta)
+            energy = _density_grid_energy(*inputs, half, points, shape)
+            wanted = [t for t, need in zip(inputs, needs) if need]
+            found = iter(torch.autograd.grad(energy, wanted, grad, create_graph=True, allow_unused=True))
+            return (*(next(found) if need else None for need in needs[:5]), None, None, None)
+        grad_theta = None
+        if needs[4]:
+            real = torch.view_as_real(spectrum)
+            grad_theta = grad * half * (real[..., 0] ** 2 + real[..., 1] ** 2)[0]
+        if not any(needs[:4]):
+            return None, None, None, None, grad_theta, None, None, None
+        n, p = weights.shape[0], weights.shape[2]
+        potential = mesh_potential(spectrum, grad * theta[None], list(shape)).reshape(-1)  # ∂E/∂Q on the mesh
+        parts = [_separable_gradients(support, charges[part], along[part], weights[part], derivatives[part])
+                 for part, support in _supports(potential, points, n, p, buffer)]
+        grad_charges, grad_along, grad_weights, grad_derivatives = (torch.cat(found) for found in zip(*parts))
+        chosen = [value if need else None
+                  for value, need in zip((grad_charges, grad_along, grad_weights, grad_derivatives), needs)]
+        return (*chosen, grad_theta, None, None, None)
 
 
 def _spline_plane(weights: torch.Tensor, derivatives: torch.Tensor) -> torch.Tensor:
@@ -302,32 +436,33 @@ class SeparableJointMesh:
         self.weights, self.derivatives = weights, derivatives  # (n, 3, p)
         self.axis2 = torch.stack([weights[:, 2], derivatives[:, 2]], -1)  # (n, p, 2)
         self.plane = _spline_plane(weights, derivatives)
-        self._workspace: Optional[torch.Tensor] = None  # (n p³,) see :meth:`products`
+        self._workspace: Optional[torch.Tensor] = None  # see :meth:`products`
 
     def products(self, charges: torch.Tensor, dipoles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field (n, 3) V/Å, potential (n,) V) of this structure's charges (n,) e and dipoles (n, 3) e·Å.
 
-        Without gradients the (n, p³) density and the potential at the supports share one buffer kept
-        between products (tens of MB at 10⁴ atoms and order 8: a fresh one page-faults on every product).
+        Without gradients the density and the potential at the supports pass through one
+        (:data:`SUPPORT_CHUNK_ATOMS`, p³) buffer, kept between products (:func:`_spread_separable`).
         """
         n, p = self.weights.shape[0], self.weights.shape[2]
         along = dipoles.to(self.theta.dtype) @ self.to_mesh
-        workspace = None
-        if not (torch.is_grad_enabled() and (charges.requires_grad or dipoles.requires_grad)):
+        charges_in = charges.to(self.theta.dtype)
+        if torch.is_grad_enabled() and (charges.requires_grad or dipoles.requires_grad):
+            density = _separable_density(charges_in, along, self.weights, self.derivatives)
+            grid = density.new_zeros(self.size).index_add(0, self.points, density.reshape(-1))
+            buffer = None
+        else:
             if self._workspace is None:
-                self._workspace = self.theta.new_empty(n * p**3)
-            workspace = self._workspace
-        density = _separable_density(charges.to(self.theta.dtype), along, self.weights, self.derivatives, workspace)
-        grid = density.new_zeros(self.size).index_add_(0, self.points, density.reshape(-1))
+                self._workspace = _support_buffer(self.theta, n, p)
+            buffer = self._workspace
+            grid = _spread_separable(charges_in, along, self.weights, self.derivatives, self.points, self.size, buffer)
         spectrum = torch.fft.rfftn(grid.reshape(self.shape)).mul_(self.theta)
         potential = torch.fft.irfftn(spectrum, s=self.shape).reshape(-1).mul_(2.0 * self.size)
-        if workspace is None:
-            support = torch.index_select(potential, 0, self.points)
-        else:  # the density is spent (in the grid): its buffer takes φ at the supports
-            support = torch.index_select(potential, 0, self.points, out=workspace)
-        support = support.reshape(n, p * p, p)  # φ(a, b, c) per atom
-        along_c = torch.bmm(support, self.axis2)  # (n, p², [w₂, d₂])
-        full = torch.bmm(self.plane, along_c)  # ([w₀w₁, d₀w₁, w₀d₁], [w₂, d₂])
+        parts = []
+        for part, support in _supports(potential, self.points, n, p, buffer):  # φ(a, b, c) per atom
+            along_c = torch.bmm(support, self.axis2[part])  # (m, p², [w₂, d₂])
+            parts.append(torch.bmm(self.plane[part], along_c))  # ([w₀w₁, d₀w₁, w₀d₁], [w₂, d₂])
+        full = torch.cat(parts) if len(parts) > 1 else parts[0]
         gradient = torch.stack([full[:, 1, 0], full[:, 2, 0], full[:, 0, 1]], 1) @ self.to_mesh.T  # ∇ of Σ W φ
         at_potential = (COULOMB_CONSTANT * full[:, 0, 0]).to(charges.dtype)
         return (-COULOMB_CONSTANT * gradient).to(charges.dtype), at_potential
