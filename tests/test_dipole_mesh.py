@@ -122,3 +122,26 @@ def test_mesh_density_energy_derivatives_match_finite_differences(monkeypatch, c
 
     numerical = (position_gradient(positions0 + h * direction) - position_gradient(positions0 - h * direction)) / (2 * h)
     assert float((numerical - hessian_direction).norm() / numerical.norm()) < 1e-5
+
+
+def test_mesh_density_energy_backward_twice_and_mixed_precision():
+    """A retained graph may be traversed twice (same gradients), and float32 charges on a float64 mesh give a
+    float64 energy whose charge gradient is float32 and equals the float64 one to single precision."""
+    from latent_lr.electrostatics import dipole_mesh
+
+    rng = np.random.default_rng(5)
+    n = 9
+    positions = torch.tensor(rng.uniform(0.0, 9.0, size=(n, 3)), requires_grad=True)
+    mesh = dipole_mesh.dipole_mesh(positions, CELL, torch.arange(n), torch.tensor(0.6, dtype=torch.float64),
+                                   (16, 18, 20), 6, eager=False)
+    charges, dipoles = torch.tensor(rng.normal(size=n)), torch.tensor(0.3 * rng.normal(size=(n, 3)))
+    energy = mesh.density_energy(charges, dipoles)
+    first = torch.autograd.grad(energy, positions, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(energy, positions, retain_graph=True)[0], first, rtol=0, atol=0)
+    single = charges.float().requires_grad_()
+    double = charges.clone().requires_grad_()
+    low, high = mesh.density_energy(single, dipoles), mesh.density_energy(double, dipoles)
+    assert low.dtype == torch.float64
+    (low_gradient,), (high_gradient,) = torch.autograd.grad(low, single), torch.autograd.grad(high, double)
+    assert low_gradient.dtype == torch.float32
+    torch.testing.assert_close(low_gradient.double(), high_gradient, rtol=1e-5, atol=1e-6)

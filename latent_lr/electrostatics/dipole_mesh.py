@@ -102,9 +102,11 @@ class DipoleMesh:
         and dipoles (n, 3) e·Å together, differentiable as :meth:`dipole_energy`."""
         assert self.splines is not None, "build the mesh with dipole_mesh (separable factors)"
         weights, derivatives, to_mesh = self.splines
-        half = _half_weights(self.shape[2], charges.dtype, charges.device)
+        dtype = weights.dtype
+        half = _half_weights(self.shape[2], dtype, charges.device)
         energy = _SeparableDensityEnergy.apply(
-            charges, dipoles @ to_mesh, weights, derivatives, self.theta, half, self.points.reshape(-1), self.shape
+            charges.to(dtype), dipoles.to(dtype) @ to_mesh, weights, derivatives, self.theta, half,
+            self.points.reshape(-1), self.shape,
         )
         return COULOMB_CONSTANT * energy
 
@@ -280,8 +282,7 @@ class _SeparableDensityEnergy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         charges, along, weights, derivatives, theta, half = ctx.saved_tensors
-        points, shape, spectrum, buffer = ctx.points, ctx.shape, ctx.spectrum, ctx.buffer
-        ctx.spectrum = ctx.buffer = None
+        points, shape, spectrum, buffer = ctx.points, ctx.shape, ctx.spectrum, ctx.buffer  # kept: retain_graph
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # a graph of the gradient: differentiate the autograd form (saved inputs: on it)
             inputs = (charges, along, weights, derivatives, theta)

@@ -204,8 +204,7 @@ class _MeshEnergy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grid, theta, half = ctx.saved_tensors
-        spectrum = torch.fft.rfftn(grid, dim=(1, 2, 3)) if torch.is_grad_enabled() else ctx.spectrum
-        ctx.spectrum = None
+        spectrum = torch.fft.rfftn(grid, dim=(1, 2, 3)) if torch.is_grad_enabled() else ctx.spectrum  # kept: retain_graph
         scale = grad[:, None, None, None]
         grad_grid = grad_theta = None
         if ctx.needs_input_grad[0]:
