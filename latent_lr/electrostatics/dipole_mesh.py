@@ -188,13 +188,15 @@ def _support_buffer(like: torch.Tensor, n: int, p: int) -> torch.Tensor:
 
 def _spread_separable(
     charges: torch.Tensor, along: torch.Tensor, weights: torch.Tensor, derivatives: torch.Tensor,
-    points: torch.Tensor, size: int, buffer: torch.Tensor,
+    points: torch.Tensor, size: int, buffer: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """(size,) mesh of the separable density (:func:`_separable_density`) of charges (n,) and mesh-axis dipoles
-    (n, 3) with flat support points (n p³,), no gradients, spread :data:`SUPPORT_CHUNK_ATOMS` atoms at a time
-    through ``buffer`` (:func:`_support_buffer`)."""
+    (n, 3) with flat support points (n p³,): without a ``buffer`` all atoms at once (differentiable), else
+    without gradients :data:`SUPPORT_CHUNK_ATOMS` atoms at a time through it (:func:`_support_buffer`)."""
     n, p3 = weights.shape[0], weights.shape[2] ** 3
     grid = weights.new_zeros(size)
+    if buffer is None:
+        return grid.index_add(0, points, _separable_density(charges, along, weights, derivatives).reshape(-1))
     for start in range(0, n, SUPPORT_CHUNK_ATOMS):
         part = slice(start, min(start + SUPPORT_CHUNK_ATOMS, n))
         m = part.stop - part.start
@@ -225,9 +227,8 @@ def _density_grid_energy(
 ) -> torch.Tensor:
     """Σ_m half θ |rfftn(Q)|² (scalar) of the separable density Q of charges and mesh-axis dipoles, by autograd
     (the graph that :class:`_SeparableDensityEnergy` replaces for first derivatives)."""
-    density = _separable_density(charges, along, weights, derivatives).reshape(-1)
-    grid = density.new_zeros(shape[0] * shape[1] * shape[2]).index_add_(0, points, density).reshape(1, *shape)
-    return _mesh_energy(grid, theta[None], half)[0]
+    grid = _spread_separable(charges, along, weights, derivatives, points, shape[0] * shape[1] * shape[2], None)
+    return _mesh_energy(grid.reshape(1, *shape), theta[None], half)[0]
 
 
 def _separable_gradients(
@@ -447,16 +448,14 @@ class SeparableJointMesh:
         """
         n, p = self.weights.shape[0], self.weights.shape[2]
         along = dipoles.to(self.theta.dtype) @ self.to_mesh
-        charges_in = charges.to(self.theta.dtype)
-        if torch.is_grad_enabled() and (charges.requires_grad or dipoles.requires_grad):
-            density = _separable_density(charges_in, along, self.weights, self.derivatives)
-            grid = density.new_zeros(self.size).index_add(0, self.points, density.reshape(-1))
-            buffer = None
-        else:
+        buffer = None  # with gradients: all atoms at once
+        if not (torch.is_grad_enabled() and (charges.requires_grad or dipoles.requires_grad)):
             if self._workspace is None:
                 self._workspace = _support_buffer(self.theta, n, p)
             buffer = self._workspace
-            grid = _spread_separable(charges_in, along, self.weights, self.derivatives, self.points, self.size, buffer)
+        grid = _spread_separable(
+            charges.to(self.theta.dtype), along, self.weights, self.derivatives, self.points, self.size, buffer
+        )
         spectrum = torch.fft.rfftn(grid.reshape(self.shape)).mul_(self.theta)
         potential = torch.fft.irfftn(spectrum, s=self.shape).reshape(-1).mul_(2.0 * self.size)
         parts = []
